@@ -1,0 +1,351 @@
+"""The mitmproxy addon: options, hooks, and the attempt loop that ties the pieces together.
+
+Request path (all async, every wait bounded): the `request` hook plans the endpoints from the
+health store, sends the request to each in turn with the pooled upstream client until one
+answers well, then either sets a buffered `flow.response` (small non-streaming bodies) or parks
+the still-unread response with the handoff server and re-points the flow at it, so mitmproxy
+streams it to the client event by event (see `handoff`).
+"""
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
+from mitmproxy.tls import ClientHelloData
+
+from . import policy
+from .endpoints import Endpoint, parse_endpoints
+from .errors import error_body
+from .handoff import HandoffServer, Parked
+from .health import Breaker, HealthStore, MemoryHealthStore
+from .policy import Attempt
+from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse, request_headers
+
+log = logging.getLogger("claude_router")
+
+BUFFER_LIMIT = 8 * 1024 * 1024  # larger non-streaming bodies are streamed through the handoff
+ERROR_BODY_LIMIT = 256 * 1024
+_STREAM_FIELD = re.compile(rb'"stream"\s*:\s*true')
+
+INT_OPTIONS = {  # name: (default, minimum, help)
+    "router_max_failures": (3, 1, "Consecutive failures that put an endpoint in cooldown."),
+    "router_cooldown": (60, 1, "Seconds an endpoint stays in cooldown (the base ejection time)."),
+    "router_connect_timeout": (10, 1, "Seconds allowed for connecting to an endpoint (TCP and TLS)."),
+    "router_headers_timeout": (
+        600,
+        1,
+        """
+        Seconds a non-streaming request may wait for the endpoint's response headers, and
+        for each later read of the body. A non-streaming Claude answer only starts when it is
+        complete, so keep this long.
+        """,
+    ),
+    "router_stream_timeout": (
+        120,
+        1,
+        """
+        Seconds a streaming request ("stream": true) may wait for the response headers, and
+        the longest silence allowed between bytes of the stream.
+        """,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What the router did with a flow, kept in flow.metadata for display and status."""
+
+    url: str
+    content: bytes | None
+    content_length: str | None
+    endpoint: str
+    attempts: str
+    handoff_path: str = ""
+
+
+class Router:
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
+        self.endpoints: tuple[Endpoint, ...] = ()
+        self.hosts: frozenset[str] = frozenset()
+        self.store: HealthStore = MemoryHealthStore(Breaker(), clock=clock)
+        self.upstream = Upstream()
+        self.handoff = HandoffServer()
+
+    # -- options -------------------------------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "router_endpoints",
+            Sequence[str],
+            [],
+            """
+            An endpoint as NAME=URL, cheapest first; repeat the option for each endpoint.
+            The client's path and query are appended to the URL's path, e.g.
+            aws=https://relay.example/claude/aws.
+            """,
+        )
+        loader.add_option(
+            "router_hosts",
+            Sequence[str],
+            ["api.anthropic.com"],
+            """
+            In regular (HTTPS_PROXY) mode, the hosts whose requests are routed; connections
+            to any other host pass through untouched. In reverse mode every request is routed.
+            """,
+        )
+        for name, (default, _, help_text) in INT_OPTIONS.items():
+            loader.add_option(name, int, default, help_text)
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        for name, (_, minimum, _) in INT_OPTIONS.items():
+            if name in updated and getattr(opts, name) < minimum:
+                raise exceptions.OptionsError(
+                    f"{name} must be at least {minimum}, got {getattr(opts, name)}"
+                )
+        if "router_endpoints" in updated:
+            try:
+                self.endpoints = parse_endpoints(opts.router_endpoints)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"Cannot use router_endpoints: {e}") from None
+        if "router_hosts" in updated:
+            self.hosts = frozenset(h.strip().lower() for h in opts.router_hosts if h.strip())
+        if updated & {"router_max_failures", "router_cooldown"}:
+            self.store.breaker = Breaker(
+                max_failures=opts.router_max_failures,
+                cooldown=float(opts.router_cooldown),
+                max_cooldown=float(max(opts.router_cooldown * 10, 600)),
+            )
+        if "connection_strategy" in updated and opts.connection_strategy != "lazy":
+            # Eager mode dials the reverse target or CONNECT host before any hook runs,
+            # which fails for hosts the router never contacts.
+            log.info("router: setting connection_strategy=lazy (required for routing)")
+            opts.update(connection_strategy="lazy")
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def running(self) -> None:
+        if not self.endpoints:
+            log.warning("router: no router_endpoints configured; requests pass through unrouted")
+        else:
+            names = ", ".join(f"{ep.index}:{ep.name}" for ep in self.endpoints)
+            log.info(f"router: {len(self.endpoints)} endpoints in price order ({names}), "
+                     f"health store: {self.store_description}")
+
+    @property
+    def store_description(self) -> str:
+        return getattr(self.store, "description", type(self.store).__name__)
+
+    async def done(self) -> None:
+        await self.handoff.close()
+        await self.upstream.close()
+        await self.store.close()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def tls_clienthello(self, data: ClientHelloData) -> None:
+        """Regular mode: leave TLS to hosts we do not route untouched (no interception)."""
+        if not isinstance(data.context.client.proxy_mode, RegularMode):
+            return
+        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
+        if self.endpoints and host and host.lower() not in self.hosts:
+            data.ignore_connection = True
+
+    def routes(self, flow: http.HTTPFlow) -> bool:
+        if not self.endpoints:
+            return False
+        mode = flow.client_conn.proxy_mode
+        if isinstance(mode, ReverseMode):
+            return True
+        if isinstance(mode, (RegularMode, UpstreamMode)):
+            return flow.request.pretty_host.lower() in self.hosts
+        return False
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not self.routes(flow):
+            return
+        if flow.request.method == "HEAD" and flow.request.path == "/":
+            # Claude Code's reachability check: answer it here, no upstream needed.
+            flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
+            return
+        try:
+            await self._route(flow)
+        except Exception:
+            log.exception("router: internal error while routing")
+            self._answer_error(flow, 500, "the router failed internally", [])
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        info: RouteInfo | None = flow.metadata.get("router")
+        if info is None or not info.handoff_path:
+            return
+        # Show the real upstream request in mitmweb instead of the loopback hop.
+        req = flow.request
+        req.url = info.url
+        req.raw_content = info.content
+        if info.content_length is not None:
+            req.headers["content-length"] = info.content_length
+        flow.response.stream = True
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        info: RouteInfo | None = flow.metadata.get("router")
+        if info is not None and info.handoff_path:
+            self.handoff.discard(info.handoff_path)
+
+    # -- the attempt loop --------------------------------------------------------------------
+
+    async def _route(self, flow: http.HTTPFlow) -> None:
+        req = flow.request
+        body = req.raw_content or b""
+        headers = request_headers(req.headers.items(multi=True))
+        timeouts = self._timeouts(body)
+        attempts: list[Attempt] = []
+        last_error: tuple[Endpoint, UpstreamResponse, bytes] | None = None
+
+        view = await self.store.view()
+        steps = policy.plan(self.endpoints, view, self.clock())
+        if not steps:
+            steps = policy.fallback(self.endpoints)
+        for step in steps:
+            ep = step.endpoint
+            if step.probe and not await self.store.try_probe(ep.name):
+                continue  # another request is probing it
+            try:
+                resp = await self.upstream.send(ep, req.method, req.path, headers, body, timeouts)
+            except UpstreamError as e:
+                attempts.append(Attempt(ep.name, e.kind, e.detail))
+                await self.store.record_failure(ep.name)
+                continue
+            if policy.is_failure(resp.status):
+                err_body = await self._read_error(resp)
+                attempts.append(Attempt(ep.name, str(resp.status), f"HTTP {resp.status}"))
+                await self.store.record_failure(ep.name)
+                last_error = (ep, resp, err_body)
+                continue
+            if await self._deliver(flow, ep, resp, attempts):
+                return
+        if last_error is not None:
+            ep, resp, err_body = last_error
+            self._answer_buffered(flow, ep, resp, err_body, attempts)
+        else:
+            self._answer_error(flow, 502, policy.all_failed_message(attempts), attempts)
+
+    def _timeouts(self, body: bytes) -> Timeouts:
+        opts = ctx.options
+        streaming = _STREAM_FIELD.search(body, 0, 1 << 20) is not None
+        wait = opts.router_stream_timeout if streaming else opts.router_headers_timeout
+        return Timeouts(connect=float(opts.router_connect_timeout), headers=float(wait))
+
+    async def _read_error(self, resp: UpstreamResponse) -> bytes:
+        try:
+            data, complete = await resp.read(ERROR_BODY_LIMIT)
+        except UpstreamError:
+            data, complete = b"", False
+        if not complete:
+            resp.close()
+        return data
+
+    async def _deliver(
+        self, flow: http.HTTPFlow, ep: Endpoint, resp: UpstreamResponse, attempts: list[Attempt]
+    ) -> bool:
+        """Hand a good answer to the client; False if its body failed before anything was sent."""
+        prefix, complete = b"", False
+        if not resp.is_event_stream:
+            try:
+                prefix, complete = await resp.read(BUFFER_LIMIT)
+            except UpstreamError as e:
+                attempts.append(Attempt(ep.name, e.kind, e.detail))
+                await self.store.record_failure(ep.name)
+                return False
+        attempts.append(Attempt(ep.name, str(resp.status)))
+        await self.store.record_success(ep.name)
+        if complete:
+            self._answer_buffered(flow, ep, resp, prefix, attempts)
+        else:
+            await self._answer_streamed(flow, ep, resp, prefix, attempts)
+        return True
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _route_headers(self, ep: Endpoint, attempts: list[Attempt]) -> list[tuple[str, str]]:
+        return [
+            ("X-Used-Endpoint", ep.name),
+            ("X-Endpoint-Index", str(ep.index)),
+            ("X-Router-Attempts", policy.attempts_header(attempts)),
+        ]
+
+    def _remember(self, flow: http.HTTPFlow, ep: Endpoint | None, attempts: list[Attempt],
+                  handoff_path: str = "") -> None:
+        url = ep.url_for(flow.request.path) if ep else flow.request.url
+        trail = policy.attempts_header(attempts) or "none"
+        flow.metadata["router"] = RouteInfo(
+            url=url,
+            content=flow.request.raw_content,
+            content_length=flow.request.headers.get("content-length"),
+            endpoint=ep.name if ep else "",
+            attempts=trail,
+            handoff_path=handoff_path,
+        )
+        flow.comment = (f"routed to {ep.name} (index {ep.index}); " if ep else "not routed; ") + (
+            f"attempts: {trail}"
+        )
+        log.info(
+            f"router: {flow.request.method} {flow.request.path.split('?')[0]} -> "
+            f"{ep.name if ep else 'none'} [{trail}]"
+        )
+
+    def _answer_buffered(self, flow, ep: Endpoint, resp: UpstreamResponse, body: bytes,
+                         attempts: list[Attempt]) -> None:
+        self._remember(flow, ep, attempts)
+        flow.request.url = ep.url_for(flow.request.path)
+        fields = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in resp.headers + self._route_headers(ep, attempts)
+            if k.lower() != "content-length"
+        ]
+        response = http.Response.make(resp.status, b"", fields)
+        response.reason = resp.reason
+        response.raw_content = body  # raw: content-encoding passes through untouched
+        if flow.request.method != "HEAD" or body:
+            response.headers["content-length"] = str(len(body))
+        elif resp.length is not None:
+            response.headers["content-length"] = str(resp.length)
+        flow.response = response
+
+    async def _answer_streamed(self, flow, ep: Endpoint, resp: UpstreamResponse, prefix: bytes,
+                               attempts: list[Attempt]) -> None:
+        async def body():
+            if prefix:
+                yield prefix
+            async for chunk in resp.chunks():
+                yield chunk
+
+        parked = Parked(
+            status=resp.status,
+            reason=resp.reason,
+            headers=resp.headers + self._route_headers(ep, attempts),
+            body=body(),
+            close=resp.close,
+            length=resp.length,
+            event_stream=resp.is_event_stream,
+            client=flow.client_conn.id,
+        )
+        port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
+        self._remember(flow, ep, attempts, handoff_path=path)
+        req = flow.request
+        req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
+        # The upstream already has the body; the loopback hop needs none.
+        req.raw_content = b""
+        req.headers.pop("transfer-encoding", None)
+        req.headers["content-length"] = "0"
+
+    def _answer_error(self, flow, status: int, message: str, attempts: list[Attempt]) -> None:
+        self._remember(flow, None, attempts)
+        headers = {"content-type": "application/json"}
+        if attempts:
+            headers["X-Router-Attempts"] = policy.attempts_header(attempts)
+        flow.response = http.Response.make(status, error_body(status, message), headers)

@@ -1,0 +1,62 @@
+"""Endpoints: the upstreams a request may go to, cheapest first."""
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import re
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    url: str  # scheme://host[:port][/path-prefix], no trailing slash
+    index: int  # 0-based position in price order
+
+    def url_for(self, path: str) -> str:
+        """The upstream URL for a client's path and query (``/v1/messages?beta=true``)."""
+        if not path.startswith("/"):
+            path = "/" + path
+        return self.url + path
+
+    @property
+    def origin(self) -> str:
+        """scheme://host:port, without the path prefix (safe to show: no path, no query)."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or _default_port(parts.scheme)}"
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def parse_endpoint(spec: str, index: int) -> Endpoint:
+    """Parse ``NAME=URL`` into an Endpoint; raise ValueError saying what is wrong."""
+    name, sep, url = spec.partition("=")
+    name, url = name.strip(), url.strip()
+    if not sep or not name or not url:
+        raise ValueError("expected NAME=URL, for example aws=https://relay.example/claude/aws")
+    if not _NAME.match(name):
+        raise ValueError(f"endpoint name {name!r} must be letters, digits, '_', '.' or '-'")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint {name}: URL must be http:// or https:// with a host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"endpoint {name}: URL must not have a query or fragment")
+    try:
+        parts.port
+    except ValueError as e:
+        raise ValueError(f"endpoint {name}: bad port ({e})") from None
+    return Endpoint(name=name, url=url.rstrip("/"), index=index)
+
+
+def parse_endpoints(specs: list[str] | tuple[str, ...]) -> tuple[Endpoint, ...]:
+    """Parse the ``router_endpoints`` option, in price order; names must be unique."""
+    endpoints = tuple(parse_endpoint(spec, i) for i, spec in enumerate(specs))
+    seen: set[str] = set()
+    for ep in endpoints:
+        if ep.name in seen:
+            raise ValueError(f"endpoint name {ep.name!r} is used twice")
+        seen.add(ep.name)
+    return endpoints

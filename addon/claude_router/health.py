@@ -1,0 +1,171 @@
+"""Endpoint health: a circuit breaker per endpoint, in Envoy's outlier-detection vocabulary.
+
+Consecutive failures eject an endpoint for a cooldown (the base ejection time, growing each
+time it is ejected again). When the cooldown ends the endpoint is half-open: exactly one
+request probes it; success makes it healthy, failure ejects it again for longer.
+
+Everything here is pure: functions over a `Health` value, a `Breaker` config and a clock value
+passed in. Stores (memory here, Redis in `redis_store`) apply these same transitions.
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Protocol
+import random
+import time
+
+
+@dataclass(frozen=True)
+class Breaker:
+    max_failures: int = 3  # consecutive failures that eject an endpoint
+    cooldown: float = 60.0  # base ejection time, seconds
+    max_cooldown: float = 600.0  # cap for repeated ejections
+    jitter: float = 0.2  # up to +20% on repeated ejections, so fleets do not probe in step
+    probe_timeout: float = 30.0  # a probe that never reports frees its lock after this
+
+    def ejection_time(self, ejections: int, rand: float = 0.0) -> float:
+        """Cooldown for the n-th consecutive ejection: base, then doubling with jitter, capped."""
+        if ejections <= 1:
+            return self.cooldown
+        grown = min(self.cooldown * 2 ** (ejections - 1), self.max_cooldown)
+        return min(grown * (1 + self.jitter * rand), self.max_cooldown)
+
+
+@dataclass(frozen=True)
+class Health:
+    failures: int = 0  # consecutive failures since the last success or ejection
+    ejections: int = 0  # consecutive ejections; reset by a success
+    ejected_until: float = 0.0  # wall-clock end of the current cooldown
+    probe_until: float = 0.0  # a half-open probe holds the endpoint until then
+
+
+HEALTHY = Health()
+
+
+class Phase(str, Enum):
+    HEALTHY = "healthy"
+    FAILING = "failing"  # some failures, not ejected
+    COOLING = "cooling"  # ejected, cooldown running
+    HALF_OPEN = "half_open"  # cooldown over, waiting for one probe
+    PROBING = "probing"  # cooldown over, a probe is in flight
+
+
+def phase(h: Health, now: float) -> Phase:
+    if now < h.ejected_until:
+        return Phase.COOLING
+    if h.ejections:
+        return Phase.PROBING if now < h.probe_until else Phase.HALF_OPEN
+    return Phase.FAILING if h.failures else Phase.HEALTHY
+
+
+def after_failure(
+    h: Health, now: float, breaker: Breaker, at_least: float = 0.0, rand: float = 0.0
+) -> Health:
+    """A failure: count it; eject at the threshold, a failed probe at once.
+
+    ``at_least`` (from Retry-After and the like) ejects for at least that long even below the
+    threshold. A cooldown is never shortened.
+    """
+    p = phase(h, now)
+    if p is Phase.COOLING:
+        return _extend(h, now + at_least)
+    failures = h.failures + 1
+    if p in (Phase.HALF_OPEN, Phase.PROBING) or failures >= breaker.max_failures:
+        ejections = h.ejections + 1
+        until = now + max(breaker.ejection_time(ejections, rand), at_least)
+        return Health(failures=0, ejections=ejections, ejected_until=max(until, h.ejected_until))
+    if at_least > 0:
+        return Health(failures=0, ejections=h.ejections + 1, ejected_until=now + at_least)
+    return replace(h, failures=failures)
+
+
+def _extend(h: Health, until: float) -> Health:
+    return replace(h, ejected_until=until) if until > h.ejected_until else h
+
+
+def after_success(h: Health) -> Health:
+    return HEALTHY
+
+
+def try_probe(h: Health, now: float, breaker: Breaker) -> Health | None:
+    """Take the half-open probe if it is free; None when another request holds it."""
+    if phase(h, now) is not Phase.HALF_OPEN:
+        return None
+    return replace(h, probe_until=now + breaker.probe_timeout)
+
+
+def seconds_left(h: Health, now: float) -> float:
+    return max(0.0, h.ejected_until - now)
+
+
+class HealthStore(Protocol):
+    """Where health lives. The router only talks to this; stores apply the pure transitions."""
+
+    breaker: Breaker
+
+    async def view(self) -> Mapping[str, Health]:
+        """Current health of every endpoint that is not plainly healthy (missing = healthy)."""
+        ...
+
+    async def try_probe(self, name: str) -> bool: ...
+
+    async def record_failure(self, name: str, at_least: float = 0.0) -> Health: ...
+
+    async def record_success(self, name: str) -> None: ...
+
+    async def reset(self, name: str | None = None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+Clock = Callable[[], float]
+
+
+class MemoryHealthStore:
+    """Per-process health in a dict: the default store."""
+
+    def __init__(
+        self,
+        breaker: Breaker,
+        clock: Clock = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.breaker = breaker
+        self._clock = clock
+        self._rand = rand
+        self._states: dict[str, Health] = {}
+
+    @property
+    def description(self) -> str:
+        return "memory"
+
+    async def view(self) -> Mapping[str, Health]:
+        return self._states
+
+    async def try_probe(self, name: str) -> bool:
+        taken = try_probe(self._states.get(name, HEALTHY), self._clock(), self.breaker)
+        if taken is None:
+            return False
+        self._states[name] = taken
+        return True
+
+    async def record_failure(self, name: str, at_least: float = 0.0) -> Health:
+        h = after_failure(
+            self._states.get(name, HEALTHY), self._clock(), self.breaker, at_least, self._rand()
+        )
+        self._states[name] = h
+        return h
+
+    async def record_success(self, name: str) -> None:
+        # A success on a healthy endpoint writes nothing.
+        self._states.pop(name, None)
+
+    async def reset(self, name: str | None = None) -> None:
+        if name is None:
+            self._states.clear()
+        else:
+            self._states.pop(name, None)
+
+    async def close(self) -> None:
+        pass

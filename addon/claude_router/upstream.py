@@ -1,0 +1,197 @@
+"""Upstream HTTP: one pooled aiohttp session that sends a request to an endpoint and hands
+back the response as soon as its headers arrive, body unread, so it can be streamed on.
+
+Every wait is bounded: connecting, the response headers, and each read of the body.
+Transport failures become `UpstreamError` with a short kind ("refused", "timeout", ...).
+"""
+
+import asyncio
+import errno
+import ssl
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from .endpoints import Endpoint
+
+# Headers that belong to one connection, never forwarded (RFC 9110 7.6.1), plus the ones the
+# HTTP client sets itself from the target and the body it sends.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_SET_BY_CLIENT = frozenset({"host", "content-length"})
+
+
+def end_to_end(fields: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Filter hop-by-hop headers (and those a Connection header names) out of a header list."""
+    fields = list(fields)
+    named = {
+        token.strip().lower()
+        for name, value in fields
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    skip = HOP_BY_HOP | named | drop
+    return [(k, v) for k, v in fields if k.lower() not in skip]
+
+
+def request_headers(fields: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return end_to_end(fields, _SET_BY_CLIENT)
+
+
+class UpstreamError(Exception):
+    """A request that got no usable HTTP answer. ``kind`` is short and safe to show."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float  # TCP + TLS handshake
+    headers: float  # from sending the request to the response headers (and between body reads)
+
+
+class UpstreamResponse:
+    """A response whose headers have arrived and whose body has not been read yet."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason or ""
+        self.headers: list[tuple[str, str]] = end_to_end(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers
+        )
+
+    def header(self, name: str) -> str | None:
+        return self._resp.headers.get(name)
+
+    @property
+    def is_event_stream(self) -> bool:
+        return (self.header("content-type") or "").lower().startswith("text/event-stream")
+
+    @property
+    def length(self) -> int | None:
+        return self._resp.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The raw body as it arrives (content-encoding untouched)."""
+        stream = self._resp.content
+        while True:
+            try:  # aiohttp's sock_read timeout bounds each read
+                chunk = await stream.readany()
+            except (aiohttp.ClientError, OSError) as e:
+                raise _classify(e) from None
+            if not chunk:
+                return
+            yield chunk
+
+    async def read(self, limit: int) -> tuple[bytes, bool]:
+        """Read up to ``limit`` bytes of body; True when that was all of it."""
+        buf = bytearray()
+        async for chunk in self.chunks():
+            buf += chunk
+            if len(buf) > limit:
+                return bytes(buf), False
+        return bytes(buf), True
+
+    def close(self) -> None:
+        """Abort: the upstream connection is closed, not reused."""
+        self._resp.close()
+
+    def release(self) -> None:
+        """Done with a fully read body: the connection goes back to the pool."""
+        self._resp.release()
+
+
+def _classify(e: BaseException) -> UpstreamError:
+    """Turn an aiohttp/OS exception into a short, secret-free failure kind."""
+    if isinstance(e, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
+        return UpstreamError("tls", "TLS handshake failed")
+    if isinstance(e, aiohttp.ClientConnectorDNSError):
+        return UpstreamError("dns", "host name did not resolve")
+    if isinstance(e, aiohttp.ConnectionTimeoutError):
+        return UpstreamError("timeout", "connect timed out")
+    if isinstance(e, aiohttp.ClientConnectorError):
+        if e.os_error.errno == errno.ECONNREFUSED:
+            return UpstreamError("refused", "connection refused")
+        return UpstreamError("connect", f"connect failed ({e.os_error.strerror or 'error'})")
+    if isinstance(e, (aiohttp.ServerTimeoutError, TimeoutError)):
+        return UpstreamError("timeout", "no data within the read timeout")
+    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)):
+        return UpstreamError("reset", "connection closed before a complete answer")
+    if isinstance(e, aiohttp.ClientResponseError):
+        return UpstreamError("bad_response", "answer was not valid HTTP")
+    return UpstreamError("error", type(e).__name__)
+
+
+class Upstream:
+    """The pooled HTTP client for every endpoint."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ensure(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,  # bytes pass through exactly as the upstream sent them
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(total=None),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def send(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        timeouts: Timeouts,
+    ) -> UpstreamResponse:
+        """Send one attempt; return once the response headers are in."""
+        session = self._ensure()
+        # connect bounds pool wait + TCP + TLS; sock_read bounds the wait for headers and
+        # every later read of the body.
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeouts.connect, sock_read=timeouts.headers
+        )
+        try:
+            async with asyncio.timeout(timeouts.connect + timeouts.headers):
+                resp = await session.request(
+                    method,
+                    URL(endpoint.url_for(path), encoded=True),
+                    headers=headers,
+                    data=body if body or method not in ("GET", "HEAD") else None,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    read_until_eof=True,
+                    proxy=None,
+                )
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no response headers within {timeouts.headers:g}s") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise _classify(e) from None
+        return UpstreamResponse(resp)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,62 @@
+# Shared by scripts/run, scripts/test and scripts/bench: find Python >= 3.12 and keep a venv
+# per Python version under .venv/ with the project installed (editable, with dev extras).
+# shellcheck shell=bash
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Print "VERSION PATH" for a working interpreter >= 3.12, or nothing.
+_probe() {
+  "$@" -c 'import sys; assert sys.version_info >= (3, 12); print("%d.%d" % sys.version_info[:2], sys.executable)' 2>/dev/null
+}
+
+# Every usable interpreter, one line each ("3.12 /path/python"), one per minor version.
+find_pythons() {
+  local seen="" line ver
+  {
+    for c in python3.13 python3.12 python3.14 python3; do
+      command -v "$c" >/dev/null 2>&1 && _probe "$c"
+    done
+    if command -v pyenv >/dev/null 2>&1; then
+      for p in "$(pyenv root)"/versions/3.1[2-9]*/bin/python; do
+        [ -x "$p" ] && _probe "$p"
+      done
+    fi
+    if command -v uv >/dev/null 2>&1; then
+      local p; p="$(uv python find '>=3.12' 2>/dev/null)" && [ -n "$p" ] && _probe "$p"
+    fi
+  } | while read -r ver line; do
+    case " $seen " in *" $ver "*) continue ;; esac
+    seen="$seen $ver"
+    echo "$ver $line"
+  done | sort -V
+}
+
+no_python() {
+  cat >&2 <<'MSG'
+No Python >= 3.12 found (mitmproxy 12 needs it; mitmproxy 11 pins a vulnerable h11).
+Install one, for example:
+  pyenv install 3.12      # or
+  uv python install 3.12  # or your system's python3.12 package
+then run this command again.
+MSG
+  exit 1
+}
+
+# ensure_venv PYTHON -> prints the venv's python; installs or updates the project when needed.
+ensure_venv() {
+  local py="$1" ver venv stamp want
+  ver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  venv="$ROOT/.venv/py$ver"
+  stamp="$venv/.installed"
+  want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "creating $venv" >&2
+    "$py" -m venv "$venv" >&2 || exit 1
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "installing the project into $venv (Python $ver) ..." >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]" >&2 || exit 1
+    echo "$want" >"$stamp"
+  fi
+  echo "$venv/bin/python"
+}

@@ -1,0 +1,166 @@
+"""Real parts for end-to-end tests: the mock relay and mitmdump run as subprocesses on loopback."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MITMDUMP = str(BIN / "mitmdump")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} did not open")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class MockRelay:
+    """Control client for scripts/mock_relay.py running in a subprocess."""
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+
+    def url(self, endpoint: str) -> str:
+        return f"{self.base}/{endpoint}"
+
+    def _call(self, method: str, path: str, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("content-type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def fault(self, endpoint: str, **fault) -> None:
+        self._call("PUT", f"/_mock/faults/{endpoint}", fault)
+
+    def requests(self, endpoint: str | None = None) -> list[dict]:
+        q = f"?endpoint={endpoint}" if endpoint else ""
+        return self._call("GET", f"/_mock/requests{q}")
+
+    def count(self, endpoint: str) -> int:
+        return len(self.requests(endpoint))
+
+    def stats(self) -> dict:
+        return self._call("GET", "/_mock/stats")
+
+    def reset(self) -> None:
+        self._call("DELETE", "/_mock/state")
+
+
+def start_mock(*args: str) -> MockRelay:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "mock_relay.py"), "--port", "0", "--quiet", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        stop(proc)
+        raise RuntimeError(f"mock relay did not start: {line!r}")
+    return MockRelay(proc, int(line.rsplit(":", 1)[1]))
+
+
+@pytest.fixture(scope="session")
+def mock_session():
+    relay = start_mock()
+    yield relay
+    stop(relay.proc)
+
+
+@pytest.fixture
+def mock(mock_session):
+    mock_session.reset()
+    yield mock_session
+    mock_session.reset()
+
+
+def closed_port_url(name: str = "dead") -> str:
+    """An http URL on a loopback port where nothing listens: connection refused."""
+    return f"http://127.0.0.1:{free_port()}/{name}"
+
+
+class RouterProc:
+    def __init__(self, proc: subprocess.Popen, port: int, confdir: Path, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        self.confdir = confdir
+        self.log_path = log
+
+    @property
+    def ca(self) -> str:
+        return str(self.confdir / "mitmproxy-ca-cert.pem")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_router(tmp_path):
+    """start_router(endpoints=[...], mode="reverse", options={...}) -> RouterProc."""
+    procs: list[RouterProc] = []
+
+    def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = MITMDUMP):
+        port = free_port()
+        confdir = tmp_path / f"conf{len(procs)}"
+        confdir.mkdir()
+        args = [tool, "-q" if tool == MITMDUMP else "--no-web-open-browser",
+                "-s", str(ROOT / "addon" / "router.py"),
+                "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
+        if mode == "reverse":
+            args += ["--mode", "reverse:https://api.anthropic.com"]
+        for ep in endpoints:
+            args += ["--set", f"router_endpoints={ep}"]
+        for k, v in (options or {}).items():
+            for item in (v if isinstance(v, list) else [v]):
+                args += ["--set", f"{k}={item}"]
+        log = tmp_path / f"router{len(procs)}.log"
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        r = RouterProc(proc, port, confdir, log)
+        procs.append(r)
+        try:
+            wait_port(port, proc)
+        except Exception:
+            raise RuntimeError(f"router did not start:\n{r.log()}")
+        return r
+
+    yield start
+    for r in procs:
+        stop(r.proc)

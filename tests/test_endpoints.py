@@ -1,0 +1,43 @@
+import pytest
+
+from claude_router.endpoints import parse_endpoint, parse_endpoints
+
+
+def test_parse_keeps_path_prefix_and_strips_trailing_slash():
+    ep = parse_endpoint("aws=https://relay.example/claude/aws/", 0)
+    assert (ep.name, ep.url, ep.index) == ("aws", "https://relay.example/claude/aws", 0)
+
+
+def test_url_for_appends_client_path_and_query():
+    ep = parse_endpoint("aws=https://relay.example/claude/aws", 0)
+    assert ep.url_for("/v1/messages?beta=true") == "https://relay.example/claude/aws/v1/messages?beta=true"
+
+
+def test_url_for_bare_host():
+    ep = parse_endpoint("direct=https://api.anthropic.com", 3)
+    assert ep.url_for("/v1/models") == "https://api.anthropic.com/v1/models"
+
+
+def test_origin_has_no_path_or_credentials():
+    ep = parse_endpoint("a=https://user:secret@relay.example:8443/x", 0)
+    assert ep.origin == "https://relay.example:8443"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["noequals", "=https://x", "a=", "a=ftp://x", "a=https://", "bad name=https://x",
+     "a=https://x/?k=v", "a=https://x:99999"],
+)
+def test_bad_specs_are_refused(spec):
+    with pytest.raises(ValueError):
+        parse_endpoint(spec, 0)
+
+
+def test_indexes_follow_price_order():
+    eps = parse_endpoints(["a=http://h/a", "b=http://h/b"])
+    assert [(e.name, e.index) for e in eps] == [("a", 0), ("b", 1)]
+
+
+def test_duplicate_names_are_refused():
+    with pytest.raises(ValueError, match="used twice"):
+        parse_endpoints(["a=http://h/a", "a=http://h/b"])
