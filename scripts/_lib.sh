@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # Print "VERSION PATH" for a working interpreter >= 3.12, or nothing.
 _probe() {
-  "$@" -c 'import sys; assert sys.version_info >= (3, 12); print("%d.%d" % sys.version_info[:2], sys.executable)' 2>/dev/null
+  "$@" -c 'import sys; assert sys.version_info >= (3, 12); print("%d.%d" % sys.version_info[:2], sys.executable)' 2>/dev/null || true
 }
 
 # Every usable interpreter, one line each ("3.12 /path/python"), one per minor version.
@@ -14,7 +14,7 @@ find_pythons() {
   local seen="" line ver
   {
     for c in python3.13 python3.12 python3.14 python3; do
-      command -v "$c" >/dev/null 2>&1 && _probe "$c"
+      if command -v "$c" >/dev/null 2>&1; then _probe "$c"; fi
     done
     if command -v pyenv >/dev/null 2>&1; then
       for p in "$(pyenv root)"/versions/3.1[2-9]*/bin/python; do
@@ -22,7 +22,8 @@ find_pythons() {
       done
     fi
     if command -v uv >/dev/null 2>&1; then
-      local p; p="$(uv python find '>=3.12' 2>/dev/null)" && [ -n "$p" ] && _probe "$p"
+      local p; p="$(uv python find '>=3.12' 2>/dev/null || true)"
+      if [ -n "$p" ]; then _probe "$p"; fi
     fi
   } | while read -r ver line; do
     case " $seen " in *" $ver "*) continue ;; esac

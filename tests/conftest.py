@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
+MITMWEB = str(BIN / "mitmweb")
 
 
 def free_port() -> int:
@@ -135,11 +136,12 @@ def start_router(tmp_path):
     """start_router(endpoints=[...], mode="reverse", options={...}) -> RouterProc."""
     procs: list[RouterProc] = []
 
-    def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = MITMDUMP):
+    def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump"):
+        tool = MITMWEB if tool == "mitmweb" else MITMDUMP
         port = free_port()
         confdir = tmp_path / f"conf{len(procs)}"
         confdir.mkdir()
-        args = [tool, "-q" if tool == MITMDUMP else "--no-web-open-browser",
+        args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
                 "-s", str(ROOT / "addon" / "router.py"),
                 "--listen-host", "127.0.0.1", "--listen-port", str(port),
                 "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
