@@ -130,17 +130,28 @@ class RouterProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.log()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in router log:\n{log}")
+            time.sleep(0.05)
+        return log
+
 
 @pytest.fixture
 def start_router(tmp_path):
     """start_router(endpoints=[...], mode="reverse", options={...}) -> RouterProc."""
     procs: list[RouterProc] = []
 
-    def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump"):
+    def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump",
+              config: Path | None = None):
         tool = MITMWEB if tool == "mitmweb" else MITMDUMP
         port = free_port()
         confdir = tmp_path / f"conf{len(procs)}"
         confdir.mkdir()
+        if config is not None:
+            (confdir / "config.yaml").write_text(config.read_text())
         args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
                 "-s", str(ROOT / "addon" / "router.py"),
                 "--listen-host", "127.0.0.1", "--listen-port", str(port),

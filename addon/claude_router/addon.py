@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, optmanager
+from mitmproxy.utils import typecheck
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
@@ -53,6 +54,28 @@ INT_OPTIONS = {  # name: (default, minimum, help)
         """,
     ),
 }
+
+
+ROUTER_OPTIONS = frozenset({"router_endpoints", "router_hosts", *INT_OPTIONS})
+
+
+def _refuse_unparsable(options, names: frozenset[str]) -> None:
+    """Log an error for a router option given a value of the wrong type.
+
+    mitmproxy parses `--set` and config.yaml values for a script's options only after the
+    script loaded; a value that does not parse (``router_cooldown=1.5``) raises inside the
+    script loader, which then silently runs without the addon. An error logged during
+    start-up instead makes mitmdump/mitmweb exit and say why.
+    """
+    for name in [n for n in options.deferred if n in names]:
+        value = options.deferred[name]
+        try:
+            if isinstance(value, optmanager._UnconvertedStrings):
+                value = options._parse_setval(options._options[name], value.val)
+            typecheck.check_option_type(name, value, options._options[name].typespec)
+        except (exceptions.OptionsError, TypeError, ValueError) as e:
+            del options.deferred[name]
+            log.error(f"router: cannot use {name}: {e}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,7 @@ class Router:
         )
         for name, (default, _, help_text) in INT_OPTIONS.items():
             loader.add_option(name, int, default, help_text)
+        _refuse_unparsable(loader.master.options, ROUTER_OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
