@@ -177,3 +177,74 @@ def start_router(tmp_path):
     yield start
     for r in procs:
         stop(r.proc)
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, started (and restartable) by the tests."""
+
+    def __init__(self, tmp: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.dir = tmp
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def cli(self, *args: str) -> str:
+        cmd = ["redis-cli", "-p", str(self.port)] + (["-a", self.password, "--no-auth-warning"] if self.password else [])
+        return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def _need_redis() -> None:
+    import shutil
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory):
+    _need_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_session):
+    """The session's Redis, emptied for this test."""
+    redis_session.cli("FLUSHALL")
+    return redis_session
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of this test's own, for tests that kill, restart or lock it."""
+    _need_redis()
+    servers: list[RedisServer] = []
+
+    def make(password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path, password)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for s in servers:
+        s.stop()

@@ -7,6 +7,7 @@ the still-unread response with the handoff server and re-points the flow at it, 
 streams it to the client event by event (see `handoff`).
 """
 
+import asyncio
 import logging
 import re
 import time
@@ -24,6 +25,7 @@ from .errors import error_body
 from .handoff import HandoffServer, Parked
 from .health import Breaker, HealthStore, MemoryHealthStore
 from .policy import Attempt
+from .redis_store import RedisHealthStore, redacted
 from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse, request_headers
 
 log = logging.getLogger("claude_router")
@@ -56,7 +58,9 @@ INT_OPTIONS = {  # name: (default, minimum, help)
 }
 
 
-ROUTER_OPTIONS = frozenset({"router_endpoints", "router_hosts", *INT_OPTIONS})
+ROUTER_OPTIONS = frozenset(
+    {"router_endpoints", "router_hosts", "router_redis_url", "router_key_prefix", *INT_OPTIONS}
+)
 
 
 def _refuse_unparsable(options, names: frozenset[str]) -> None:
@@ -123,6 +127,22 @@ class Router:
         )
         for name, (default, _, help_text) in INT_OPTIONS.items():
             loader.add_option(name, int, default, help_text)
+        loader.add_option(
+            "router_redis_url",
+            str,
+            "",
+            """
+            Share endpoint health between router instances through Redis, e.g.
+            redis://host:6379/0 (also rediss:// and unix://; a password goes in the URL).
+            Empty: health is kept in this process's memory.
+            """,
+        )
+        loader.add_option(
+            "router_key_prefix",
+            str,
+            "endpoint_health_",
+            "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health.",
+        )
         _refuse_unparsable(loader.master.options, ROUTER_OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
@@ -140,26 +160,61 @@ class Router:
         if "router_hosts" in updated:
             self.hosts = frozenset(h.strip().lower() for h in opts.router_hosts if h.strip())
         if updated & {"router_max_failures", "router_cooldown"}:
-            self.store.breaker = Breaker(
-                max_failures=opts.router_max_failures,
-                cooldown=float(opts.router_cooldown),
-                max_cooldown=float(max(opts.router_cooldown * 10, 600)),
-            )
+            self.store.breaker = self._breaker()
+        if updated & {"router_redis_url", "router_key_prefix"}:
+            self._replace_store(self._make_store())
+        if updated & {"router_endpoints", "router_redis_url", "router_key_prefix"}:
+            self.store.track(ep.name for ep in self.endpoints)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
             log.info("router: setting connection_strategy=lazy (required for routing)")
             opts.update(connection_strategy="lazy")
 
+    def _breaker(self) -> Breaker:
+        opts = ctx.options
+        return Breaker(
+            max_failures=opts.router_max_failures,
+            cooldown=float(opts.router_cooldown),
+            max_cooldown=float(max(opts.router_cooldown * 10, 600)),
+        )
+
+    def _make_store(self) -> HealthStore:
+        url = ctx.options.router_redis_url.strip()
+        if not url:
+            return MemoryHealthStore(self._breaker(), clock=self.clock)
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise exceptions.OptionsError(
+                f"router_redis_url must start with redis://, rediss:// or unix://, got {redacted(url)!r}"
+            )
+        try:
+            return RedisHealthStore(url, self._breaker(), prefix=ctx.options.router_key_prefix,
+                                    clock=self.clock)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"Cannot use router_redis_url {redacted(url)!r}: {e}") from None
+
+    def _replace_store(self, store: HealthStore) -> None:
+        old, self.store = self.store, store
+        try:
+            asyncio.get_running_loop().create_task(old.close())
+        except RuntimeError:  # no loop yet (start-up): nothing was opened
+            pass
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def running(self) -> None:
+        # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
         if not self.endpoints:
             log.warning("router: no router_endpoints configured; requests pass through unrouted")
-        else:
-            names = ", ".join(f"{ep.index}:{ep.name}" for ep in self.endpoints)
-            log.info(f"router: {len(self.endpoints)} endpoints in price order ({names}), "
-                     f"health store: {self.store_description}")
+            return
+        self._announcing = asyncio.get_running_loop().create_task(self._announce())
+
+    async def _announce(self) -> None:
+        if isinstance(self.store, RedisHealthStore):
+            await self.store.wait_synced(timeout=2.0)  # so the first log line tells the truth
+        names = ", ".join(f"{ep.index}:{ep.name}" for ep in self.endpoints)
+        log.info(f"router: {len(self.endpoints)} endpoints in price order ({names}), "
+                 f"health store: {self.store_description}")
 
     @property
     def store_description(self) -> str:

@@ -8,7 +8,7 @@ Everything here is pure: functions over a `Health` value, a `Breaker` config and
 passed in. Stores (memory here, Redis in `redis_store`) apply these same transitions.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
@@ -103,6 +103,11 @@ class HealthStore(Protocol):
     """Where health lives. The router only talks to this; stores apply the pure transitions."""
 
     breaker: Breaker
+    description: str
+
+    def track(self, names: Iterable[str]) -> None:
+        """The endpoint names in use (a shared store re-syncs these)."""
+        ...
 
     async def view(self) -> Mapping[str, Health]:
         """Current health of every endpoint that is not plainly healthy (missing = healthy)."""
@@ -136,9 +141,10 @@ class MemoryHealthStore:
         self._rand = rand
         self._states: dict[str, Health] = {}
 
-    @property
-    def description(self) -> str:
-        return "memory"
+    description = "memory"
+
+    def track(self, names: Iterable[str]) -> None:
+        pass
 
     async def view(self) -> Mapping[str, Health]:
         return self._states
