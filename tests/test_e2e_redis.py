@@ -1,0 +1,123 @@
+"""Two real router instances sharing health through a real redis-server."""
+
+import asyncio
+import threading
+import time
+
+import httpx
+
+MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def pair(start_router, mock, url, **options):
+    """Two routers (A, B) on one Redis, both synced before use."""
+    opts = {"router_redis_url": url, **{k: str(v) for k, v in options.items()}}
+    routers = [start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"], options=opts)
+               for _ in range(2)]
+    for r in routers:
+        r.wait_log("(connected)")
+    return routers
+
+
+def post(router) -> httpx.Response:
+    return httpx.post(f"{router.base}/v1/messages", json=MSG, timeout=30)
+
+
+def test_failures_on_any_instance_cool_the_endpoint_for_all(mock, start_router, redis_server):
+    mock.fault("aws", status=503)
+    a, b = pair(start_router, mock, redis_server.url)
+    post(a), post(b), post(a)  # three failures, seen by two instances
+    assert mock.count("aws") == 3
+    for router in (a, b, b, a):
+        assert post(router).headers["x-router-attempts"] == "droid:200"
+    assert mock.count("aws") == 3
+
+
+def test_a_trip_on_one_instance_is_skipped_by_the_other_within_a_second(mock, start_router, redis_server):
+    mock.fault("aws", status=503)
+    a, b = pair(start_router, mock, redis_server.url)
+    for _ in range(3):
+        post(a)
+    with httpx.Client(base_url=b.base, timeout=30) as client:
+        client.get("/v1/models")  # connect first, so the timing below is one request
+        tripped, tries = time.monotonic(), 0
+        while "aws" in client.post("/v1/messages", json=MSG).headers["x-router-attempts"]:
+            tries += 1
+            assert time.monotonic() - tripped < 1.0
+    print(f"\ninstance B skipped aws {1000 * (time.monotonic() - tripped):.1f} ms after A tripped it "
+          f"({tries} requests still tried it)")
+
+
+def test_exactly_one_probe_across_instances_after_cooldown(mock, start_router, redis_server):
+    mock.fault("aws", status=503)
+    a, b = pair(start_router, mock, redis_server.url, router_cooldown=1)
+    for _ in range(3):
+        post(a)
+    mock.fault("aws", delay_ms=500)  # recovered, but slow: the probe is in flight a while
+    time.sleep(1.1)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(
+                client.post(f"{r.base}/v1/messages", json=MSG) for _ in range(25) for r in (a, b)))
+
+    answers = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in answers)
+    assert mock.count("aws") == 3 + 1  # the three failures, then one probe
+    assert sum(r.headers["x-used-endpoint"] == "aws" for r in answers) == 1
+    assert post(b).headers["x-used-endpoint"] == "aws"  # the probe succeeded: healthy again
+
+
+def test_repeated_trips_cool_for_longer(mock, start_router, redis_server):
+    mock.fault("aws", status=503)
+    a, b = pair(start_router, mock, redis_server.url, router_cooldown=1)
+    for _ in range(3):
+        post(a)
+    time.sleep(1.05)
+    assert "aws:503" in post(b).headers["x-router-attempts"]  # the probe fails: cooled again
+    probed = time.monotonic()
+    while time.monotonic() - probed < 1.6:  # the second cooldown is 2-2.4 s, not 1 s
+        assert post(a).headers["x-router-attempts"] == "droid:200"
+        time.sleep(0.1)
+    assert mock.count("aws") == 4
+
+
+def test_redis_killed_and_restarted_mid_load_fails_no_request(mock, start_router, own_redis):
+    server = own_redis()
+    a, b = pair(start_router, mock, server.url)
+    results: list[int] = []
+    stop = threading.Event()
+
+    def load(router):
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                results.append(client.post(f"{router.base}/v1/messages", json=MSG).status_code)
+
+    threads = [threading.Thread(target=load, args=(r,)) for r in (a, b) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    server.stop()
+    time.sleep(1.5)
+    server.start()
+    for r in (a, b):
+        r.wait_log("reachable again", timeout=10)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    print(f"\n{len(results)} requests during the Redis outage drill")
+    assert len(results) > 100 and set(results) == {200}
+    for r in (a, b):
+        assert r.log().count("unavailable") == 1
+        assert r.log().count("reachable again") == 1
+
+
+def test_wrong_redis_password_is_reported_and_the_router_serves(mock, start_router, own_redis):
+    server = own_redis(password="right-password")
+    url = server.url.replace("right-password", "wrong-password")
+    router = start_router([f"aws={mock.url('aws')}"], options={"router_redis_url": url})
+    log = router.wait_log("endpoints in price order")
+    assert "authentication failed" in log
+    assert post(router).status_code == 200
+    assert "wrong-password" not in router.log()
