@@ -38,6 +38,7 @@ Fault injection (per endpoint; all keys optional)::
     stream_error, stream_error_after (0)  -> `event: error` then clean end
                                      (non-streaming request: HTTP error instead)
     stall_ms, stall_after_events (2)      -> one long pause mid-stream
+    end_after_events              -> end the stream cleanly after N events (0: empty)
     words                         -> reply text is "w1 w2 ... wN"
     times                         -> only the next N requests, then cleared
 
@@ -112,7 +113,7 @@ ERROR_STATUS["api_error"] = 500
 FAULT_KEYS = frozenset(
     "status error_type message retry_after headers delay_ms event_gap_ms reset "
     "reset_after_events stream_error stream_error_after stall_ms "
-    "stall_after_events words times".split()
+    "stall_after_events words times end_after_events".split()
 )
 INT_KEYS = FAULT_KEYS - {"error_type", "message", "retry_after", "headers", "reset", "stream_error"}
 RESET_MODES = ("before_headers", "after_headers", "mid_stream")
@@ -461,7 +462,10 @@ class MockRelay:
         stall_at = fault.get("stall_after_events", 2) if fault.get("stall_ms") else None
         reset_at = min(fault.get("reset_after_events", 2), n) if fault.get("reset") else None
         error_at = min(fault.get("stream_error_after", 0), n) if fault.get("stream_error") else None
+        end_at = min(fault["end_after_events"], n) if "end_after_events" in fault else None
         for i in range(n + 1):
+            if i == end_at:
+                return "ended"
             if i == stall_at:
                 await asyncio.sleep(fault["stall_ms"] / 1000)
             if i == reset_at:

@@ -131,10 +131,11 @@ def test_success_resets_the_failure_count(mock, start_router):
     assert raw.headers["x-used-endpoint"] == "aws"
 
 
-def test_all_cooling_still_tries_every_endpoint_in_order(mock, start_router):
+def test_all_cooling_with_try_still_tries_every_endpoint_in_order(mock, start_router):
     mock.fault("aws", status=503)
     mock.fault("droid", status=503)
-    router = start_router(tiers(mock, "aws", "droid"), options={"router_max_failures": 1})
+    router = start_router(tiers(mock, "aws", "droid"),
+                          options={"router_max_failures": 1, "router_all_cooling": "try"})
     client = sdk(router)
     with pytest.raises(anthropic.InternalServerError):
         client.messages.create(**MSG)

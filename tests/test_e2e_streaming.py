@@ -77,7 +77,10 @@ def test_http2_client_multiplexing_eight_streams(mock, start_router):
     results = asyncio.run(run())
     firsts = [first for first, _ in results]
     print(f"\ntime to first event per stream: {[round(f * 1000) for f in firsts]} ms")
-    assert max(firsts) - min(firsts) < 0.15  # none waits for another stream to finish (~2.4 s)
+    # None waits for another stream to finish (that would be ~2.4 s). mitmproxy's own HTTP/2
+    # path now and then delivers a stream's first data one upstream event late (plain mitmdump
+    # does it too), so the bound is loose.
+    assert max(firsts) - min(firsts) < 1.0
     assert_streamed([p for _, pairs in results for p in pairs])
 
 

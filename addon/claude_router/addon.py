@@ -9,7 +9,6 @@ streams it to the client event by event (see `handoff`).
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,13 +25,11 @@ from .handoff import HandoffServer, Parked
 from .health import Breaker, HealthStore, MemoryHealthStore
 from .policy import Attempt
 from .redis_store import RedisHealthStore, redacted
-from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse, request_headers
+from .routing import Answer, Request, Routing, Settings, Winner
+from .upstream import Upstream, UpstreamError, request_headers
 
 log = logging.getLogger("claude_router")
 
-BUFFER_LIMIT = 8 * 1024 * 1024  # larger non-streaming bodies are streamed through the handoff
-ERROR_BODY_LIMIT = 256 * 1024
-_STREAM_FIELD = re.compile(rb'"stream"\s*:\s*true')
 
 INT_OPTIONS = {  # name: (default, minimum, help)
     "router_max_failures": (3, 1, "Consecutive failures that put an endpoint in cooldown."),
@@ -52,14 +49,22 @@ INT_OPTIONS = {  # name: (default, minimum, help)
         1,
         """
         Seconds a streaming request ("stream": true) may wait for the response headers, and
-        the longest silence allowed between bytes of the stream.
+        the longest silence allowed between bytes of the stream, including the wait for its
+        first content event (a stream is held until then, so a bad start can fail over).
         """,
+    ),
+    "router_max_attempts": (
+        0, 0, "Most endpoints one request may try (0: every endpoint, in price order)."
+    ),
+    "router_deadline": (
+        900, 1, "Seconds one request may spend on all its attempts together before it is answered."
     ),
 }
 
 
 ROUTER_OPTIONS = frozenset(
-    {"router_endpoints", "router_hosts", "router_redis_url", "router_key_prefix", *INT_OPTIONS}
+    {"router_endpoints", "router_hosts", "router_redis_url", "router_key_prefix",
+     "router_policy", "router_all_cooling", *INT_OPTIONS}
 )
 
 
@@ -101,7 +106,10 @@ class Router:
         self.hosts: frozenset[str] = frozenset()
         self.store: HealthStore = MemoryHealthStore(Breaker(), clock=clock)
         self.upstream = Upstream()
+        self.routing = Routing(self.upstream, clock)
+        self.settings = Settings()
         self.handoff = HandoffServer()
+        self._background: set[asyncio.Task] = set()
 
     # -- options -------------------------------------------------------------------------
 
@@ -143,6 +151,30 @@ class Router:
             "endpoint_health_",
             "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health.",
         )
+        loader.add_option(
+            "router_policy",
+            Sequence[str],
+            [],
+            """
+            Override how an upstream answer is treated, as KEY=ACTION; repeat for each rule.
+            KEY: a status (429), a class (4xx), STATUS:error_type, type:error_type, or a
+            failure kind (refused, reset, timeout, tls, empty_stream, stream_error...).
+            ACTION: count (fail over, count a failure), skip (fail over, no blame), client
+            (the request is bad: no blame, returned once a second endpoint agrees), return
+            (hand it to the client at once). The README lists the defaults.
+            """,
+        )
+        loader.add_option(
+            "router_all_cooling",
+            str,
+            "refuse",
+            """
+            When every endpoint is cooling down: "refuse" answers 529 overloaded_error at once
+            with a retry-after until the first endpoint can be tried again; "try" tries them
+            all anyway in price order, as the original router did.
+            """,
+            choices=("refuse", "try"),
+        )
         _refuse_unparsable(loader.master.options, ROUTER_OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
@@ -165,11 +197,31 @@ class Router:
             self._replace_store(self._make_store())
         if updated & {"router_endpoints", "router_redis_url", "router_key_prefix"}:
             self.store.track(ep.name for ep in self.endpoints)
+        if updated & (ROUTER_OPTIONS - {"router_endpoints", "router_hosts", "router_redis_url",
+                                        "router_key_prefix"}):
+            self.settings = self._settings()
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
             log.info("router: setting connection_strategy=lazy (required for routing)")
             opts.update(connection_strategy="lazy")
+
+    def _settings(self) -> Settings:
+        opts = ctx.options
+        try:
+            rules = policy.parse_rules(opts.router_policy)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"Cannot use router_policy: {e}") from None
+        return Settings(
+            connect_timeout=float(opts.router_connect_timeout),
+            headers_timeout=float(opts.router_headers_timeout),
+            stream_timeout=float(opts.router_stream_timeout),
+            max_attempts=opts.router_max_attempts,
+            deadline=float(opts.router_deadline),
+            try_all_when_cooling=opts.router_all_cooling == "try",
+            rules=rules,
+            max_hint=self._breaker().max_cooldown,
+        )
 
     def _breaker(self) -> Breaker:
         opts = ctx.options
@@ -256,7 +308,7 @@ class Router:
             await self._route(flow)
         except Exception:
             log.exception("router: internal error while routing")
-            self._answer_error(flow, 500, "the router failed internally", [])
+            self._answer_internal_error(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         info: RouteInfo | None = flow.metadata.get("router")
@@ -275,146 +327,56 @@ class Router:
         if info is not None and info.handoff_path:
             self.handoff.discard(info.handoff_path)
 
-    # -- the attempt loop --------------------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------
 
     async def _route(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        body = req.raw_content or b""
-        headers = request_headers(req.headers.items(multi=True))
-        timeouts = self._timeouts(body)
-        attempts: list[Attempt] = []
-        last_error: tuple[Endpoint, UpstreamResponse, bytes] | None = None
-
-        view = await self.store.view()
-        steps = policy.plan(self.endpoints, view, self.clock())
-        if not steps:
-            steps = policy.fallback(self.endpoints)
-        for step in steps:
-            ep = step.endpoint
-            if step.probe and not await self.store.try_probe(ep.name):
-                continue  # another request is probing it
-            try:
-                resp = await self.upstream.send(ep, req.method, req.path, headers, body, timeouts)
-            except UpstreamError as e:
-                attempts.append(Attempt(ep.name, e.kind, e.detail))
-                await self.store.record_failure(ep.name)
-                continue
-            if policy.is_failure(resp.status):
-                err_body = await self._read_error(resp)
-                attempts.append(Attempt(ep.name, str(resp.status), f"HTTP {resp.status}"))
-                await self.store.record_failure(ep.name)
-                last_error = (ep, resp, err_body)
-                continue
-            if await self._deliver(flow, ep, resp, attempts):
-                return
-        if last_error is not None:
-            ep, resp, err_body = last_error
-            self._answer_buffered(flow, ep, resp, err_body, attempts)
+        request = Request(req.method, req.path, request_headers(req.headers.items(multi=True)),
+                          req.raw_content or b"")
+        result = await self.routing.route(self.endpoints, self.store, self.settings, request)
+        if result.winner is None:
+            self._answer(flow, result.answer, result.attempts)
+        elif result.winner.complete:
+            w = result.winner
+            self._answer(flow, Answer(w.resp.status, w.resp.reason, w.resp.headers, w.prefix,
+                                      w.endpoint), result.attempts, head_length=w.resp.length)
         else:
-            self._answer_error(flow, 502, policy.all_failed_message(attempts), attempts)
+            await self._stream(flow, result.winner, result.attempts)
 
-    def _timeouts(self, body: bytes) -> Timeouts:
-        opts = ctx.options
-        streaming = _STREAM_FIELD.search(body, 0, 1 << 20) is not None
-        wait = opts.router_stream_timeout if streaming else opts.router_headers_timeout
-        return Timeouts(connect=float(opts.router_connect_timeout), headers=float(wait))
-
-    async def _read_error(self, resp: UpstreamResponse) -> bytes:
-        try:
-            data, complete = await resp.read(ERROR_BODY_LIMIT)
-        except UpstreamError:
-            data, complete = b"", False
-        if not complete:
-            resp.close()
-        return data
-
-    async def _deliver(
-        self, flow: http.HTTPFlow, ep: Endpoint, resp: UpstreamResponse, attempts: list[Attempt]
-    ) -> bool:
-        """Hand a good answer to the client; False if its body failed before anything was sent."""
-        prefix, complete = b"", False
-        if not resp.is_event_stream:
-            try:
-                prefix, complete = await resp.read(BUFFER_LIMIT)
-            except UpstreamError as e:
-                attempts.append(Attempt(ep.name, e.kind, e.detail))
-                await self.store.record_failure(ep.name)
-                return False
-        attempts.append(Attempt(ep.name, str(resp.status)))
-        await self.store.record_success(ep.name)
-        if complete:
-            self._answer_buffered(flow, ep, resp, prefix, attempts)
-        else:
-            await self._answer_streamed(flow, ep, resp, prefix, attempts)
-        return True
-
-    # -- answers -----------------------------------------------------------------------------
-
-    def _route_headers(self, ep: Endpoint, attempts: list[Attempt]) -> list[tuple[str, str]]:
-        return [
-            ("X-Used-Endpoint", ep.name),
-            ("X-Endpoint-Index", str(ep.index)),
-            ("X-Router-Attempts", policy.attempts_header(attempts)),
-        ]
-
-    def _remember(self, flow: http.HTTPFlow, ep: Endpoint | None, attempts: list[Attempt],
-                  handoff_path: str = "") -> None:
-        url = ep.url_for(flow.request.path) if ep else flow.request.url
-        trail = policy.attempts_header(attempts) or "none"
-        flow.metadata["router"] = RouteInfo(
-            url=url,
-            content=flow.request.raw_content,
-            content_length=flow.request.headers.get("content-length"),
-            endpoint=ep.name if ep else "",
-            attempts=trail,
-            handoff_path=handoff_path,
-        )
-        flow.comment = (f"routed to {ep.name} (index {ep.index}); " if ep else "not routed; ") + (
-            f"attempts: {trail}"
-        )
-        log.info(
-            f"router: {flow.request.method} {flow.request.path.split('?')[0]} -> "
-            f"{ep.name if ep else 'none'} [{trail}]"
-        )
-
-    def _answer_buffered(self, flow, ep: Endpoint, resp: UpstreamResponse, body: bytes,
-                         attempts: list[Attempt]) -> None:
+    def _answer(self, flow: http.HTTPFlow, answer: Answer, attempts: list[Attempt],
+                head_length: int | None = None) -> None:
+        """Set a complete response on the flow (mitmproxy sends it; no upstream connection)."""
+        ep = answer.endpoint
         self._remember(flow, ep, attempts)
-        flow.request.url = ep.url_for(flow.request.path)
+        if ep is not None:
+            flow.request.url = ep.url_for(flow.request.path)
         fields = [
             (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in resp.headers + self._route_headers(ep, attempts)
+            for k, v in answer.headers + self._route_headers(ep, attempts)
             if k.lower() != "content-length"
         ]
-        response = http.Response.make(resp.status, b"", fields)
-        response.reason = resp.reason
-        response.raw_content = body  # raw: content-encoding passes through untouched
-        if flow.request.method != "HEAD" or body:
-            response.headers["content-length"] = str(len(body))
-        elif resp.length is not None:
-            response.headers["content-length"] = str(resp.length)
+        response = http.Response.make(answer.status, b"", fields)
+        if answer.reason:
+            response.reason = answer.reason
+        response.raw_content = answer.body  # raw: any content-encoding passes through untouched
+        length = head_length if flow.request.method == "HEAD" and head_length is not None else len(answer.body)
+        response.headers["content-length"] = str(length)
         flow.response = response
 
-    async def _answer_streamed(self, flow, ep: Endpoint, resp: UpstreamResponse, prefix: bytes,
-                               attempts: list[Attempt]) -> None:
-        async def body():
-            if prefix:
-                yield prefix
-            async for chunk in resp.chunks():
-                yield chunk
-
+    async def _stream(self, flow: http.HTTPFlow, w: Winner, attempts: list[Attempt]) -> None:
+        """Park the winning response with the handoff server and point the flow at it."""
         parked = Parked(
-            status=resp.status,
-            reason=resp.reason,
-            headers=resp.headers + self._route_headers(ep, attempts),
-            body=body(),
-            close=resp.close,
-            length=resp.length,
-            event_stream=resp.is_event_stream,
+            status=w.resp.status,
+            reason=w.resp.reason,
+            headers=w.resp.headers + self._route_headers(w.endpoint, attempts),
+            body=self._body(w),
+            close=w.resp.close,
+            length=w.resp.length,
+            event_stream=w.resp.is_event_stream,
             client=flow.client_conn.id,
         )
         port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
-        self._remember(flow, ep, attempts, handoff_path=path)
+        self._remember(flow, w.endpoint, attempts, handoff_path=path)
         req = flow.request
         req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
         # The upstream already has the body; the loopback hop needs none.
@@ -422,9 +384,50 @@ class Router:
         req.headers.pop("transfer-encoding", None)
         req.headers["content-length"] = "0"
 
-    def _answer_error(self, flow, status: int, message: str, attempts: list[Attempt]) -> None:
-        self._remember(flow, None, attempts)
-        headers = {"content-type": "application/json"}
-        if attempts:
-            headers["X-Router-Attempts"] = policy.attempts_header(attempts)
-        flow.response = http.Response.make(status, error_body(status, message), headers)
+    async def _body(self, w: Winner):
+        """The rest of a streamed body; a failure after content reached the client counts
+        against the endpoint (the handoff ends the client's stream with an error event)."""
+        if w.prefix:
+            yield w.prefix
+        counted = False
+        try:
+            async for chunk in w.resp.chunks():
+                if not counted and w.resp.is_event_stream and b"event: error" in chunk:
+                    counted = True
+                    self._count_failure(w.endpoint.name)
+                yield chunk
+        except UpstreamError:
+            if not counted:
+                self._count_failure(w.endpoint.name)
+            raise
+
+    def _count_failure(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.store.record_failure(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _route_headers(self, ep: Endpoint | None, attempts: list[Attempt]) -> list[tuple[str, str]]:
+        headers = [("X-Router-Attempts", policy.attempts_header(attempts))] if attempts else []
+        if ep is not None:
+            headers[:0] = [("X-Used-Endpoint", ep.name), ("X-Endpoint-Index", str(ep.index))]
+        return headers
+
+    def _remember(self, flow: http.HTTPFlow, ep: Endpoint | None, attempts: list[Attempt],
+                  handoff_path: str = "") -> None:
+        trail = policy.attempts_header(attempts) or "none"
+        flow.metadata["router"] = RouteInfo(
+            url=ep.url_for(flow.request.path) if ep else flow.request.url,
+            content=flow.request.raw_content,
+            content_length=flow.request.headers.get("content-length"),
+            endpoint=ep.name if ep else "",
+            attempts=trail,
+            handoff_path=handoff_path,
+        )
+        where = f"routed to {ep.name} (index {ep.index})" if ep else "answered by the router"
+        flow.comment = f"{where}; attempts: {trail}"
+        log.info(f"router: {flow.request.method} {flow.request.path.split('?')[0]} -> "
+                 f"{ep.name if ep else 'router'} [{trail}]")
+
+    def _answer_internal_error(self, flow: http.HTTPFlow) -> None:
+        body = error_body(500, "the router failed internally")
+        self._answer(flow, Answer(500, "", [("content-type", "application/json")], body), [])

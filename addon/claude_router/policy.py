@@ -1,13 +1,21 @@
-"""Routing decisions: which endpoints to try, in what order, and what an outcome means.
+"""Routing decisions: which endpoints to try, what an outcome means, how long to back off.
 
 Pure functions over data; the router applies them.
 """
 
+import email.utils
+import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
 
 from .endpoints import Endpoint
 from .health import HEALTHY, Health, Phase, phase
+
+
+# -- the plan --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -29,19 +37,175 @@ def plan(endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float) 
 
 
 def fallback(endpoints: Sequence[Endpoint]) -> list[Step]:
-    """When nothing is usable, every endpoint in price order, as the original did."""
+    """When nothing is usable and the operator asked for it: every endpoint, in price order."""
     return [Step(ep, probe=False) for ep in endpoints]
 
 
-def is_failure(status: int) -> bool:
-    """An answer that sends the request on to the next endpoint and counts against this one."""
-    return status >= 400
+def seconds_until_usable(endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float) -> float:
+    """How long until the first endpoint can be tried again (0 if one can be now)."""
+    waits = []
+    for ep in endpoints:
+        h = view.get(ep.name, HEALTHY)
+        p = phase(h, now)
+        if p is Phase.COOLING:
+            waits.append(h.ejected_until - now)
+        elif p is Phase.PROBING:
+            waits.append(h.probe_until - now)
+        else:
+            return 0.0
+    return max(0.0, min(waits, default=0.0))
+
+
+def retry_after_value(wait: float, cap: int = 60) -> str:
+    """A Retry-After the clients honour: whole seconds, at least 1, at most ``cap``
+    (Claude Code gives up at once on more than 60)."""
+    return str(min(cap, max(1, math.ceil(wait))))
+
+
+# -- what an outcome means -------------------------------------------------------------------
+
+
+class Verdict(str, Enum):
+    COUNT = "count"  # this endpoint is bad: count a failure, try the next one
+    SKIP = "skip"  # try the next one without blaming this one
+    CLIENT = "client"  # the request is bad: no blame; return it once a second endpoint agrees
+    RETURN = "return"  # hand it to the client now, no blame
+
+
+# Keys: "NNN:error_type", "NNN", "type:error_type", "Nxx", or a transport failure kind.
+# More specific keys win, in that order. Statuses below 400 are always successes.
+DEFAULT_RULES: dict[str, Verdict] = {
+    "400:invalid_request_error": Verdict.CLIENT,
+    "401": Verdict.COUNT,
+    "402": Verdict.COUNT,
+    "403": Verdict.COUNT,
+    "408": Verdict.COUNT,
+    "429": Verdict.COUNT,
+    "type:invalid_request_error": Verdict.CLIENT,
+    "type:not_found_error": Verdict.CLIENT,
+    "type:request_too_large": Verdict.CLIENT,
+    "type:overloaded_error": Verdict.COUNT,
+    "type:api_error": Verdict.COUNT,
+    "type:rate_limit_error": Verdict.COUNT,
+    "type:authentication_error": Verdict.COUNT,
+    "type:permission_error": Verdict.COUNT,
+    "type:billing_error": Verdict.COUNT,
+    "4xx": Verdict.CLIENT,
+    "5xx": Verdict.COUNT,
+}
+TRANSPORT_KINDS = ("refused", "reset", "timeout", "tls", "dns", "connect", "bad_response",
+                   "error", "empty_stream", "stream_error")
+
+
+def parse_rule(spec: str) -> tuple[str, Verdict]:
+    """Parse ``KEY=ACTION`` (e.g. ``404=count``, ``400:invalid_request_error=client``)."""
+    key, sep, action = spec.partition("=")
+    key, action = key.strip().lower(), action.strip().lower()
+    if not sep:
+        raise ValueError("expected KEY=ACTION, for example 404=count")
+    try:
+        verdict = Verdict(action)
+    except ValueError:
+        raise ValueError(f"action {action!r} is not one of count, skip, client, return") from None
+    status, _, etype = key.partition(":")
+    if key.startswith("type:") and etype:
+        return key, verdict
+    if key in TRANSPORT_KINDS:
+        return key, verdict
+    if len(status) == 3 and (status.isdigit() or (status[0] in "45" and status[1:] == "xx")):
+        if status.isdigit() and not 400 <= int(status) <= 599:
+            raise ValueError(f"{status}: only 4xx and 5xx answers can be failures")
+        return key, verdict
+    raise ValueError(f"key {key!r} is not a status (429), a class (5xx), STATUS:error_type, "
+                     f"type:error_type or one of {', '.join(TRANSPORT_KINDS)}")
+
+
+def parse_rules(specs: Iterable[str]) -> dict[str, Verdict]:
+    rules = dict(DEFAULT_RULES)
+    for spec in specs:
+        key, verdict = parse_rule(spec)
+        rules[key] = verdict
+    return rules
+
+
+def classify(rules: Mapping[str, Verdict], status: int | None = None,
+             error_type: str | None = None, transport: str | None = None) -> Verdict:
+    """What an upstream outcome means, by the most specific rule that matches."""
+    if transport is not None:
+        return rules.get(transport, Verdict.COUNT)
+    assert status is not None and status >= 400
+    keys = [str(status), f"{status // 100}xx"]
+    if error_type:
+        # A 4xx's error type says whose fault it is; a 5xx is the endpoint's whatever it says.
+        keys[:0] = [f"{status}:{error_type}"]
+        if status < 500:
+            keys.insert(2, f"type:{error_type}")
+    for key in keys:
+        if key in rules:
+            return rules[key]
+    return Verdict.COUNT
+
+
+def error_type_of(body: bytes) -> str | None:
+    """The Anthropic ``error.type`` of an error body, if it has one."""
+    try:
+        doc = json.loads(body)
+        etype = doc["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return etype if isinstance(etype, str) else None
+
+
+# -- back-off hints from the upstream --------------------------------------------------------
+
+
+def cooldown_hint(headers: Mapping[str, str], now: float) -> float:
+    """Seconds the upstream asked us to stay away (Retry-After, retry-after-ms, or the reset
+    time of an exhausted Anthropic rate limit); 0 when it did not say."""
+    hints = [0.0]
+    if (ms := headers.get("retry-after-ms")) is not None:
+        hints.append(_number(ms) / 1000)
+    if (ra := headers.get("retry-after")) is not None:
+        hints.append(_retry_after(ra, now))
+    for name, value in headers.items():
+        if name.startswith("anthropic-ratelimit-") and name.endswith("-reset"):
+            remaining = headers.get(name[: -len("reset")] + "remaining")
+            if remaining is not None and _number(remaining) <= 0:
+                hints.append(_rfc3339(value) - now)
+    return max(hints)
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def _retry_after(value: str, now: float) -> float:
+    if value.strip().replace(".", "", 1).isdigit():
+        return _number(value)
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - now
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _rfc3339(value: str) -> float:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+# -- what happened, for headers, logs and error bodies ---------------------------------------
 
 
 @dataclass(frozen=True)
 class Attempt:
     endpoint: str
-    outcome: str  # a status code ("529") or a transport failure ("refused", "timeout", ...)
+    outcome: str  # a status code ("529") or a failure kind ("refused", "timeout", ...)
     detail: str = ""  # human words for error bodies and logs; never carries secrets
 
     def __str__(self) -> str:

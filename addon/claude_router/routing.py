@@ -1,0 +1,226 @@
+"""The attempt loop: send one client request to endpoints in turn until one answers well.
+
+Independent of mitmproxy: it takes the request's parts and returns either a response to
+stream on (headers in, body partly read) or a complete answer for the client, plus the record
+of attempts. Decisions come from `policy` and `sse`; I/O from `upstream` and the health store.
+"""
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from . import policy, sse
+from .endpoints import Endpoint
+from .errors import error_body, error_type_for
+from .health import HealthStore
+from .policy import Attempt, Verdict
+from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse
+
+BUFFER_LIMIT = 8 * 1024 * 1024  # a larger non-streaming body is streamed on, not held
+ERROR_BODY_LIMIT = 256 * 1024
+HOLD_LIMIT = 256 * 1024  # bytes of a stream's opening held back while waiting for content
+_STREAM_FIELD = re.compile(rb'"stream"\s*:\s*true')
+_BACKOFF_STATUSES = frozenset({429, 503, 529})
+
+
+@dataclass(frozen=True)
+class Settings:
+    connect_timeout: float = 10.0
+    headers_timeout: float = 600.0  # non-streaming: to headers, and body silence
+    stream_timeout: float = 120.0  # streaming: to headers, to first content, and silence
+    max_attempts: int = 0  # 0: every endpoint
+    deadline: float = 900.0  # for all attempts of one request together
+    try_all_when_cooling: bool = False
+    rules: Mapping[str, Verdict] = field(default_factory=lambda: dict(policy.DEFAULT_RULES))
+    max_hint: float = 600.0  # cap on a cooldown asked for by Retry-After and the like
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # with the query
+    headers: list[tuple[str, str]]  # end-to-end headers to forward
+    body: bytes
+
+    @property
+    def streaming(self) -> bool:
+        return _STREAM_FIELD.search(self.body, 0, 1 << 20) is not None
+
+
+@dataclass
+class Answer:
+    """A complete answer for the client (an upstream's error, or one the router made)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    endpoint: Endpoint | None = None
+
+    def headers_lower(self) -> list[tuple[str, str]]:
+        return [(k.lower(), v) for k, v in self.headers]
+
+
+@dataclass
+class Winner:
+    """A good upstream response: headers in, ``prefix`` of the body read (all of it if
+    ``complete``), the rest still on the wire."""
+
+    endpoint: Endpoint
+    resp: UpstreamResponse
+    prefix: bytes
+    complete: bool
+
+
+@dataclass
+class Result:
+    attempts: list[Attempt]
+    winner: Winner | None = None
+    answer: Answer | None = None
+
+
+@dataclass
+class _Tried:
+    verdict: Verdict | None  # None: success
+    attempt: Attempt
+    answer: Answer | None = None
+    winner: Winner | None = None
+    hint: float = 0.0  # seconds the endpoint asked us to stay away
+    kind: tuple = ()  # what a client error looked like, to spot the same answer twice
+
+
+class Routing:
+    def __init__(self, upstream: Upstream, clock: Callable[[], float]) -> None:
+        self.upstream = upstream
+        self.clock = clock
+
+    async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
+                    req: Request) -> Result:
+        view = await store.view()
+        steps = policy.plan(endpoints, view, self.clock())
+        if not steps:
+            if not settings.try_all_when_cooling:
+                return Result([], answer=await self._all_cooling(endpoints, store))
+            steps = policy.fallback(endpoints)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.deadline
+        cap = settings.max_attempts or len(endpoints)
+        attempts: list[Attempt] = []
+        last: _Tried | None = None
+        client_kinds: list[tuple] = []
+        for step in steps:
+            left = deadline - loop.time()
+            if len(attempts) >= cap or left <= 0:
+                break
+            ep = step.endpoint
+            if step.probe and not await store.try_probe(ep.name):
+                continue  # another request is probing it
+            tried = await self._try(ep, req, settings, left)
+            attempts.append(tried.attempt)
+            if tried.verdict is None:
+                await store.record_success(ep.name)
+                return Result(attempts, winner=tried.winner)
+            if tried.verdict is Verdict.COUNT:
+                await store.record_failure(ep.name, at_least=min(tried.hint, settings.max_hint))
+            elif tried.verdict in (Verdict.CLIENT, Verdict.RETURN):
+                await store.record_success(ep.name)  # it answered sensibly: it is up
+            if tried.answer is not None:
+                last = tried
+            if tried.verdict is Verdict.RETURN:
+                break
+            if tried.verdict is Verdict.CLIENT:
+                if tried.kind in client_kinds:
+                    break  # a second endpoint agrees the request is bad: the client gets it
+                client_kinds.append(tried.kind)
+        return Result(attempts, answer=await self._final(endpoints, store, attempts, last))
+
+    # -- one attempt ---------------------------------------------------------------------
+
+    async def _try(self, ep: Endpoint, req: Request, settings: Settings, left: float) -> _Tried:
+        wait = settings.stream_timeout if req.streaming else settings.headers_timeout
+        timeouts = Timeouts(connect=min(settings.connect_timeout, left), headers=min(wait, left))
+        try:
+            resp = await self.upstream.send(ep, req.method, req.path, req.headers, req.body, timeouts)
+            if resp.status >= 400:
+                return await self._error_answer(ep, resp, settings)
+            async with asyncio.timeout(left):
+                if resp.is_event_stream:
+                    return await self._stream_start(ep, resp, settings)
+                prefix, complete = await resp.read(BUFFER_LIMIT)
+        except UpstreamError as e:
+            return self._transport_failure(ep, e.kind, e.detail, settings)
+        except TimeoutError:
+            return self._transport_failure(ep, "timeout", "request deadline reached", settings)
+        return _Tried(None, Attempt(ep.name, str(resp.status)), winner=Winner(ep, resp, prefix, complete))
+
+    def _transport_failure(self, ep: Endpoint, kind: str, detail: str, settings: Settings) -> _Tried:
+        return _Tried(policy.classify(settings.rules, transport=kind), Attempt(ep.name, kind, detail))
+
+    async def _error_answer(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings) -> _Tried:
+        try:
+            body, complete = await resp.read(ERROR_BODY_LIMIT)
+        except UpstreamError:
+            body, complete = b"", False
+        if not complete:
+            resp.close()
+        etype = policy.error_type_of(body)
+        answer = Answer(resp.status, resp.reason, resp.headers, body, ep)
+        hint = 0.0
+        if resp.status in _BACKOFF_STATUSES:
+            hint = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
+        return _Tried(
+            policy.classify(settings.rules, status=resp.status, error_type=etype),
+            Attempt(ep.name, str(resp.status), f"HTTP {resp.status}" + (f" {etype}" if etype else "")),
+            answer=answer,
+            hint=hint,
+            kind=(resp.status, etype),
+        )
+
+    async def _stream_start(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings) -> _Tried:
+        """Hold a 200 stream until its first content event; a bad start is a failure."""
+        held = bytearray()
+        async for chunk in resp.chunks():
+            held += chunk
+            start = sse.scan_start(bytes(held))
+            if start.error_type:
+                resp.close()
+                status = 529 if start.error_type == "overloaded_error" else 502
+                message = start.error_message or f"the stream opened with {start.error_type}"
+                return _Tried(
+                    policy.classify(settings.rules, transport="stream_error"),
+                    Attempt(ep.name, start.error_type, f"stream opened with {start.error_type}"),
+                    answer=Answer(status, "", [("content-type", "application/json")],
+                                  error_body(status, message, start.error_type), ep),
+                )
+            if start.content or len(held) > HOLD_LIMIT:
+                return _Tried(None, Attempt(ep.name, str(resp.status)),
+                              winner=Winner(ep, resp, bytes(held), complete=False))
+        return self._transport_failure(ep, "empty_stream", "stream ended before any content", settings)
+
+    # -- answers when nothing worked ---------------------------------------------------------
+
+    async def _all_cooling(self, endpoints: Sequence[Endpoint], store: HealthStore) -> Answer:
+        wait = policy.seconds_until_usable(endpoints, await store.view(), self.clock())
+        retry = policy.retry_after_value(wait)
+        message = f"every endpoint is cooling down after failures; retry in {retry} s"
+        return Answer(529, "", [("content-type", "application/json"), ("retry-after", retry)],
+                      error_body(529, message, "overloaded_error"))
+
+    async def _final(self, endpoints: Sequence[Endpoint], store: HealthStore,
+                     attempts: list[Attempt], last: _Tried | None) -> Answer:
+        if last is not None and last.verdict in (Verdict.CLIENT, Verdict.RETURN):
+            return last.answer  # the request's own answer: as the upstream sent it
+        wait = policy.seconds_until_usable(endpoints, await store.view(), self.clock())
+        if last is not None:
+            answer = last.answer
+        else:
+            answer = Answer(502, "", [("content-type", "application/json")],
+                            error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
+        upstream_says = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
+        if wait >= 0.5 or upstream_says > 60:
+            # Say when an endpoint can be tried again, within what clients honour.
+            answer.headers = [(k, v) for k, v in answer.headers
+                              if k.lower() not in ("retry-after", "retry-after-ms")]
+            answer.headers.append(("retry-after", policy.retry_after_value(max(wait, min(upstream_says, 60)))))
+        return answer

@@ -1,0 +1,1169 @@
+#!/usr/bin/env python3
+"""Benchmark: what the router costs on top of mitmproxy, and mitmproxy on top of the wire.
+
+Run it through ``scripts/bench`` (it picks the project's venv; mitmdump lives beside its
+python). Everything runs on 127.0.0.1, each server in its own process on a free port:
+
+    direct        the mock relay (scripts/mock_relay.py) itself: the physical floor
+    mitmdump      plain ``mitmdump --mode reverse:http://MOCK`` without the addon
+    router        ``mitmdump -s addon/router.py`` with one endpoint, in-memory health store
+    router+redis  the same with ``router_redis_url`` (own redis-server; "unsupported" if the
+                  option is missing or the router sends Redis nothing)
+    nginx         only if an nginx binary is installed (never installed by this script)
+
+plus helpers that feed derived rows: ``direct-529`` (a 529 round trip to the mock's failing
+endpoint), ``router-failover`` (endpoints bad=529 then ok, every request fails over once),
+``router-cooled`` (bad is cooled down after one request, so it is skipped), their nginx
+equivalents, and ``mitmdump+stream`` (plain mitmdump with ``stream_large_bodies=1``: plain
+mitmdump buffers a whole SSE response, which makes it no baseline for SSE timing).
+
+Measurements are interleaved: each round gives every target its slice of every measurement
+(latency in blocks of 10 requests, rotating order), so machine noise hits all targets alike.
+One asyncio/aiohttp client (keep-alive, one session per worker) is used for every target; it
+shares the CPUs with the servers, so req/s is what the whole loopback system does.
+
+    latency      sequential small POST /v1/messages, p50/p99; added = target - direct
+    SSE          time to first event, and inter-event gap minus the mock's gap
+    throughput   req/s and p99 at each concurrency, errors = non-200 or exception
+    failover     p50(router-failover) - p50(router) - p50(direct-529)
+    cooled       p50(router-cooled) - p50(router)
+    RSS          VmRSS/VmHWM from /proc before and after --rss-requests requests
+                 (concurrency 16, every 10th one streaming); growth = after - after warm-up
+
+``--profile SECONDS`` instead runs py-spy (if installed in the venv) on the router under
+concurrency-16 load and prints where its CPU time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MITMDUMP = str(BIN / "mitmdump")
+ROUTER_SCRIPT = str(ROOT / "addon" / "router.py")
+MOCK_SCRIPT = str(ROOT / "scripts" / "mock_relay.py")
+# The same logging flags for every mitmdump target: no per-flow output, warnings and errors only.
+MITM_COMMON = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
+               "--set", "connection_strategy=lazy"]
+HEADERS = {"content-type": "application/json", "x-api-key": "bench",
+           "anthropic-version": "2023-06-01"}
+MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 64,
+           "messages": [{"role": "user", "content": "hi"}]}
+BODY = json.dumps(MESSAGE).encode()
+STREAM_BODY = json.dumps({**MESSAGE, "stream": True}).encode()
+REQUEST_TIMEOUT = 15.0
+MAIN_COLUMNS = ["direct", "mitmdump", "router", "router+redis", "nginx"]
+MiB = 1024 * 1024
+
+now = time.perf_counter
+
+
+def note(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- statistics
+
+def percentile(sorted_vals: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_vals:
+        return float("nan")
+    k = (len(sorted_vals) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def summarize(seconds: list[float]) -> dict[str, Any]:
+    """Summary in milliseconds."""
+    s = sorted(x * 1000 for x in seconds)
+    if not s:
+        return {"n": 0}
+    return {"n": len(s), "min": s[0], "p50": percentile(s, 0.5), "p90": percentile(s, 0.9),
+            "p99": percentile(s, 0.99), "max": s[-1], "mean": sum(s) / len(s)}
+
+
+# -------------------------------------------------------------------------------- processes
+
+def _child_setup() -> None:
+    """In the child: die with the benchmark even if it is SIGKILLed (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Every subprocess we start, each in its own process group; stop_all() ends them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.items: list[tuple[str, subprocess.Popen]] = []
+        self.env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+    def spawn(self, name: str, argv: list[str], stdout_pipe: bool = False) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout_pipe else log,
+            stderr=log if stdout_pipe else subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_child_setup,
+        )
+        log.close()
+        self.items.append((name, proc))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            text = (self.tmp / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def log_excerpt(self, name: str) -> str:
+        """One line for the report: the last error line of a log, else its last line."""
+        lines = [ln.strip() for ln in self.log_tail(name, 40).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if re.search(r"error|exception|invalid|unknown", ln, re.I)]
+        return ((errs or lines or ["(empty)"])[-1])[:240]
+
+    def stop_all(self) -> None:
+        live = [(n, p) for n, p in reversed(self.items) if p.poll() is None]
+        for _, p in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)  # our own group: pgid == pid (new session)
+        deadline = time.monotonic() + 5
+        for _, p in live:
+            try:
+                p.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(2)
+        for _, p in self.items:
+            if p.stdout:
+                p.stdout.close()
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    buf = b""
+    while time.monotonic() < deadline and not buf.endswith(b"\n"):
+        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace")
+
+
+def start_mock(procs: Procs, name: str, faults: list[str]) -> str:
+    argv = [sys.executable, MOCK_SCRIPT, "--port", "0", "--quiet", "--max-log", "1000"]
+    for f in faults:
+        argv += ["--fault", f]
+    proc = procs.spawn(name, argv, stdout_pipe=True)
+    line = read_line(proc, 20)
+    if "listening on" not in line:
+        raise RuntimeError(f"{name} did not start: {line!r}\n{procs.log_tail(name)}")
+    return line.strip().rsplit(" ", 1)[1]
+
+
+async def wait_port(port: int, proc: subprocess.Popen | None, timeout: float) -> str | None:
+    """None when the port accepts connections, else why not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+            w.close()
+            return None
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.05)
+    return f"port {port} did not open within {timeout:g}s"
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and all its descendants (nginx: master and workers)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children[ppid].append(int(d))
+    out, todo = [], [pid]
+    while todo and len(out) < 1000:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def mem_status(pid: int) -> dict[str, float]:
+    """VmRSS/VmHWM in MiB, summed over the process tree."""
+    total = {"rss_mib": 0.0, "hwm_mib": 0.0, "processes": 0}
+    for p in proc_tree(pid):
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M))
+        total["rss_mib"] += int(fields.get("VmRSS", 0)) / 1024
+        total["hwm_mib"] += int(fields.get("VmHWM", 0)) / 1024
+        total["processes"] += 1
+    return total
+
+
+async def redis_command_calls(port: int) -> int | None:
+    """Commands Redis has served, not counting INFO (our own probes)."""
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        try:
+            w.write(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+            await w.drain()
+            head = await asyncio.wait_for(r.readline(), 2)
+            data = await asyncio.wait_for(r.readexactly(int(head[1:]) + 2), 2)
+        finally:
+            w.close()
+    except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError):
+        return None
+    calls = re.findall(r"^cmdstat_([^:]+):calls=(\d+)", data.decode(errors="replace"), re.M)
+    return sum(int(n) for name, n in calls if name.lower() != "info")
+
+
+# ----------------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    name: str
+    url: str  # the POST /v1/messages URL
+    kind: str  # direct | mitmdump | router | nginx
+    port: int
+    proc: subprocess.Popen | None = None
+    expect: int = 200
+    check: Callable[[Any], str | None] | None = None  # response headers -> error or None
+    status: str = "ok"  # ok | unsupported: ... | failed: ...
+    consecutive_errors: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def fail(self, why: str) -> None:
+        if self.ok:
+            self.status = why
+            note(f"{self.name}: {why}")
+
+
+def attempts_check(must: str | None = None, must_not: str | None = None):
+    def check(headers) -> str | None:
+        trail = headers.get("X-Router-Attempts", "")
+        if must is not None and must not in trail:
+            return f"attempts {trail!r} lack {must!r}"
+        if must_not is not None and must_not in trail:
+            return f"attempts {trail!r} contain {must_not!r}"
+        return None
+    return check
+
+
+def mitm_argv(port: int, confdir: Path, *extra: str) -> list[str]:
+    return [MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--set", f"confdir={confdir}", *MITM_COMMON, *extra]
+
+
+def router_argv(port: int, confdir: Path, endpoints: list[str], *extra: str) -> list[str]:
+    args = ["-s", ROUTER_SCRIPT, "--mode", "reverse:https://api.anthropic.com"]
+    for ep in endpoints:
+        args += ["--set", f"router_endpoints={ep}"]
+    return mitm_argv(port, confdir, *args, *extra)
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    keepalive_requests 1000000;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
+    proxy_next_upstream error timeout http_502 http_503 http_504 http_429 non_idempotent;
+    upstream ok_up {{ server 127.0.0.1:{mock}; keepalive 128; }}
+    # the failing server first (never marked down), the working one as its backup
+    upstream failover_up {{
+        server 127.0.0.1:{bad} max_fails=0;
+        server 127.0.0.1:{mock} backup;
+        keepalive 128;
+    }}
+    # one failure takes the failing server out for an hour
+    upstream cooled_up {{
+        server 127.0.0.1:{bad} max_fails=1 fail_timeout=3600s;
+        server 127.0.0.1:{mock} backup;
+        keepalive 128;
+    }}
+    server {{ listen 127.0.0.1:{p_ok}; location / {{ proxy_pass http://ok_up; }} }}
+    server {{ listen 127.0.0.1:{p_failover}; location / {{ proxy_pass http://failover_up; }} }}
+    server {{ listen 127.0.0.1:{p_cooled}; location / {{ proxy_pass http://cooled_up; }} }}
+}}
+"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
+        self.args = args
+        self.procs = procs
+        self.tmp = tmp
+        self.targets: dict[str, Target] = {}
+        self.mock = ""
+        self.redis_port: int | None = None
+        self.notes: list[str] = []
+        self.results: dict[str, Any] = {}
+        # raw samples (seconds)
+        self.lat: dict[str, list[float]] = collections.defaultdict(list)
+        self.lat_err: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.ttfe: dict[str, list[float]] = collections.defaultdict(list)
+        self.gaps: dict[str, list[float]] = collections.defaultdict(list)
+        self.sse_err: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.tp: dict[tuple[str, int], dict[str, Any]] = {}
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def add(self, t: Target) -> Target:
+        self.targets[t.name] = t
+        return t
+
+    def confdir(self, name: str) -> Path:
+        d = self.tmp / f"conf-{name}"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def spawn_proxy(self, name: str, kind: str, argv_for: Callable[[int], list[str]],
+                    path: str = "/v1/messages", **kw) -> Target:
+        port = free_port()
+        proc = self.procs.spawn(name, argv_for(port))
+        return self.add(Target(name, f"http://127.0.0.1:{port}{path}", kind, port, proc, **kw))
+
+    async def start(self) -> None:
+        a = self.args
+        self.mock = start_mock(self.procs, "mock", ["bad=529"])
+        mport = int(self.mock.rsplit(":", 1)[1])
+        note(f"mock relay at {self.mock}")
+        ok_ep, bad_ep = f"ok={self.mock}/ok", f"bad={self.mock}/bad"
+        self.add(Target("direct", f"{self.mock}/ok/v1/messages", "direct", mport))
+        self.add(Target("direct-529", f"{self.mock}/bad/v1/messages", "direct", mport, expect=529))
+
+        self.spawn_proxy("mitmdump", "mitmdump", lambda p: mitm_argv(
+            p, self.confdir("mitmdump"), "--mode", f"reverse:{self.mock}"), path="/ok/v1/messages")
+        self.spawn_proxy("mitmdump+stream", "mitmdump", lambda p: mitm_argv(
+            p, self.confdir("mitmdump+stream"), "--mode", f"reverse:{self.mock}",
+            "--set", "stream_large_bodies=1"), path="/ok/v1/messages")
+        self.spawn_proxy("router", "router", lambda p: router_argv(
+            p, self.confdir("router"), [ok_ep]), check=attempts_check(must="ok:200", must_not="bad"))
+        self.spawn_proxy("router-failover", "router", lambda p: router_argv(
+            p, self.confdir("router-failover"), [bad_ep, ok_ep],
+            "--set", "router_max_failures=1000000"),
+            check=attempts_check(must="bad:529, ok:200"))
+        self.spawn_proxy("router-cooled", "router", lambda p: router_argv(
+            p, self.confdir("router-cooled"), [bad_ep, ok_ep],
+            "--set", "router_max_failures=1", "--set", "router_cooldown=3600"),
+            check=attempts_check(must="ok:200", must_not="bad"))
+
+        redis = shutil.which("redis-server")
+        if redis:
+            self.redis_port = free_port()
+            rproc = self.procs.spawn("redis", [
+                redis, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.tmp)])
+            why = await wait_port(self.redis_port, rproc, 10)
+            if why:
+                self.add(Target("router+redis", "", "router", 0, status=f"failed: redis-server {why}"))
+            else:
+                self.spawn_proxy("router+redis", "router", lambda p: router_argv(
+                    p, self.confdir("router+redis"), [ok_ep],
+                    "--set", f"router_redis_url=redis://127.0.0.1:{self.redis_port}/0"),
+                    check=attempts_check(must="ok:200"))
+        else:
+            self.add(Target("router+redis", "", "router", 0,
+                            status="unsupported: no redis-server on this machine"))
+
+        nginx = shutil.which("nginx") or next(
+            (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+        if nginx:
+            await self.start_nginx(nginx)
+        else:
+            self.notes.append("nginx: not installed, skipped.")
+
+        waits = [t for t in self.targets.values() if t.ok and t.proc is not None]
+        for t, why in zip(waits, await asyncio.gather(
+                *(wait_port(t.port, t.proc, 60) for t in waits))):
+            if why:
+                t.fail(f"failed: {why}; log: {self.procs.log_excerpt(t.name)}")
+        await self.preflight()
+
+    async def start_nginx(self, nginx: str) -> None:
+        bad = start_mock(self.procs, "mock-503", ["ok=503"])  # nginx cannot fail over on 529
+        ports = {k: free_port() for k in ("p_ok", "p_failover", "p_cooled")}
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=self.tmp, mock=self.mock.rsplit(":", 1)[1],
+                                          bad=bad.rsplit(":", 1)[1], **ports))
+        proc = self.procs.spawn("nginx", [nginx, "-p", str(self.tmp), "-e",
+                                          str(self.tmp / "nginx-error.log"), "-c", str(conf)])
+        path = "/ok/v1/messages"
+        self.add(Target("direct-503", f"{bad}{path}", "direct", int(bad.rsplit(":", 1)[1]), expect=503))
+        self.add(Target("nginx", f"http://127.0.0.1:{ports['p_ok']}{path}", "nginx", ports["p_ok"], proc))
+        for name in ("failover", "cooled"):
+            p = ports[f"p_{name}"]
+            # proc=None: the three listeners share one nginx; only "nginx" owns the process
+            self.add(Target(f"nginx-{name}", f"http://127.0.0.1:{p}{path}", "nginx", p))
+        why = await wait_port(ports["p_ok"], proc, 20)
+        if why:
+            tail = self.procs.log_excerpt("nginx")
+            for n in ("nginx", "nginx-failover", "nginx-cooled"):
+                self.targets[n].fail(f"failed: nginx {why}: {tail}")
+
+    async def preflight(self) -> None:
+        """Each target must answer as expected; prepare the cooled ones; check Redis use."""
+        async def one(s: aiohttp.ClientSession, t: Target) -> None:
+            if t.name in ("router-cooled", "nginx-cooled"):
+                await timed_post(s, Target(t.name, t.url, t.kind, t.port), BODY)  # cools `bad`
+            deadline, wrong, last = time.monotonic() + 15, 0, ""
+            while time.monotonic() < deadline and wrong < 3:
+                ok, _, last = await timed_post(s, t, BODY)
+                if ok:
+                    return
+                wrong += not last.startswith("Client")  # an answer, but the wrong one
+                await asyncio.sleep(0.3)
+            t.fail(f"failed: no good answer ({last}); log: {self.procs.log_excerpt(t.name)}")
+
+        async with new_session(32) as s:
+            await asyncio.gather(*(one(s, t) for t in self.targets.values() if t.ok))
+        t = self.targets.get("router+redis")
+        if t and t.ok:
+            calls = await redis_command_calls(self.redis_port)
+            if not calls:
+                t.fail("unsupported: router_redis_url had no effect (the router sent Redis "
+                       "no commands; option missing in this version?)")
+            else:
+                self.results["redis_commands_after_preflight"] = calls
+        for t in self.targets.values():
+            if t.ok and t.proc is not None and t.proc.poll() is not None:
+                t.fail(f"failed: exited; log: {self.procs.log_excerpt(t.name)}")
+
+    def live(self, names: list[str]) -> list[Target]:
+        return [self.targets[n] for n in names if n in self.targets and self.targets[n].ok]
+
+    async def mock_fault(self, endpoint: str, fault: dict | None) -> None:
+        async with new_session(1) as s:
+            url = f"{self.mock}/_mock/faults/{endpoint}"
+            if fault is None:
+                async with s.delete(url) as r:
+                    await r.read()
+            else:
+                async with s.put(url, json=fault) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"mock fault rejected: {await r.text()}")
+
+    # -- measurements -------------------------------------------------------------------------
+
+    async def rss(self, t: Target) -> dict[str, Any]:
+        pid = t.proc.pid
+        out: dict[str, Any] = {"start": mem_status(pid)}
+        calls0 = await redis_command_calls(self.redis_port) if t.name == "router+redis" else None
+        warm = await load(t, 200, 16, stream_every=10, limit_s=120)
+        out["warm"] = mem_status(pid)
+        t0 = now()
+        res = await load(t, self.args.rss_requests, 16, stream_every=10, limit_s=900)
+        out["after"] = mem_status(pid)
+        out["requests"] = res["done"] + res["errors"]
+        out["errors"] = res["errors"] + warm["errors"]
+        out["error_kinds"] = dict(collections.Counter(res["error_kinds"]) + collections.Counter(warm["error_kinds"]))
+        out["seconds"] = now() - t0
+        out["growth_mib"] = out["after"]["rss_mib"] - out["warm"]["rss_mib"]
+        if calls0 is not None:
+            calls1 = await redis_command_calls(self.redis_port)
+            if calls1 is not None and out["requests"]:
+                out["redis_commands_per_request"] = (calls1 - calls0) / out["requests"]
+        return out
+
+    async def latency_slice(self, targets: list[Target], sessions, per_target: int) -> None:
+        left = {t.name: per_target for t in targets}
+        while any(left.values()):
+            for t in targets:
+                if not t.ok:
+                    left[t.name] = 0
+                for _ in range(min(10, left[t.name])):
+                    ok, dt, err = await timed_post(sessions[t.name], t, BODY)
+                    left[t.name] -= 1
+                    self.record(t, ok, err, self.lat[t.name], self.lat_err[t.name], dt)
+
+    def record(self, t: Target, ok: bool, err: str | None, samples: list, errors, dt=None) -> None:
+        if ok:
+            t.consecutive_errors = 0
+            if dt is not None:
+                samples.append(dt)
+        else:
+            errors[err] += 1
+            t.consecutive_errors += 1
+            if t.consecutive_errors >= 25:
+                t.fail(f"failed: 25 errors in a row (last: {err})")
+
+    async def sse_slice(self, targets: list[Target], sessions, streams: int, record=True) -> None:
+        gap = self.args.sse_gap_ms / 1000
+        stagger = gap / max(1, len(targets))  # so the targets' events do not coincide
+        expected = self.args.sse_words + 6
+
+        async def one(i: int, t: Target) -> None:
+            await asyncio.sleep(i * stagger)
+            ok, ttfe, gaps, err = await sse_stream(sessions[t.name], t, expected)
+            if record:
+                self.record(t, ok, err, self.ttfe[t.name], self.sse_err[t.name], ttfe)
+                if ok:
+                    self.gaps[t.name] += [g - gap for g in gaps]
+
+        for _ in range(streams):
+            live = [t for t in targets if t.ok]
+            await asyncio.gather(*(one(i, t) for i, t in enumerate(live)))
+
+    async def tp_slice(self, t: Target, conc: int, seconds: float) -> None:
+        res = await throughput(t, conc, seconds)
+        agg = self.tp.setdefault((t.name, conc), {"done": 0, "errors": 0, "seconds": 0.0, "lat": [],
+                                                   "error_kinds": collections.Counter()})
+        agg["done"] += res["done"]
+        agg["errors"] += res["errors"]
+        agg["seconds"] += res["seconds"]
+        agg["lat"] += res["lat"]
+        agg["error_kinds"].update(res["error_kinds"])
+        if res["done"] == 0:
+            t.fail(f"failed: no request succeeded at concurrency {conc} "
+                   f"({dict(res['error_kinds'])})")
+
+    async def run(self) -> None:
+        a = self.args
+        lat_names = ["direct", "direct-529", "mitmdump", "router", "router+redis",
+                     "router-failover", "router-cooled", "nginx", "direct-503", "nginx-failover",
+                     "nginx-cooled"]
+        sse_names = ["direct", "mitmdump", "mitmdump+stream", "router", "router+redis",
+                     "router-failover", "nginx"]
+        tp_names = ["direct", "mitmdump", "router", "router+redis", "nginx"]
+        rss_names = ["mitmdump", "router", "router+redis", "nginx"]
+
+        note(f"RSS: {a.rss_requests} requests per proxy at concurrency 16")
+        self.results["rss"] = {}
+        for t in self.live(rss_names):
+            self.results["rss"][t.name] = await self.rss(t)
+            r = self.results["rss"][t.name]
+            note(f"  {t.name}: {r['warm']['rss_mib']:.1f} -> {r['after']['rss_mib']:.1f} MiB "
+                 f"({r['requests']} requests in {r['seconds']:.1f}s, {r['errors']} errors "
+                 f"{r['error_kinds'] or ''})")
+
+        lat_sessions = {t.name: new_session(1) for t in self.live(lat_names)}
+        sse_sessions = {t.name: new_session(1) for t in self.live(sse_names)}
+        try:
+            note("warm-up")
+            await self.latency_slice(self.live(lat_names), lat_sessions, 20)
+            self.lat.clear()
+            self.lat_err.clear()
+            await self.mock_fault("ok", {"event_gap_ms": a.sse_gap_ms, "words": a.sse_words})
+            await self.sse_slice(self.live(sse_names), sse_sessions, 1, record=False)
+            await self.mock_fault("ok", None)
+
+            rounds = a.rounds
+            per_lat = -(-a.requests // rounds)
+            per_sse = -(-a.sse_streams // rounds)
+            slice_s = a.duration / rounds
+            for r in range(rounds):
+                def rot(ts: list[Target]) -> list[Target]:
+                    k = r % max(1, len(ts))
+                    return ts[k:] + ts[:k]
+                note(f"round {r + 1}/{rounds}: latency ({per_lat} per target)")
+                await self.latency_slice(rot(self.live(lat_names)), lat_sessions, per_lat)
+                note(f"round {r + 1}/{rounds}: SSE ({per_sse} streams per target)")
+                await self.mock_fault("ok", {"event_gap_ms": a.sse_gap_ms, "words": a.sse_words})
+                try:
+                    await self.sse_slice(rot(self.live(sse_names)), sse_sessions, per_sse)
+                finally:
+                    await self.mock_fault("ok", None)
+                for conc in a.concurrency:
+                    note(f"round {r + 1}/{rounds}: throughput at concurrency {conc} "
+                         f"({slice_s:.2f}s per target)")
+                    for t in rot(self.live(tp_names)):
+                        await self.tp_slice(t, conc, slice_s)
+        finally:
+            for s in [*lat_sessions.values(), *sse_sessions.values()]:
+                await s.close()
+
+        self.results["rss_end_of_run"] = {
+            t.name: mem_status(t.proc.pid) for t in self.targets.values()
+            if t.proc is not None and t.proc.poll() is None and t.kind != "direct"}
+        self.summarize(lat_names, sse_names, tp_names)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def summarize(self, lat_names, sse_names, tp_names) -> None:
+        res = self.results
+        res["targets"] = {n: {"status": t.status, "url": t.url, "kind": t.kind}
+                          for n, t in self.targets.items()}
+        res["latency_ms"] = {n: {**summarize(self.lat[n]), "errors": sum(self.lat_err[n].values()),
+                                 "error_kinds": dict(self.lat_err[n])}
+                             for n in lat_names if n in self.targets and self.lat[n]}
+        direct = res["latency_ms"].get("direct", {})
+        for n, s in res["latency_ms"].items():
+            if direct and s.get("n"):
+                s["added_p50"] = s["p50"] - direct["p50"]
+                s["added_p99"] = s["p99"] - direct["p99"]
+        res["sse_ms"] = {}
+        for n in sse_names:
+            if n in self.targets and self.ttfe[n]:
+                ttfe, gaps = summarize(self.ttfe[n]), summarize(self.gaps[n])
+                res["sse_ms"][n] = {"ttfe": ttfe, "gap_minus_mock_gap": gaps,
+                                    "errors": sum(self.sse_err[n].values()),
+                                    "error_kinds": dict(self.sse_err[n])}
+        d = res["sse_ms"].get("direct")
+        for n, s in res["sse_ms"].items():
+            if d:
+                s["ttfe_added_p50"] = s["ttfe"]["p50"] - d["ttfe"]["p50"]
+                s["ttfe_added_p99"] = s["ttfe"]["p99"] - d["ttfe"]["p99"]
+        res["throughput"] = {}
+        for (n, c), agg in self.tp.items():
+            lat = summarize(agg["lat"])
+            res["throughput"].setdefault(n, {})[str(c)] = {
+                "rps": agg["done"] / agg["seconds"] if agg["seconds"] else 0.0,
+                "done": agg["done"], "seconds": agg["seconds"], "errors": agg["errors"],
+                "error_kinds": dict(agg["error_kinds"]), "latency_ms": lat}
+        L = res["latency_ms"]
+
+        def p(name, q):
+            return L.get(name, {}).get(q)
+
+        fo = {}
+        for proxy, failover, cooled, bad in (("router", "router-failover", "router-cooled", "direct-529"),
+                                             ("nginx", "nginx-failover", "nginx-cooled", "direct-503")):
+            if p(proxy, "p50") is None:
+                continue
+            entry = {"bad_round_trip": bad}
+            for q in ("p50", "p99"):
+                if None not in (p(failover, q), p(bad, q)):
+                    entry[f"failover_{q}"] = p(failover, q)
+                    entry[f"extra_cost_{q}"] = p(failover, q) - p(proxy, q) - p(bad, q)
+                if p(cooled, q) is not None:
+                    entry[f"cooled_minus_plain_{q}"] = p(cooled, q) - p(proxy, q)
+            fo[proxy] = entry
+        res["failover_ms"] = fo
+
+
+# ------------------------------------------------------------------------------------ client
+
+def new_session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+        auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+
+
+async def timed_post(session: aiohttp.ClientSession, t: Target, body: bytes):
+    """(ok, seconds, error) for one POST; the body is read completely."""
+    t0 = now()
+    try:
+        async with session.post(t.url, data=body, headers=HEADERS) as r:
+            await r.read()
+            dt = now() - t0
+            if r.status != t.expect:
+                return False, dt, f"HTTP {r.status}"
+            if t.check is not None:
+                err = t.check(r.headers)
+                if err:
+                    return False, dt, err
+            return True, dt, None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        return False, now() - t0, type(e).__name__
+
+
+async def sse_stream(session: aiohttp.ClientSession, t: Target, expected: int):
+    """(ok, time to first event, inter-event gaps, error) for one streamed message."""
+    t0 = now()
+    times: list[float] = []
+    last = b""
+    try:
+        async with session.post(t.url, data=STREAM_BODY, headers=HEADERS,
+                                timeout=aiohttp.ClientTimeout(total=60)) as r:
+            if r.status != 200:
+                await r.read()
+                return False, 0.0, [], f"HTTP {r.status}"
+            buf = b""
+            while True:
+                chunk = await r.content.readany()
+                if not chunk:
+                    break
+                at = now()
+                buf += chunk
+                while (i := buf.find(b"\n\n")) >= 0:
+                    last, buf = buf[:i], buf[i + 2:]
+                    times.append(at)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        return False, 0.0, [], type(e).__name__
+    if len(times) != expected or b"message_stop" not in last:
+        return False, 0.0, [], f"{len(times)} events, expected {expected}"
+    return True, times[0] - t0, [b - a for a, b in zip(times, times[1:])], None
+
+
+async def throughput(t: Target, conc: int, seconds: float) -> dict[str, Any]:
+    """Keep-alive workers, one session each, warmed up before the clock starts."""
+    sessions = [new_session(1) for _ in range(conc)]
+    lat: list[float] = []
+    kinds: collections.Counter = collections.Counter()
+    done = 0
+    try:
+        await asyncio.gather(*(timed_post(s, t, BODY) for s in sessions))  # connect + warm
+        start = now()
+        deadline = start + seconds
+
+        async def worker(s: aiohttp.ClientSession) -> None:
+            nonlocal done
+            while now() < deadline:
+                ok, dt, err = await timed_post(s, t, BODY)
+                if now() > deadline:
+                    break  # finished after the window closed: not counted
+                if ok:
+                    done += 1
+                    lat.append(dt)
+                else:
+                    kinds[err] += 1
+                    await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(asyncio.gather(*(worker(s) for s in sessions)),
+                               seconds + REQUEST_TIMEOUT + 5)
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    await asyncio.sleep(0.05)  # let the servers settle the closed connections
+    return {"done": done, "errors": sum(kinds.values()), "seconds": seconds, "lat": lat,
+            "error_kinds": kinds}
+
+
+async def load(t: Target, total: int, conc: int, stream_every: int = 0,
+               limit_s: float = 600) -> dict[str, Any]:
+    """`total` requests over `conc` keep-alive workers (bounded by limit_s)."""
+    sessions = [new_session(1) for _ in range(conc)]
+    issued = done = 0
+    kinds: collections.Counter = collections.Counter()
+    deadline = now() + limit_s
+
+    async def worker(s: aiohttp.ClientSession) -> None:
+        nonlocal issued, done
+        while issued < total and now() < deadline:
+            issued += 1
+            if stream_every and issued % stream_every == 0:
+                ok, _, err = await _stream_any(s, t)
+            else:
+                ok, _, err = await timed_post(s, t, BODY)
+            if ok:
+                done += 1
+            else:
+                kinds[err] += 1
+                await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.gather(*(worker(s) for s in sessions))
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    return {"done": done, "errors": sum(kinds.values()), "error_kinds": dict(kinds)}
+
+
+async def _stream_any(s: aiohttp.ClientSession, t: Target):
+    """A streamed message read to the end, any number of events: (ok, seconds, error)."""
+    t0 = now()
+    try:
+        async with s.post(t.url, data=STREAM_BODY, headers=HEADERS) as r:
+            body = await r.read()
+            if r.status != 200:
+                return False, now() - t0, f"stream HTTP {r.status}"
+            if b"message_stop" not in body:
+                return False, now() - t0, "stream without message_stop"
+            return True, now() - t0, None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        return False, now() - t0, f"stream {type(e).__name__}"
+
+
+# ------------------------------------------------------------------------------------ report
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def ratio(v: float | None, base: float | None) -> str:
+    if v is None or base is None or base <= 0 or v < 0:
+        return ""
+    return f" ({v / base:.2f}×)"
+
+
+def machine() -> dict[str, Any]:
+    import mitmproxy.version
+    cpu = ""
+    with contextlib.suppress(OSError):
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else ""
+
+    def version(argv: list[str]) -> str:
+        if not shutil.which(argv[0]):
+            return "not installed"
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            return "?"
+
+    git = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    with contextlib.suppress(Exception):
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        git += " (uncommitted changes)" if dirty else ""
+    return {
+        "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION, "aiohttp": aiohttp.__version__,
+        "redis_server": version(["redis-server", "--version"]), "nginx": version(["nginx", "-v"]),
+        "git": git, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def render(results: dict[str, Any], args: argparse.Namespace) -> str:
+    targets = results["targets"]
+    cols = [c for c in MAIN_COLUMNS if c in targets]
+    L, S, T, F = results["latency_ms"], results["sse_ms"], results["throughput"], results["failover_ms"]
+    R = results.get("rss", {})
+    status = {c: targets[c]["status"] for c in cols}
+
+    def cell(c: str, v: float | None, base: float | None = None, fmt=fmt_ms, use_ratio=True) -> str:
+        if status[c] != "ok":
+            return status[c].split(":")[0]
+        if v is None:
+            return "n/a"
+        return fmt(v) + (ratio(v, base) if use_ratio and c != "mitmdump" else "")
+
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, get: Callable[[str], float | None], fmt=fmt_ms, use_ratio=True,
+            base_col: str = "mitmdump") -> None:
+        base = get(base_col) if status.get(base_col) == "ok" else None
+        rows.append((label, [cell(c, get(c), base, fmt, use_ratio) for c in cols]))
+
+    row("POST p50 (ms)", lambda c: L.get(c, {}).get("p50"))
+    row("POST p99 (ms)", lambda c: L.get(c, {}).get("p99"))
+    row("added p50 vs direct (ms)", lambda c: L.get(c, {}).get("added_p50") if c != "direct" else None)
+    row("added p99 vs direct (ms)", lambda c: L.get(c, {}).get("added_p99") if c != "direct" else None)
+
+    def sse(c: str) -> str:  # plain mitmdump buffers SSE: its streaming twin is the SSE baseline
+        return "mitmdump+stream" if c == "mitmdump" else c
+
+    gap = args.sse_gap_ms
+    row("SSE first event p50 (ms) ¹", lambda c: S.get(sse(c), {}).get("ttfe", {}).get("p50"))
+    row("SSE first event p99 (ms) ¹", lambda c: S.get(sse(c), {}).get("ttfe", {}).get("p99"))
+    row("SSE first event added p50 (ms) ¹",
+        lambda c: S.get(sse(c), {}).get("ttfe_added_p50") if c != "direct" else None)
+    row(f"SSE gap − {gap} ms, p50 (ms) ¹",
+        lambda c: S.get(sse(c), {}).get("gap_minus_mock_gap", {}).get("p50"), use_ratio=False)
+    row(f"SSE gap − {gap} ms, p99 (ms) ¹",
+        lambda c: S.get(sse(c), {}).get("gap_minus_mock_gap", {}).get("p99"), use_ratio=False)
+    for conc in args.concurrency:
+        k = str(conc)
+        row(f"req/s @ concurrency {conc}", lambda c: T.get(c, {}).get(k, {}).get("rps"),
+            fmt=lambda v: f"{v:.0f}")
+        row(f"p99 @ concurrency {conc} (ms)",
+            lambda c: T.get(c, {}).get(k, {}).get("latency_ms", {}).get("p99"))
+    rows.append((f"errors @ concurrency {'/'.join(map(str, args.concurrency))}", [
+        cell(c, 0) if status[c] != "ok" else "/".join(
+            str(T.get(c, {}).get(str(k), {}).get("errors", "–")) for k in args.concurrency)
+        for c in cols]))
+
+    def fo(c: str, key: str) -> float | None:
+        if c == "direct":
+            return L.get("direct-529", {}).get("p50") if key == "failover_p50" else None
+        return F.get(c, {}).get(key)
+
+    row("failover: p50 (ms) ²", lambda c: fo(c, "failover_p50"), use_ratio=False)
+    row("extra cost of one failover, p50 (ms) ²", lambda c: fo(c, "extra_cost_p50"), use_ratio=False)
+    row("extra cost of one failover, p99 (ms) ²", lambda c: fo(c, "extra_cost_p99"), use_ratio=False)
+    row("cooled 1st endpoint − plain, p50 (ms) ³", lambda c: fo(c, "cooled_minus_plain_p50"),
+        use_ratio=False)
+    mib = lambda v: f"{v:.1f}"  # noqa: E731
+    row("RSS after warm-up (MiB)", lambda c: R.get(c, {}).get("warm", {}).get("rss_mib"), fmt=mib)
+    row(f"RSS after {args.rss_requests} req (MiB)",
+        lambda c: R.get(c, {}).get("after", {}).get("rss_mib"), fmt=mib)
+    row("RSS growth (MiB) ⁴", lambda c: R.get(c, {}).get("growth_mib"), fmt=mib, use_ratio=False)
+    row("peak RSS, VmHWM (MiB)", lambda c: R.get(c, {}).get("after", {}).get("hwm_mib"), fmt=mib)
+
+    out = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    m = results["machine"]
+    buffered = S.get("mitmdump", {}).get("ttfe", {}).get("p50")
+    out += ["",
+            "(×) = ratio to plain mitmdump. "
+            f"¹ SSE: {args.sse_words}-word stream, mock gap {gap} ms; plain mitmdump buffers SSE "
+            f"(first event after {fmt_ms(buffered)} ms), so its column shows mitmdump with "
+            "`stream_large_bodies=1`. "
+            "² endpoint `bad` answers 529 forever, `router_max_failures=1000000`: every request "
+            "fails over once; extra cost = p50(failover) − p50(plain) − p50(direct 529 round trip) "
+            "(direct column: that round trip; nginx: 503, it cannot retry on 529). "
+            "³ first endpoint cooled (max_failures=1, cooldown=3600) vs a single endpoint. "
+            f"⁴ RSS after {args.rss_requests} requests (every 10th streamed, concurrency 16) − "
+            "RSS after 200 warm-up requests.",
+            "",
+            f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
+            f"mitmproxy {m['mitmproxy']}, aiohttp {m['aiohttp']}, {m['redis_server']}, "
+            f"nginx: {m['nginx']}; git {m['git']}; {m['date']}. "
+            f"Client, mock and proxies share these CPUs. Settings: {results['settings_text']}."]
+    notes = [f"{n}: {t['status']}" for n, t in targets.items() if t["status"] != "ok"]
+    notes += results.get("notes", [])
+    if notes:
+        out += ["", "Notes: " + " ".join(f"{n}" for n in notes)]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------- profile
+
+def analyse_collapsed(path: Path, top: int = 15) -> str:
+    """Top frames by self and total samples, and a module breakdown, from py-spy --format raw."""
+    self_c: collections.Counter = collections.Counter()
+    total_c: collections.Counter = collections.Counter()
+    cat_self: collections.Counter = collections.Counter()
+    cat_attr: collections.Counter = collections.Counter()
+    cat_total: collections.Counter = collections.Counter()
+    n = 0
+    frame_re = re.compile(r"^(?P<fn>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+    groups = (("claude_router/handoff", "addon: handoff.py"), ("claude_router/", "addon (other)"),
+              ("addon/router.py", "addon (other)"), ("mitmproxy/", "mitmproxy"),
+              ("h11/", "h11/h2 (mitmproxy deps)"), ("h2/", "h11/h2 (mitmproxy deps)"),
+              ("hpack/", "h11/h2 (mitmproxy deps)"), ("aiohttp/", "aiohttp/yarl/multidict"),
+              ("yarl/", "aiohttp/yarl/multidict"), ("multidict/", "aiohttp/yarl/multidict"),
+              ("redis/", "redis-py"), ("asyncio/", "asyncio (stdlib)"))
+    libs = {g for _, g in groups} - {"asyncio (stdlib)"}
+
+    def category(file: str) -> str:
+        f = file.replace("\\", "/")
+        return next((g for key, g in groups if key in f), "other stdlib")
+
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = []
+        for fr in stack.split(";"):
+            m = frame_re.match(fr)
+            frames.append((m.group("fn"), m.group("file")) if m else (fr, ""))
+        frames = [f for f in frames if not f[0].startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        c = int(count)
+        n += c
+        self_c[frames[-1]] += c
+        # Only frames below the event loop's callback dispatch say who is working; the ones
+        # above it (mitmdump's main, asyncio.run) are on every stack.
+        cut = max((i + 1 for i, f in enumerate(frames)
+                   if f[0] in ("Handle._run", "BaseEventLoop._run_once")), default=0)
+        cats = [category(f[1]) for f in frames[cut:]] or ["event loop (asyncio)"]
+        cat_self[category(frames[-1][1]) if frames[cut:] else cats[-1]] += c
+        # stdlib time is charged to the nearest caller that is a library or the addon
+        cat_attr[next((g for g in reversed(cats) if g in libs), "event loop (asyncio)")] += c
+        for f in set(frames[cut:]):
+            total_c[f] += c
+        for g in set(cats):
+            cat_total[g] += c
+    if not n:
+        return "no samples"
+
+    def name(f: tuple[str, str]) -> str:
+        file = f[1]
+        for cut in ("site-packages/", "/lib/python3"):
+            if cut in file:
+                file = file.split(cut, 1)[1]
+                if cut == "/lib/python3":
+                    file = file.split("/", 1)[-1]
+        return f"{f[0]} ({file})"
+
+    lines = [f"{n} on-CPU samples", "", "| self % | function (file) |", "|---:|---|"]
+    lines += [f"| {c / n * 100:.1f} | {name(f)} |" for f, c in self_c.most_common(top)]
+    lines += ["", "| total % (below the event loop) | function (file) |", "|---:|---|"]
+    lines += [f"| {c / n * 100:.1f} | {name(f)} |" for f, c in total_c.most_common(top)]
+    lines += ["", "| module group | self % | self % with stdlib charged to its caller | "
+                  "inclusive % |", "|---|---:|---:|---:|"]
+    lines += [f"| {g} | {cat_self[g] / n * 100:.1f} | {cat_attr[g] / n * 100:.1f} | "
+              f"{cat_total[g] / n * 100:.1f} |"
+              for g in sorted(set(cat_self) | set(cat_attr), key=lambda g: -cat_attr[g])]
+    return "\n".join(lines)
+
+
+async def profile(args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
+    pyspy = shutil.which("py-spy") or str(BIN / "py-spy")
+    if not os.access(pyspy, os.X_OK):
+        raise SystemExit("py-spy not found: pip install py-spy into the venv")
+    b = Bench(args, procs, tmp)
+    b.mock = start_mock(procs, "mock", [])
+    t = b.spawn_proxy("router", "router", lambda p: router_argv(
+        p, b.confdir("router"), [f"ok={b.mock}/ok"]))
+    why = await wait_port(t.port, t.proc, 60)
+    if why:
+        raise SystemExit(f"router did not start: {why}\n{procs.log_tail('router')}")
+    conc = 16
+    for label, stream_every in (("non-streaming POST /v1/messages", 0),
+                                ("streaming POST /v1/messages (SSE via the handoff)", 1)):
+        await load(t, 500, conc, stream_every=stream_every, limit_s=60)  # warm
+        raw = tmp / f"profile-{stream_every}.txt"
+        svg = Path(args.profile_svg.replace(".svg", f"-{'sse' if stream_every else 'json'}.svg"))
+        results = []
+        for fmt, out in (("raw", raw), ("flamegraph", svg)):
+            spy = subprocess.Popen([pyspy, "record", "--pid", str(t.proc.pid), "--duration",
+                                    str(args.profile), "--rate", "250", "--format", fmt,
+                                    "-o", str(out)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True,
+                                   preexec_fn=_child_setup)
+            procs.items.append(("py-spy", spy))
+            t0 = now()
+            res = await load(t, 10 ** 9, conc, stream_every=stream_every, limit_s=args.profile + 1)
+            results.append(res["done"] / (now() - t0))
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(spy.pid, signal.SIGTERM)
+                spy.wait(5)
+            if spy.returncode:
+                note(f"py-spy {fmt}: {spy.stderr.read().decode(errors='replace')[-500:]}")
+        print(f"## Router profile: {label}, concurrency {conc}, {args.profile}s, "
+              f"{results[0]:.0f} req/s while sampling (flame graph: {svg})\n")
+        print(analyse_collapsed(raw) if raw.exists() else "no profile written")
+        print()
+
+
+# -------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, help="seconds per throughput cell (default 3)")
+    p.add_argument("--requests", type=int, help="sequential latency samples per target (500)")
+    p.add_argument("--concurrency", default="1,16,64", help="throughput levels (1,16,64)")
+    p.add_argument("--rss-requests", type=int, help="requests per proxy for RSS (10000)")
+    p.add_argument("--sse-streams", type=int, help="SSE streams per target (30)")
+    p.add_argument("--sse-gap-ms", type=int, default=50, help="mock gap between SSE events (50)")
+    p.add_argument("--sse-words", type=int, default=10, help="words (delta events) per stream (10)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (3)")
+    p.add_argument("--json", default=str(ROOT / "bench-results.json"), help="results file")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    p.add_argument("--max-seconds", type=float, default=1800, help="abort after this long (1800)")
+    p.add_argument("--profile", type=float, metavar="SECONDS",
+                   help="instead: py-spy the router under concurrency-16 load for SECONDS")
+    p.add_argument("--profile-svg", default="/tmp/router-profile.svg",
+                   help="flame graph path for --profile (-json/-sse suffixes are added)")
+    a = p.parse_args(argv)
+    quick = {"duration": 0.6, "requests": 60, "rss_requests": 500, "sse_streams": 4, "rounds": 2}
+    full = {"duration": 3.0, "requests": 500, "rss_requests": 10000, "sse_streams": 30, "rounds": 3}
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.concurrency = [int(c) for c in a.concurrency.split(",") if c.strip()]
+    if (not a.concurrency or min(a.concurrency) < 1 or max(a.concurrency) > 1024 or a.rounds < 1
+            or a.requests < 1 or a.duration <= 0 or a.rss_requests < 1 or a.sse_streams < 1):
+        p.error("counts must be positive (concurrency 1..1024)")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt
+    tmp = Path(tempfile.mkdtemp(prefix="claude-router-bench-"))
+    procs = Procs(tmp)
+    started = time.monotonic()
+
+    async def amain() -> dict[str, Any] | None:
+        async with asyncio.timeout(args.max_seconds):
+            if args.profile:
+                await profile(args, procs, tmp)
+                return None
+            b = Bench(args, procs, tmp)
+            try:
+                await b.start()
+                await b.run()
+            finally:
+                for t in b.targets.values():
+                    if t.proc is not None and t.proc.poll() is not None and t.ok:
+                        t.fail(f"failed: exited with {t.proc.returncode}")
+            b.results["notes"] = b.notes
+            return b.results
+
+    try:
+        results = asyncio.run(amain())
+    except KeyboardInterrupt:
+        note("interrupted")
+        return 130
+    except TimeoutError:
+        note(f"aborted after --max-seconds {args.max_seconds:g}")
+        return 1
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if results is None:
+        return 0
+    results["machine"] = machine()
+    settings = {k: getattr(args, k) for k in ("duration", "requests", "concurrency", "rss_requests",
+                                              "sse_streams", "sse_gap_ms", "sse_words", "rounds",
+                                              "quick")}
+    results["settings"] = settings
+    results["settings_text"] = (
+        f"{args.requests} sequential requests per target, {args.sse_streams} SSE streams, "
+        f"{args.duration:g}s per throughput cell, {args.rounds} interleaved rounds")
+    results["command"] = " ".join(["./scripts/bench", *(argv if argv is not None else sys.argv[1:])])
+    results["wall_seconds"] = time.monotonic() - started
+    table = render(results, args)
+    results["table_markdown"] = table
+    Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table)
+    note(f"done in {results['wall_seconds']:.0f}s; full results in {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The failure policy's pure parts: classification table, back-off hints, stream starts."""
+
+import email.utils
+
+import pytest
+
+from claude_router import policy, sse
+from claude_router.endpoints import parse_endpoints
+from claude_router.health import HEALTHY, Breaker, after_failure, try_probe
+from claude_router.policy import DEFAULT_RULES, Verdict, classify, cooldown_hint, parse_rules
+
+C, K, R, S = Verdict.CLIENT, Verdict.COUNT, Verdict.RETURN, Verdict.SKIP
+
+
+@pytest.mark.parametrize(
+    "status, etype, verdict",
+    [
+        (500, None, K), (502, None, K), (503, None, K), (504, "timeout_error", K),
+        (529, "overloaded_error", K), (408, None, K), (429, "rate_limit_error", K),
+        (401, "authentication_error", K), (402, "billing_error", K), (403, "permission_error", K),
+        (401, "invalid_request_error", K),  # a status rule beats the body's type
+        (400, "invalid_request_error", C), (413, "request_too_large", C), (422, None, C),
+        (404, "not_found_error", C), (409, None, C),
+        (400, "overloaded_error", K), (400, "api_error", K),  # a relay's own trouble, as a 400
+        (400, "brand_new_error_type", C), (400, None, C),
+        (500, "invalid_request_error", K),  # a 5xx is the endpoint's, whatever it says
+    ],
+)
+def test_default_classification(status, etype, verdict):
+    assert classify(DEFAULT_RULES, status=status, error_type=etype) is verdict
+
+
+@pytest.mark.parametrize("kind", ["refused", "reset", "timeout", "tls", "dns", "empty_stream",
+                                  "stream_error", "bad_response"])
+def test_transport_failures_count(kind):
+    assert classify(DEFAULT_RULES, transport=kind) is K
+
+
+def test_rules_override_defaults_most_specific_first():
+    rules = parse_rules(["404=count", "4xx=return", "429=skip", "timeout=skip",
+                         "400:invalid_request_error=return"])
+    assert classify(rules, status=404, error_type="not_found_error") is K
+    assert classify(rules, status=418) is R
+    assert classify(rules, status=429) is S
+    assert classify(rules, transport="timeout") is S
+    assert classify(rules, status=400, error_type="invalid_request_error") is R
+
+
+@pytest.mark.parametrize("spec", ["404", "404=maybe", "200=count", "99x=count", "nonsense=count"])
+def test_bad_rules_are_refused(spec):
+    with pytest.raises(ValueError):
+        policy.parse_rule(spec)
+
+
+NOW = 1_700_000_000.0
+
+
+def test_hint_from_retry_after_seconds_and_ms():
+    assert cooldown_hint({"retry-after": "5"}, NOW) == 5
+    assert cooldown_hint({"retry-after-ms": "1500"}, NOW) == 1.5
+    assert cooldown_hint({"retry-after": "2", "retry-after-ms": "2500"}, NOW) == 2.5
+
+
+def test_hint_from_retry_after_http_date():
+    date = email.utils.formatdate(NOW + 30, usegmt=True)
+    assert cooldown_hint({"retry-after": date}, NOW) == pytest.approx(30, abs=1)
+
+
+def test_hint_from_exhausted_rate_limit_reset_only():
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "2023-11-14T22:13:40Z",  # NOW + 20
+        "anthropic-ratelimit-tokens-remaining": "5000",
+        "anthropic-ratelimit-tokens-reset": "2023-11-14T22:23:20Z",  # not exhausted: ignored
+    }
+    assert cooldown_hint(headers, NOW) == pytest.approx(20)
+
+
+def test_no_or_garbage_hint_is_zero():
+    assert cooldown_hint({}, NOW) == 0
+    assert cooldown_hint({"retry-after": "soon"}, NOW) == 0
+
+
+def test_retry_after_value_is_whole_seconds_between_1_and_60():
+    assert policy.retry_after_value(0.2) == "1"
+    assert policy.retry_after_value(29.1) == "30"
+    assert policy.retry_after_value(600) == "60"
+
+
+def test_seconds_until_usable():
+    eps = parse_endpoints(["a=http://h/a", "b=http://h/b"])
+    b = Breaker(max_failures=1, cooldown=30)
+    cooled_a = after_failure(HEALTHY, NOW, b)
+    cooled_b = after_failure(HEALTHY, NOW - 20, b)
+    assert policy.seconds_until_usable(eps, {"a": cooled_a, "b": cooled_b}, NOW) == pytest.approx(10)
+    assert policy.seconds_until_usable(eps, {"a": cooled_a}, NOW) == 0
+    probing = try_probe(cooled_b, NOW + 10, b)
+    assert policy.seconds_until_usable(eps, {"a": cooled_a, "b": probing}, NOW + 10) == pytest.approx(20)
+
+
+def ev(name, data="{}"):
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+def test_stream_start_waits_through_the_prelude():
+    assert sse.scan_start(ev("message_start") + ev("ping")) == sse.Start()
+
+
+def test_stream_start_content_event():
+    assert sse.scan_start(ev("message_start") + ev("content_block_start")).content
+
+
+def test_stream_start_error_event_before_content():
+    err = '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+    start = sse.scan_start(ev("message_start") + ev("error", err))
+    assert (start.error_type, start.error_message) == ("overloaded_error", "Overloaded")
+
+
+def test_stream_start_incomplete_event_is_not_judged_yet():
+    assert sse.scan_start(b"event: content_block_start\ndata: {") == sse.Start()
+
+
+def test_stream_start_handles_crlf_and_comments():
+    assert sse.scan_start(b": keep-alive\r\n\r\nevent: content_block_delta\r\ndata: {}\r\n\r\n").content
