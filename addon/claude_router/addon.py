@@ -1,24 +1,26 @@
-"""The mitmproxy addon: options, hooks, and the attempt loop that ties the pieces together.
+"""The mitmproxy addon: options, hooks and commands, gluing the router's pieces together.
 
-Request path (all async, every wait bounded): the `request` hook plans the endpoints from the
-health store, sends the request to each in turn with the pooled upstream client until one
-answers well, then either sets a buffered `flow.response` (small non-streaming bodies) or parks
-the still-unread response with the handoff server and re-points the flow at it, so mitmproxy
-streams it to the client event by event (see `handoff`).
+Request path (all async, every wait bounded): the `request` hook checks the client's key, runs
+the attempt loop (`routing`), then either sets a complete `flow.response` or parks the
+still-unread winning response with the handoff server and re-points the flow at it, so
+mitmproxy streams it to the client event by event (see `handoff`).
 """
 
 import asyncio
+import hmac
+import ipaddress
+import json
 import logging
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from mitmproxy import ctx, exceptions, http, optmanager
-from mitmproxy.utils import typecheck
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-from . import policy
+from . import config, options, policy, usage
 from .endpoints import Endpoint, parse_endpoints
 from .errors import error_body
 from .handoff import HandoffServer, Parked
@@ -26,185 +28,133 @@ from .health import Breaker, HealthStore, MemoryHealthStore
 from .policy import Attempt
 from .redis_store import RedisHealthStore, redacted
 from .routing import Answer, Request, Routing, Settings, Winner
+from .status import Stats, table
 from .upstream import Upstream, UpstreamError, request_headers
 
 log = logging.getLogger("claude_router")
 
-
-INT_OPTIONS = {  # name: (default, minimum, help)
-    "router_max_failures": (3, 1, "Consecutive failures that put an endpoint in cooldown."),
-    "router_cooldown": (60, 1, "Seconds an endpoint stays in cooldown (the base ejection time)."),
-    "router_connect_timeout": (10, 1, "Seconds allowed for connecting to an endpoint (TCP and TLS)."),
-    "router_headers_timeout": (
-        600,
-        1,
-        """
-        Seconds a non-streaming request may wait for the endpoint's response headers, and
-        for each later read of the body. A non-streaming Claude answer only starts when it is
-        complete, so keep this long.
-        """,
-    ),
-    "router_stream_timeout": (
-        120,
-        1,
-        """
-        Seconds a streaming request ("stream": true) may wait for the response headers, and
-        the longest silence allowed between bytes of the stream, including the wait for its
-        first content event (a stream is held until then, so a bad start can fail over).
-        """,
-    ),
-    "router_max_attempts": (
-        0, 0, "Most endpoints one request may try (0: every endpoint, in price order)."
-    ),
-    "router_deadline": (
-        900, 1, "Seconds one request may spend on all its attempts together before it is answered."
-    ),
-}
+ADMIN_PREFIX = "/_router/"
+RELOAD_EVERY = 0.5  # seconds between checks of the config file
 
 
-ROUTER_OPTIONS = frozenset(
-    {"router_endpoints", "router_hosts", "router_redis_url", "router_key_prefix",
-     "router_policy", "router_all_cooling", *INT_OPTIONS}
-)
-
-
-def _refuse_unparsable(options, names: frozenset[str]) -> None:
-    """Log an error for a router option given a value of the wrong type.
-
-    mitmproxy parses `--set` and config.yaml values for a script's options only after the
-    script loaded; a value that does not parse (``router_cooldown=1.5``) raises inside the
-    script loader, which then silently runs without the addon. An error logged during
-    start-up instead makes mitmdump/mitmweb exit and say why.
-    """
-    for name in [n for n in options.deferred if n in names]:
-        value = options.deferred[name]
-        try:
-            if isinstance(value, optmanager._UnconvertedStrings):
-                value = options._parse_setval(options._options[name], value.val)
-            typecheck.check_option_type(name, value, options._options[name].typespec)
-        except (exceptions.OptionsError, TypeError, ValueError) as e:
-            del options.deferred[name]
-            log.error(f"router: cannot use {name}: {e}")
-
-
-@dataclass(frozen=True)
+@dataclass
 class RouteInfo:
-    """What the router did with a flow, kept in flow.metadata for display and status."""
+    """What the router did with a flow, kept in flow.metadata for display, logs and stats."""
 
+    path: str  # the client's path, without the query
     url: str
     content: bytes | None
     content_length: str | None
-    endpoint: str
-    attempts: str
+    endpoint: Endpoint | None
+    attempts: list[Attempt]
+    started: float
+    ttfb: float | None = None
     handoff_path: str = ""
+    tokens: usage.Usage | None = None
+    logged: bool = field(default=False)
 
 
 class Router:
     def __init__(self, clock=time.time) -> None:
         self.clock = clock
-        self.endpoints: tuple[Endpoint, ...] = ()
+        self.option_endpoints: tuple[Endpoint, ...] = ()
+        self.file: config.FileConfig | None = None
         self.hosts: frozenset[str] = frozenset()
+        self.client_keys: tuple[bytes, ...] = ()
         self.store: HealthStore = MemoryHealthStore(Breaker(), clock=clock)
         self.upstream = Upstream()
         self.routing = Routing(self.upstream, clock)
         self.settings = Settings()
         self.handoff = HandoffServer()
+        self.stats = Stats()
         self._background: set[asyncio.Task] = set()
+        self._config_stamp: tuple | None = None
+        self._watcher: asyncio.Task | None = None
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self.file.endpoints if self.file else self.option_endpoints
 
     # -- options -------------------------------------------------------------------------
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "router_endpoints",
-            Sequence[str],
-            [],
-            """
-            An endpoint as NAME=URL, cheapest first; repeat the option for each endpoint.
-            The client's path and query are appended to the URL's path, e.g.
-            aws=https://relay.example/claude/aws.
-            """,
-        )
-        loader.add_option(
-            "router_hosts",
-            Sequence[str],
-            ["api.anthropic.com"],
-            """
-            In regular (HTTPS_PROXY) mode, the hosts whose requests are routed; connections
-            to any other host pass through untouched. In reverse mode every request is routed.
-            """,
-        )
-        for name, (default, _, help_text) in INT_OPTIONS.items():
-            loader.add_option(name, int, default, help_text)
-        loader.add_option(
-            "router_redis_url",
-            str,
-            "",
-            """
-            Share endpoint health between router instances through Redis, e.g.
-            redis://host:6379/0 (also rediss:// and unix://; a password goes in the URL).
-            Empty: health is kept in this process's memory.
-            """,
-        )
-        loader.add_option(
-            "router_key_prefix",
-            str,
-            "endpoint_health_",
-            "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health.",
-        )
-        loader.add_option(
-            "router_policy",
-            Sequence[str],
-            [],
-            """
-            Override how an upstream answer is treated, as KEY=ACTION; repeat for each rule.
-            KEY: a status (429), a class (4xx), STATUS:error_type, type:error_type, or a
-            failure kind (refused, reset, timeout, tls, empty_stream, stream_error...).
-            ACTION: count (fail over, count a failure), skip (fail over, no blame), client
-            (the request is bad: no blame, returned once a second endpoint agrees), return
-            (hand it to the client at once). The README lists the defaults.
-            """,
-        )
-        loader.add_option(
-            "router_all_cooling",
-            str,
-            "refuse",
-            """
-            When every endpoint is cooling down: "refuse" answers 529 overloaded_error at once
-            with a retry-after until the first endpoint can be tried again; "try" tries them
-            all anyway in price order, as the original router did.
-            """,
-            choices=("refuse", "try"),
-        )
-        _refuse_unparsable(loader.master.options, ROUTER_OPTIONS)
+        options.declare(loader)
+        for problem in options.unparsable(loader.master.options):
+            log.error(problem)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        for name, (_, minimum, _) in INT_OPTIONS.items():
-            if name in updated and getattr(opts, name) < minimum:
-                raise exceptions.OptionsError(
-                    f"{name} must be at least {minimum}, got {getattr(opts, name)}"
-                )
+        options.check_ints(opts, updated)
+        if "router_config" in updated:
+            self._load_config_or_refuse()
         if "router_endpoints" in updated:
             try:
-                self.endpoints = parse_endpoints(opts.router_endpoints)
+                self.option_endpoints = parse_endpoints(opts.router_endpoints)
             except ValueError as e:
                 raise exceptions.OptionsError(f"Cannot use router_endpoints: {e}") from None
         if "router_hosts" in updated:
             self.hosts = frozenset(h.strip().lower() for h in opts.router_hosts if h.strip())
+        if updated & {"router_client_keys", "router_config"}:
+            self.client_keys = self._client_keys()
         if updated & {"router_max_failures", "router_cooldown"}:
             self.store.breaker = self._breaker()
         if updated & {"router_redis_url", "router_key_prefix"}:
             self._replace_store(self._make_store())
-        if updated & {"router_endpoints", "router_redis_url", "router_key_prefix"}:
+        if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
             self.store.track(ep.name for ep in self.endpoints)
-        if updated & (ROUTER_OPTIONS - {"router_endpoints", "router_hosts", "router_redis_url",
-                                        "router_key_prefix"}):
+        if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url",
+                                     "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = self._settings()
+        if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host"}:
+            self._refuse_open_keys()
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
             log.info("router: setting connection_strategy=lazy (required for routing)")
             opts.update(connection_strategy="lazy")
+
+    def _load_config_or_refuse(self) -> None:
+        path = ctx.options.router_config
+        if not path:
+            self.file = None
+            return
+        try:
+            self.file = config.load(path)
+        except config.ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        self._config_stamp = _stamp(path)
+        self._apply_file_options(self.file)
+
+    def _apply_file_options(self, file: config.FileConfig) -> None:
+        """The file's settings win over --set; options that differ are updated."""
+        changed = {k: v for k, v in file.options.items() if getattr(ctx.options, k) != v}
+        if changed:
+            ctx.options.update(**changed)
+
+    def _client_keys(self) -> tuple[bytes, ...]:
+        keys = []
+        for i, ref in enumerate(ctx.options.router_client_keys):
+            if ref.startswith("env:"):
+                value = os.environ.get(ref[4:], "")
+                if not value:
+                    raise exceptions.OptionsError(
+                        f"router_client_keys[{i}]: environment variable {ref[4:]} is not set")
+                ref = value
+            keys.append(ref.encode())
+        if self.file:
+            keys += [k.encode() for k in self.file.client_keys]
+        return tuple(keys)
+
+    def _refuse_open_keys(self) -> None:
+        """Upstream keys behind an open door would let anyone on the network spend them."""
+        if not any(ep.key for ep in self.endpoints) or self.client_keys:
+            return
+        host = getattr(ctx.options, "listen_host", "127.0.0.1")
+        if not _is_loopback(host):
+            raise exceptions.OptionsError(
+                f"endpoints hold their own keys but no router_client_keys are set, and the router "
+                f"listens on {host or 'every interface'}: set router_client_keys (or client_keys "
+                f"in the config file), or listen on 127.0.0.1")
 
     def _settings(self) -> Settings:
         opts = ctx.options
@@ -248,7 +198,7 @@ class Router:
     def _replace_store(self, store: HealthStore) -> None:
         old, self.store = self.store, store
         try:
-            asyncio.get_running_loop().create_task(old.close())
+            self._spawn(old.close())
         except RuntimeError:  # no loop yet (start-up): nothing was opened
             pass
 
@@ -256,26 +206,61 @@ class Router:
 
     def running(self) -> None:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
-        if not self.endpoints:
-            log.warning("router: no router_endpoints configured; requests pass through unrouted")
-            return
-        self._announcing = asyncio.get_running_loop().create_task(self._announce())
+        self._spawn(self._announce())
+        if ctx.options.router_config and self._watcher is None:
+            self._watcher = self._spawn(self._watch_config())
 
     async def _announce(self) -> None:
+        if not self.endpoints:
+            log.warning("router: no endpoints configured; requests pass through unrouted")
+            return
         if isinstance(self.store, RedisHealthStore):
             await self.store.wait_synced(timeout=2.0)  # so the first log line tells the truth
         names = ", ".join(f"{ep.index}:{ep.name}" for ep in self.endpoints)
         log.info(f"router: {len(self.endpoints)} endpoints in price order ({names}), "
-                 f"health store: {self.store_description}")
-
-    @property
-    def store_description(self) -> str:
-        return getattr(self.store, "description", type(self.store).__name__)
+                 f"health store: {self.store.description}")
+        if any(ep.key for ep in self.endpoints) and not self.client_keys:
+            log.warning("router: endpoints hold keys and no client keys are set: any local "
+                        "process that reaches the router can use them")
 
     async def done(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
         await self.handoff.close()
         await self.upstream.close()
         await self.store.close()
+
+    async def _watch_config(self) -> None:
+        """Apply edits to the config file within a second; a broken edit keeps the last good."""
+        while True:
+            await asyncio.sleep(RELOAD_EVERY)
+            path = ctx.options.router_config
+            stamp = _stamp(path) if path else None
+            if stamp is None or stamp == self._config_stamp:
+                continue
+            self._config_stamp = stamp
+            try:
+                file = config.load(path)
+            except config.ConfigError as e:
+                log.warning(f"router: keeping the last good config: {e}")
+                continue
+            try:
+                self._apply_file_options(file)
+                self.file = file
+                self.client_keys = self._client_keys()
+                self._refuse_open_keys()
+            except exceptions.OptionsError as e:
+                log.warning(f"router: keeping the last good config: {e}")
+                continue
+            self.store.track(ep.name for ep in self.endpoints)
+            log.info(f"router: config reloaded from {path}: "
+                     f"{', '.join(ep.name for ep in self.endpoints)}")
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -300,15 +285,23 @@ class Router:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not self.routes(flow):
             return
-        if flow.request.method == "HEAD" and flow.request.path == "/":
+        req = flow.request
+        if req.method == "HEAD" and req.path == "/":
             # Claude Code's reachability check: answer it here, no upstream needed.
             flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
+            return
+        if self.client_keys and not self._authorized(req):
+            self._reply(flow, 401, error_body(401, "a valid router client key is required "
+                                              "(x-api-key or Authorization: Bearer)"))
+            return
+        if req.path.startswith(ADMIN_PREFIX):
+            await self._admin(flow)
             return
         try:
             await self._route(flow)
         except Exception:
             log.exception("router: internal error while routing")
-            self._answer_internal_error(flow)
+            self._reply(flow, 500, error_body(500, "the router failed internally"))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         info: RouteInfo | None = flow.metadata.get("router")
@@ -327,32 +320,82 @@ class Router:
         if info is not None and info.handoff_path:
             self.handoff.discard(info.handoff_path)
 
+    # -- access ----------------------------------------------------------------------------
+
+    def _authorized(self, req: http.Request) -> bool:
+        presented = req.headers.get("x-api-key", "")
+        auth = req.headers.get("authorization", "")
+        if not presented and auth[:7].lower() == "bearer ":
+            presented = auth[7:].strip()
+        given = presented.encode()
+        return any(hmac.compare_digest(given, key) for key in self.client_keys)
+
+    async def _admin(self, flow: http.HTTPFlow) -> None:
+        """The router's own pages, never forwarded upstream."""
+        page = flow.request.path[len(ADMIN_PREFIX):].split("?")[0]
+        if page == "status":
+            body = json.dumps(await self.status_document(), indent=2).encode()
+            self._reply(flow, 200, body)
+        elif page == "metrics":
+            self._reply(flow, 200, self.stats.metrics(), "text/plain; version=0.0.4")
+        else:
+            self._reply(flow, 404, error_body(404, "unknown router page; try /_router/status "
+                                              "or /_router/metrics"))
+
+    async def status_document(self) -> dict:
+        await self.store.view()
+        return self.stats.document(self.endpoints, self.store.current(), self.clock(),
+                                   set(self.store.disabled), self.store.description)
+
+    def _reply(self, flow: http.HTTPFlow, status: int, body: bytes,
+               content_type: str = "application/json") -> None:
+        flow.response = http.Response.make(status, body, {"content-type": content_type})
+
     # -- routing ---------------------------------------------------------------------------
 
     async def _route(self, flow: http.HTTPFlow) -> None:
         req = flow.request
+        started = time.monotonic()
         request = Request(req.method, req.path, request_headers(req.headers.items(multi=True)),
                           req.raw_content or b"")
         result = await self.routing.route(self.endpoints, self.store, self.settings, request)
-        if result.winner is None:
-            self._answer(flow, result.answer, result.attempts)
-        elif result.winner.complete:
-            w = result.winner
+        self.stats.attempts(result.attempts, result.counted)
+        for name in result.trips:
+            self.stats.trip(name)
+            log.warning(f"router: endpoint {name} put in cooldown")
+        w = result.winner
+        ep = w.endpoint if w else result.answer.endpoint
+        info = RouteInfo(
+            path=req.path.split("?")[0],
+            url=ep.url_for(req.path) if ep else req.url,
+            content=req.raw_content,
+            content_length=req.headers.get("content-length"),
+            endpoint=ep,
+            attempts=result.attempts,
+            started=started,
+            ttfb=time.monotonic() - started,
+        )
+        flow.metadata["router"] = info
+        where = f"routed to {ep.name} (index {ep.index})" if ep else "answered by the router"
+        flow.comment = f"{where}; attempts: {policy.attempts_header(result.attempts) or 'none'}"
+        if w is None:
+            self._answer(flow, result.answer, info)
+        elif w.complete:
             self._answer(flow, Answer(w.resp.status, w.resp.reason, w.resp.headers, w.prefix,
-                                      w.endpoint), result.attempts, head_length=w.resp.length)
+                                      w.endpoint), info, head_length=w.resp.length)
         else:
-            await self._stream(flow, result.winner, result.attempts)
+            await self._stream(flow, w, info)
 
-    def _answer(self, flow: http.HTTPFlow, answer: Answer, attempts: list[Attempt],
+    def _answer(self, flow: http.HTTPFlow, answer: Answer, info: RouteInfo,
                 head_length: int | None = None) -> None:
         """Set a complete response on the flow (mitmproxy sends it; no upstream connection)."""
-        ep = answer.endpoint
-        self._remember(flow, ep, attempts)
-        if ep is not None:
-            flow.request.url = ep.url_for(flow.request.path)
+        if info.endpoint is not None:
+            flow.request.url = info.url
+            if answer.status < 300:
+                info.tokens = usage.from_json(answer.body)
         fields = [
             (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in answer.headers + self._route_headers(ep, attempts)
+            for k, v in answer.headers + self._route_headers(info)
             if k.lower() != "content-length"
         ]
         response = http.Response.make(answer.status, b"", fields)
@@ -362,21 +405,22 @@ class Router:
         length = head_length if flow.request.method == "HEAD" and head_length is not None else len(answer.body)
         response.headers["content-length"] = str(length)
         flow.response = response
+        self._finish(flow, info, answer.status)
 
-    async def _stream(self, flow: http.HTTPFlow, w: Winner, attempts: list[Attempt]) -> None:
+    async def _stream(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> None:
         """Park the winning response with the handoff server and point the flow at it."""
         parked = Parked(
             status=w.resp.status,
             reason=w.resp.reason,
-            headers=w.resp.headers + self._route_headers(w.endpoint, attempts),
-            body=self._body(w),
+            headers=w.resp.headers + self._route_headers(info),
+            body=self._body(flow, w, info),
             close=w.resp.close,
             length=w.resp.length,
             event_stream=w.resp.is_event_stream,
             client=flow.client_conn.id,
         )
         port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
-        self._remember(flow, w.endpoint, attempts, handoff_path=path)
+        info.handoff_path = path
         req = flow.request
         req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
         # The upstream already has the body; the loopback hop needs none.
@@ -384,50 +428,121 @@ class Router:
         req.headers.pop("transfer-encoding", None)
         req.headers["content-length"] = "0"
 
-    async def _body(self, w: Winner):
-        """The rest of a streamed body; a failure after content reached the client counts
-        against the endpoint (the handoff ends the client's stream with an error event)."""
-        if w.prefix:
-            yield w.prefix
+    async def _body(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> AsyncIterator[bytes]:
+        """The rest of a streamed body, reading token usage on the way. A failure after content
+        reached the client counts against the endpoint (the handoff then ends the client's
+        stream with an error event)."""
+        meter = usage.StreamUsage() if w.resp.is_event_stream else None
         counted = False
-        try:
-            async for chunk in w.resp.chunks():
-                if not counted and w.resp.is_event_stream and b"event: error" in chunk:
+
+        def seen(chunk: bytes) -> None:
+            nonlocal counted
+            if meter is not None:
+                meter.feed(chunk)
+                if not counted and b"event: error" in chunk:
                     counted = True
-                    self._count_failure(w.endpoint.name)
+                    self._spawn(self.store.record_failure(w.endpoint.name))
+
+        try:
+            if w.prefix:
+                seen(w.prefix)
+                yield w.prefix
+            async for chunk in w.resp.chunks():
+                seen(chunk)
                 yield chunk
         except UpstreamError:
             if not counted:
-                self._count_failure(w.endpoint.name)
+                self._spawn(self.store.record_failure(w.endpoint.name))
             raise
+        finally:
+            info.tokens = meter.usage if meter else None
+            self._finish(flow, info, w.resp.status)
 
-    def _count_failure(self, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.store.record_failure(name))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _route_headers(self, ep: Endpoint | None, attempts: list[Attempt]) -> list[tuple[str, str]]:
-        headers = [("X-Router-Attempts", policy.attempts_header(attempts))] if attempts else []
+    def _route_headers(self, info: RouteInfo) -> list[tuple[str, str]]:
+        ep = info.endpoint
+        headers = [("X-Router-Attempts", policy.attempts_header(info.attempts))] if info.attempts else []
         if ep is not None:
             headers[:0] = [("X-Used-Endpoint", ep.name), ("X-Endpoint-Index", str(ep.index))]
         return headers
 
-    def _remember(self, flow: http.HTTPFlow, ep: Endpoint | None, attempts: list[Attempt],
-                  handoff_path: str = "") -> None:
-        trail = policy.attempts_header(attempts) or "none"
-        flow.metadata["router"] = RouteInfo(
-            url=ep.url_for(flow.request.path) if ep else flow.request.url,
-            content=flow.request.raw_content,
-            content_length=flow.request.headers.get("content-length"),
-            endpoint=ep.name if ep else "",
-            attempts=trail,
-            handoff_path=handoff_path,
+    def _finish(self, flow: http.HTTPFlow, info: RouteInfo, status: int) -> None:
+        """Once per request, when its answer is complete: stats, cost and one log line."""
+        if info.logged:
+            return
+        info.logged = True
+        ep = info.endpoint
+        self.stats.answered(ep.name if ep else None, status, info.ttfb)
+        spent = 0.0
+        u = info.tokens or usage.Usage()
+        if ep is not None and info.tokens is not None:
+            spent = usage.cost(u, ep.price) if ep.price else 0.0
+            self.stats.used(ep.name, u, spent)
+        log.info(
+            "router: " + json.dumps({
+                "method": flow.request.method,
+                "path": info.path,
+                "endpoint": ep.name if ep else None,
+                "attempts": policy.attempts_header(info.attempts),
+                "status": status,
+                "ttfb_ms": round(1000 * info.ttfb, 1) if info.ttfb is not None else None,
+                "duration_ms": round(1000 * (time.monotonic() - info.started), 1),
+                "input_tokens": u.input_tokens,
+                "output_tokens": u.output_tokens,
+                "cache_read_tokens": u.cache_read_input_tokens,
+                "cache_write_tokens": u.cache_creation_input_tokens,
+                "cost_usd": round(spent, 6),
+            })
         )
-        where = f"routed to {ep.name} (index {ep.index})" if ep else "answered by the router"
-        flow.comment = f"{where}; attempts: {trail}"
-        log.info(f"router: {flow.request.method} {flow.request.path.split('?')[0]} -> "
-                 f"{ep.name if ep else 'router'} [{trail}]")
 
-    def _answer_internal_error(self, flow: http.HTTPFlow) -> None:
-        body = error_body(500, "the router failed internally")
-        self._answer(flow, Answer(500, "", [("content-type", "application/json")], body), [])
+    # -- commands (mitmproxy console and mitmweb's command bar) ---------------------------
+
+    @command.command("router.status")
+    def cmd_status(self) -> str:
+        """The endpoints in price order with their health, traffic, tokens and cost."""
+        doc = self.stats.document(self.endpoints, self.store.current(), self.clock(),
+                                  set(self.store.disabled), self.store.description)
+        return table(doc)
+
+    @command.command("router.reset")
+    def cmd_reset(self, endpoint: str = "") -> None:
+        """Clear the health of one endpoint, or of all: failures and cooldowns are forgotten."""
+        self._known(endpoint, allow_empty=True)
+        self._spawn(self.store.reset(endpoint or None))
+        log.info(f"router: health reset for {endpoint or 'every endpoint'}")
+
+    @command.command("router.disable")
+    def cmd_disable(self, endpoint: str) -> None:
+        """Take an endpoint out of rotation until router.enable (on every instance in Redis mode)."""
+        self._known(endpoint)
+        self._spawn(self.store.set_disabled(endpoint, True))
+        log.info(f"router: endpoint {endpoint} disabled")
+
+    @command.command("router.enable")
+    def cmd_enable(self, endpoint: str) -> None:
+        """Put a disabled endpoint back into rotation."""
+        self._known(endpoint)
+        self._spawn(self.store.set_disabled(endpoint, False))
+        log.info(f"router: endpoint {endpoint} enabled")
+
+    def _known(self, name: str, allow_empty: bool = False) -> None:
+        if (allow_empty and not name) or any(ep.name == name for ep in self.endpoints):
+            return
+        raise exceptions.CommandError(
+            f"no endpoint {name!r}; endpoints: {', '.join(ep.name for ep in self.endpoints)}")
+
+
+def _stamp(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

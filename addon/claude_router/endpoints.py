@@ -1,11 +1,13 @@
 """Endpoints: the upstreams a request may go to, cheapest first."""
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import re
-
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 
 
 @dataclass(frozen=True)
@@ -13,6 +15,25 @@ class Endpoint:
     name: str
     url: str  # scheme://host[:port][/path-prefix], no trailing slash
     index: int  # 0-based position in price order
+    # The upstream's own credential; replaces the client's. Never shown anywhere.
+    key: str | None = field(default=None, repr=False, compare=False)
+    auth: str = "x-api-key"  # how the key is sent: "x-api-key" or "bearer"
+    headers: tuple[tuple[str, str], ...] = ()  # extra headers for this upstream
+    price: object | None = None  # usage.Price, USD per million tokens
+
+    def request_headers(self, client: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The headers this endpoint gets: the client's, with this endpoint's own key (if it
+        has one) instead of the client's credentials, and its extra headers on top."""
+        replace = {k.lower() for k, _ in self.headers}
+        if self.key is not None:
+            replace |= CREDENTIAL_HEADERS
+        if not replace:
+            return client
+        out = [(k, v) for k, v in client if k.lower() not in replace]
+        if self.key is not None:
+            out.append(("authorization", f"Bearer {self.key}") if self.auth == "bearer"
+                       else ("x-api-key", self.key))
+        return out + list(self.headers)
 
     def url_for(self, path: str) -> str:
         """The upstream URL for a client's path and query (``/v1/messages?beta=true``)."""

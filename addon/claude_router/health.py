@@ -113,6 +113,10 @@ class HealthStore(Protocol):
         """Current health of every endpoint that is not plainly healthy (missing = healthy)."""
         ...
 
+    def current(self) -> Mapping[str, Health]:
+        """The same without waiting (the local view as it stands), for sync callers."""
+        ...
+
     async def try_probe(self, name: str) -> bool: ...
 
     async def record_failure(self, name: str, at_least: float = 0.0) -> Health: ...
@@ -120,6 +124,13 @@ class HealthStore(Protocol):
     async def record_success(self, name: str) -> None: ...
 
     async def reset(self, name: str | None = None) -> None: ...
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        """Endpoints an operator took out of rotation (shared by every instance in Redis)."""
+        ...
+
+    async def set_disabled(self, name: str, disabled: bool) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -140,13 +151,24 @@ class MemoryHealthStore:
         self._clock = clock
         self._rand = rand
         self._states: dict[str, Health] = {}
+        self._disabled: set[str] = set()
 
     description = "memory"
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        return frozenset(self._disabled)
+
+    async def set_disabled(self, name: str, disabled: bool) -> None:
+        (self._disabled.add if disabled else self._disabled.discard)(name)
 
     def track(self, names: Iterable[str]) -> None:
         pass
 
     async def view(self) -> Mapping[str, Health]:
+        return self._states
+
+    def current(self) -> Mapping[str, Health]:
         return self._states
 
     async def try_probe(self, name: str) -> bool:

@@ -140,6 +140,7 @@ class RedisHealthStore:
         self._success = self._client.register_script(SUCCESS_LUA)
         self._states: dict[str, Health] = {}
         self._versions: dict[str, int] = {}
+        self._disabled: set[str] = set()
         self._names: tuple[str, ...] = ()
         self._up = False
         self._outage_logged = False
@@ -161,6 +162,9 @@ class RedisHealthStore:
 
     async def view(self) -> Mapping[str, Health]:
         self._ensure_started()
+        return self._states
+
+    def current(self) -> Mapping[str, Health]:
         return self._states
 
     async def try_probe(self, name: str) -> bool:
@@ -201,6 +205,20 @@ class RedisHealthStore:
     async def reset(self, name: str | None = None) -> None:
         for n in self._names if name is None else (name,):
             await self._heal(n)
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        return frozenset(self._disabled)
+
+    async def set_disabled(self, name: str, disabled: bool) -> None:
+        """Shared: every instance takes the endpoint out of (or back into) rotation."""
+        (self._disabled.add if disabled else self._disabled.discard)(name)
+        if self._up:
+            key = f"{self.prefix}disabled"
+            pipe = self._client.pipeline(transaction=True)
+            (pipe.sadd if disabled else pipe.srem)(key, name)
+            pipe.publish(self.channel, f"!disabled|{name}|{int(disabled)}")
+            await self._call(pipe.execute())
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -302,7 +320,9 @@ class RedisHealthStore:
         async with self._client.pipeline(transaction=False) as pipe:
             for name in self._names:
                 pipe.hmget(self._key(name), "f", "e", "u", "p", "v")
-            rows = await pipe.execute()
+            pipe.smembers(f"{self.prefix}disabled")
+            *rows, disabled = await pipe.execute()
+        self._disabled = {n.decode() for n in disabled}
         self._states.clear()
         self._versions.clear()
         for name, row in zip(self._names, rows):
@@ -320,6 +340,9 @@ class RedisHealthStore:
     def _on_message(self, data: bytes) -> None:
         try:
             name, *fields = data.decode().split("|")
+            if name == "!disabled":
+                (self._disabled.add if fields[1] == "1" else self._disabled.discard)(fields[0])
+                return
             self._apply(name, fields)
         except ValueError:
             log.debug("router: ignoring a malformed health message")

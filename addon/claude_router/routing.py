@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from . import policy, sse
 from .endpoints import Endpoint
 from .errors import error_body, error_type_for
-from .health import HealthStore
+from .health import HEALTHY, HealthStore, Phase, phase
 from .policy import Attempt, Verdict
 from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse
 
@@ -78,6 +78,8 @@ class Result:
     attempts: list[Attempt]
     winner: Winner | None = None
     answer: Answer | None = None
+    counted: list[bool] = field(default_factory=list)  # per attempt: did it count as a failure
+    trips: list[str] = field(default_factory=list)  # endpoints this request put in cooldown
 
 
 @dataclass
@@ -98,15 +100,20 @@ class Routing:
     async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
                     req: Request) -> Result:
         view = await store.view()
+        if disabled := store.disabled:
+            endpoints = [ep for ep in endpoints if ep.name not in disabled]
         steps = policy.plan(endpoints, view, self.clock())
         if not steps:
+            if not endpoints:
+                return Result([], answer=_no_endpoint())
             if not settings.try_all_when_cooling:
                 return Result([], answer=await self._all_cooling(endpoints, store))
             steps = policy.fallback(endpoints)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.deadline
         cap = settings.max_attempts or len(endpoints)
-        attempts: list[Attempt] = []
+        result = Result([])
+        attempts = result.attempts
         last: _Tried | None = None
         client_kinds: list[tuple] = []
         for step in steps:
@@ -118,11 +125,16 @@ class Routing:
                 continue  # another request is probing it
             tried = await self._try(ep, req, settings, left)
             attempts.append(tried.attempt)
+            result.counted.append(tried.verdict is Verdict.COUNT)
             if tried.verdict is None:
                 await store.record_success(ep.name)
-                return Result(attempts, winner=tried.winner)
+                result.winner = tried.winner
+                return result
             if tried.verdict is Verdict.COUNT:
-                await store.record_failure(ep.name, at_least=min(tried.hint, settings.max_hint))
+                before = phase(view.get(ep.name, HEALTHY), self.clock())
+                after = await store.record_failure(ep.name, at_least=min(tried.hint, settings.max_hint))
+                if before is not Phase.COOLING and phase(after, self.clock()) is Phase.COOLING:
+                    result.trips.append(ep.name)
             elif tried.verdict in (Verdict.CLIENT, Verdict.RETURN):
                 await store.record_success(ep.name)  # it answered sensibly: it is up
             if tried.answer is not None:
@@ -133,7 +145,8 @@ class Routing:
                 if tried.kind in client_kinds:
                     break  # a second endpoint agrees the request is bad: the client gets it
                 client_kinds.append(tried.kind)
-        return Result(attempts, answer=await self._final(endpoints, store, attempts, last))
+        result.answer = await self._final(endpoints, store, attempts, last)
+        return result
 
     # -- one attempt ---------------------------------------------------------------------
 
@@ -141,7 +154,8 @@ class Routing:
         wait = settings.stream_timeout if req.streaming else settings.headers_timeout
         timeouts = Timeouts(connect=min(settings.connect_timeout, left), headers=min(wait, left))
         try:
-            resp = await self.upstream.send(ep, req.method, req.path, req.headers, req.body, timeouts)
+            resp = await self.upstream.send(ep, req.method, req.path, ep.request_headers(req.headers),
+                                            req.body, timeouts)
             if resp.status >= 400:
                 return await self._error_answer(ep, resp, settings)
             async with asyncio.timeout(left):
@@ -224,3 +238,8 @@ class Routing:
                               if k.lower() not in ("retry-after", "retry-after-ms")]
             answer.headers.append(("retry-after", policy.retry_after_value(max(wait, min(upstream_says, 60)))))
         return answer
+
+
+def _no_endpoint() -> Answer:
+    message = "every endpoint is disabled by the operator"
+    return Answer(503, "", [("content-type", "application/json")], error_body(503, message))

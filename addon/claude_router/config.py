@@ -1,0 +1,156 @@
+"""The router's YAML config file (`router_config`): endpoints with their own keys, prices and
+headers, client keys, and the health and policy settings.
+
+Parsing is pure (`parse`); `load` reads the file. Errors name the file, the field and the
+problem. Secrets are given as references (``env:NAME``) and resolved here; they never appear in
+an error message.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ruamel.yaml import YAML, YAMLError
+
+from .endpoints import Endpoint, parse_endpoint
+from .usage import Price
+
+# Config sections and fields -> the router_* option each one sets.
+OPTION_FIELDS = {
+    ("health", "max_failures"): "router_max_failures",
+    ("health", "cooldown"): "router_cooldown",
+    ("timeouts", "connect"): "router_connect_timeout",
+    ("timeouts", "headers"): "router_headers_timeout",
+    ("timeouts", "stream"): "router_stream_timeout",
+    ("policy", "max_attempts"): "router_max_attempts",
+    ("policy", "deadline"): "router_deadline",
+    ("policy", "all_cooling"): "router_all_cooling",
+    ("policy", "rules"): "router_policy",
+}
+_ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers"}
+_PRICE_FIELDS = {"input", "output", "cache_write", "cache_read"}
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, where: str, problem: str) -> None:
+        super().__init__(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    endpoints: tuple[Endpoint, ...]
+    client_keys: tuple[str, ...]  # resolved secrets
+    options: dict[str, Any]  # router_* option values the file sets
+
+
+def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = YAML(typ="safe").load(f)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read the file ({e.strerror})") from None
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}" if mark else ""
+        raise ConfigError(path, at, "not valid YAML") from None
+    return parse(doc, path, env)
+
+
+def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
+    if not isinstance(doc, dict):
+        raise ConfigError(source, "", "expected a mapping at the top level")
+    unknown = set(doc) - {"endpoints", "client_keys"} - {s for s, _ in OPTION_FIELDS}
+    if unknown:
+        raise ConfigError(source, ", ".join(sorted(map(str, unknown))), "unknown section")
+    raw_eps = doc.get("endpoints")
+    if not isinstance(raw_eps, list) or not raw_eps:
+        raise ConfigError(source, "endpoints", "a non-empty list of endpoints is required")
+    endpoints = tuple(_endpoint(item, i, source, env) for i, item in enumerate(raw_eps))
+    names = [ep.name for ep in endpoints]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(source, f"endpoints[{i}].name", f"{name!r} is used twice")
+    keys = doc.get("client_keys") or []
+    if not isinstance(keys, list):
+        raise ConfigError(source, "client_keys", "expected a list of keys or env: references")
+    client_keys = tuple(_secret(k, f"client_keys[{i}]", source, env) for i, k in enumerate(keys))
+    return FileConfig(endpoints, client_keys, _options(doc, source))
+
+
+def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoint:
+    where = f"endpoints[{i}]"
+    if not isinstance(item, dict):
+        raise ConfigError(source, where, "expected a mapping with name and url")
+    if unknown := set(item) - _ENDPOINT_FIELDS:
+        raise ConfigError(source, f"{where}.{sorted(unknown)[0]}", "unknown field")
+    try:
+        ep = parse_endpoint(f"{item.get('name', '')}={item.get('url', '')}", i)
+    except ValueError as e:
+        raise ConfigError(source, where, str(e)) from None
+    where = f"endpoints[{i}] ({ep.name})"
+    key = _secret(item["key"], f"{where}.key", source, env) if item.get("key") is not None else None
+    auth = str(item.get("auth", "x-api-key")).lower()
+    if auth not in ("x-api-key", "bearer"):
+        raise ConfigError(source, f"{where}.auth", "must be x-api-key or bearer")
+    headers = item.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, (str, int)) for v in headers.values()):
+        raise ConfigError(source, f"{where}.headers", "expected a mapping of header names to values")
+    return Endpoint(ep.name, ep.url, i, key=key, auth=auth,
+                    headers=tuple((str(k), str(v)) for k, v in headers.items()),
+                    price=_price(item.get("price"), f"{where}.price", source))
+
+
+def _price(raw: Any, where: str, source: str) -> Price | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - _PRICE_FIELDS:
+        raise ConfigError(source, where, f"expected a mapping with {', '.join(sorted(_PRICE_FIELDS))}")
+    values = {}
+    for k, v in raw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(source, f"{where}.{k}", "must be a number >= 0 (USD per million tokens)")
+        values[k] = float(v)
+    return Price(**values)
+
+
+def _secret(ref: Any, where: str, source: str, env: Mapping[str, str]) -> str:
+    """``env:NAME`` reads the environment; any other string is the secret itself."""
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(source, where, "expected a key or an env:NAME reference")
+    if ref.startswith("env:"):
+        name = ref[4:]
+        value = env.get(name)
+        if not value:
+            raise ConfigError(source, where, f"environment variable {name} is not set")
+        return value
+    return ref
+
+
+def _options(doc: dict, source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for (section, fld), option in OPTION_FIELDS.items():
+        block = doc.get(section)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ConfigError(source, section, "expected a mapping")
+        if unknown := set(block) - {f for s, f in OPTION_FIELDS if s == section}:
+            raise ConfigError(source, f"{section}.{sorted(unknown)[0]}", "unknown field")
+        if fld in block:
+            out[option] = _option_value(block[fld], f"{section}.{fld}", option, source)
+    return out
+
+
+def _option_value(value: Any, where: str, option: str, source: str) -> Any:
+    if option == "router_policy":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, where, "expected a list of KEY=ACTION rules")
+        return value
+    if option == "router_all_cooling":
+        if value not in ("refuse", "try"):
+            raise ConfigError(source, where, "must be refuse or try")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(source, where, f"must be a whole number, got {value!r}")
+    return value

@@ -1,0 +1,147 @@
+"""The router's mitmproxy options: declarations with prose help, and start-up checks.
+
+mitmproxy can only parse str, int, bool and Sequence[str] options from --set, so timeouts are
+whole seconds.
+"""
+
+from collections.abc import Sequence
+
+from mitmproxy import exceptions, optmanager
+from mitmproxy.utils import typecheck
+
+INT_OPTIONS = {  # name: (default, minimum, help)
+    "router_max_failures": (3, 1, "Consecutive failures that put an endpoint in cooldown."),
+    "router_cooldown": (60, 1, "Seconds an endpoint stays in cooldown (the base ejection time)."),
+    "router_connect_timeout": (10, 1, "Seconds allowed for connecting to an endpoint (TCP and TLS)."),
+    "router_headers_timeout": (
+        600, 1,
+        """
+        Seconds a non-streaming request may wait for the endpoint's response headers, and
+        for each later read of the body. A non-streaming Claude answer only starts when it is
+        complete, so keep this long.
+        """,
+    ),
+    "router_stream_timeout": (
+        120, 1,
+        """
+        Seconds a streaming request ("stream": true) may wait for the response headers, and
+        the longest silence allowed between bytes of the stream, including the wait for its
+        first content event (a stream is held until then, so a bad start can fail over).
+        """,
+    ),
+    "router_max_attempts": (
+        0, 0, "Most endpoints one request may try (0: every endpoint, in price order)."
+    ),
+    "router_deadline": (
+        900, 1, "Seconds one request may spend on all its attempts together before it is answered."
+    ),
+}
+
+SEQUENCE_OPTIONS = {
+    "router_endpoints": (
+        [],
+        """
+        An endpoint as NAME=URL, cheapest first; repeat the option for each endpoint.
+        The client's path and query are appended to the URL's path, e.g.
+        aws=https://relay.example/claude/aws. A router_config file's endpoints take precedence.
+        """,
+    ),
+    "router_hosts": (
+        ["api.anthropic.com"],
+        """
+        In regular (HTTPS_PROXY) mode, the hosts whose requests are routed; connections
+        to any other host pass through untouched. In reverse mode every request is routed.
+        """,
+    ),
+    "router_policy": (
+        [],
+        """
+        Override how an upstream answer is treated, as KEY=ACTION; repeat for each rule.
+        KEY: a status (429), a class (4xx), STATUS:error_type, type:error_type, or a
+        failure kind (refused, reset, timeout, tls, empty_stream, stream_error...).
+        ACTION: count (fail over, count a failure), skip (fail over, no blame), client
+        (the request is bad: no blame, returned once a second endpoint agrees), return
+        (hand it to the client at once). The README lists the defaults.
+        """,
+    ),
+    "router_client_keys": (
+        [],
+        """
+        Keys clients must present (x-api-key or Authorization: Bearer) to use the router, its
+        status and metrics; a value or an env:NAME reference, one per --set. Required when
+        endpoints hold their own keys and the router listens beyond loopback.
+        """,
+    ),
+}
+
+STR_OPTIONS = {
+    "router_config": (
+        "",
+        """
+        A YAML file with endpoints (name, url, key, prices, headers), client keys and the
+        health and policy settings; see router.example.yaml. Edits apply within 2 s.
+        """,
+        None,
+    ),
+    "router_redis_url": (
+        "",
+        """
+        Share endpoint health between router instances through Redis, e.g.
+        redis://host:6379/0 (also rediss:// and unix://; a password goes in the URL).
+        Empty: health is kept in this process's memory.
+        """,
+        None,
+    ),
+    "router_key_prefix": (
+        "endpoint_health_",
+        "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health.",
+        None,
+    ),
+    "router_all_cooling": (
+        "refuse",
+        """
+        When every endpoint is cooling down: "refuse" answers 529 overloaded_error at once
+        with a retry-after until the first endpoint can be tried again; "try" tries them
+        all anyway in price order, as the original router did.
+        """,
+        ("refuse", "try"),
+    ),
+}
+
+ALL = frozenset({*INT_OPTIONS, *SEQUENCE_OPTIONS, *STR_OPTIONS})
+
+
+def declare(loader) -> None:
+    for name, (default, help_text) in SEQUENCE_OPTIONS.items():
+        loader.add_option(name, Sequence[str], default, help_text)
+    for name, (default, _, help_text) in INT_OPTIONS.items():
+        loader.add_option(name, int, default, help_text)
+    for name, (default, help_text, choices) in STR_OPTIONS.items():
+        loader.add_option(name, str, default, help_text, choices=choices)
+
+
+def check_ints(opts, updated: set[str]) -> None:
+    for name, (_, minimum, _) in INT_OPTIONS.items():
+        if name in updated and getattr(opts, name) < minimum:
+            raise exceptions.OptionsError(f"{name} must be at least {minimum}, got {getattr(opts, name)}")
+
+
+def unparsable(options) -> list[str]:
+    """Messages for router options given a value of the wrong type; those values are dropped.
+
+    mitmproxy parses `--set` and config.yaml values for a script's options only after the
+    script loaded; a value that does not parse (``router_cooldown=1.5``) raises inside the
+    script loader, which then silently runs without the addon. The router logs these as
+    errors instead, which makes mitmdump/mitmweb exit at start-up and say why.
+    """
+    problems = []
+    for name in [n for n in options.deferred if n in ALL]:
+        value = options.deferred[name]
+        try:
+            if isinstance(value, optmanager._UnconvertedStrings):
+                value = options._parse_setval(options._options[name], value.val)
+            typecheck.check_option_type(name, value, options._options[name].typespec)
+        except (exceptions.OptionsError, TypeError, ValueError) as e:
+            del options.deferred[name]
+            problems.append(f"router: cannot use {name}: {e}")
+    return problems

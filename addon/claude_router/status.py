@@ -1,0 +1,126 @@
+"""What the router has been doing: per-endpoint counters, the status document, and Prometheus
+metrics. Nothing here ever holds a key: only endpoint names, origins and counts."""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from .endpoints import Endpoint
+from .health import HEALTHY, Health, Phase, phase
+from .policy import Attempt
+from .usage import Usage
+
+
+@dataclass
+class EndpointStats:
+    served: int = 0  # requests this endpoint answered for the client
+    failures: int = 0  # attempts that counted against it
+    last_error: str = ""
+    usage: Usage = field(default_factory=Usage)
+    cost: float = 0.0
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.endpoints: dict[str, EndpointStats] = {}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.m_requests = Counter("claude_router_requests", "Client requests answered, by the "
+                                  "endpoint that answered and the status", ["endpoint", "status"], registry=r)
+        self.m_attempts = Counter("claude_router_attempts", "Upstream attempts by endpoint and outcome",
+                                  ["endpoint", "outcome"], registry=r)
+        self.m_failovers = Counter("claude_router_failovers", "Requests that needed more than one "
+                                   "attempt", registry=r)
+        self.m_trips = Counter("claude_router_cooldown_trips", "Times an endpoint was put in cooldown",
+                               ["endpoint"], registry=r)
+        self.m_ttfb = Histogram("claude_router_time_to_first_byte_seconds", "From the client's "
+                                "request to the upstream's response headers", ["endpoint"], registry=r,
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.m_tokens = Counter("claude_router_tokens", "Tokens by endpoint and kind",
+                                ["endpoint", "kind"], registry=r)
+        self.m_cost = Counter("claude_router_cost_usd", "Estimated cost in USD by endpoint",
+                              ["endpoint"], registry=r)
+
+    def _ep(self, name: str) -> EndpointStats:
+        return self.endpoints.setdefault(name, EndpointStats())
+
+    def attempts(self, attempts: Sequence[Attempt], failed: Sequence[bool]) -> None:
+        for attempt, counted in zip(attempts, failed):
+            self.m_attempts.labels(attempt.endpoint, attempt.outcome).inc()
+            if counted:
+                ep = self._ep(attempt.endpoint)
+                ep.failures += 1
+                ep.last_error = attempt.detail or attempt.outcome
+        if len(attempts) > 1:
+            self.m_failovers.inc()
+
+    def trip(self, name: str) -> None:
+        self.m_trips.labels(name).inc()
+
+    def answered(self, endpoint: str | None, status: int, ttfb: float | None) -> None:
+        label = endpoint or "router"
+        self.m_requests.labels(label, str(status)).inc()
+        if endpoint:
+            self._ep(endpoint).served += 1
+            if ttfb is not None:
+                self.m_ttfb.labels(endpoint).observe(ttfb)
+
+    def used(self, endpoint: str, usage: Usage, cost: float) -> None:
+        ep = self._ep(endpoint)
+        ep.usage = ep.usage + usage
+        ep.cost += cost
+        for kind in ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                     "cache_read_input_tokens"):
+            if n := getattr(usage, kind):
+                self.m_tokens.labels(endpoint, kind).inc(n)
+        if cost:
+            self.m_cost.labels(endpoint).inc(cost)
+
+    def metrics(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def document(self, endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float,
+                 disabled: set[str], store: str) -> dict:
+        return {
+            "store": store,
+            "endpoints": [self._endpoint_doc(ep, view.get(ep.name, HEALTHY), now, ep.name in disabled)
+                          for ep in endpoints],
+        }
+
+    def _endpoint_doc(self, ep: Endpoint, h: Health, now: float, disabled: bool) -> dict:
+        p = phase(h, now)
+        st = self.endpoints.get(ep.name, EndpointStats())
+        doc = {
+            "name": ep.name,
+            "index": ep.index,
+            "origin": ep.origin,
+            "has_key": ep.key is not None,
+            "state": "disabled" if disabled else p.value,
+            "consecutive_failures": h.failures,
+            "ejections": h.ejections,
+            "cooldown_seconds_left": round(max(0.0, h.ejected_until - now), 1) if p is Phase.COOLING else 0,
+            "served": st.served,
+            "failures": st.failures,
+            "last_error": st.last_error,
+            "tokens": {k: getattr(st.usage, k) for k in ("input_tokens", "output_tokens",
+                       "cache_creation_input_tokens", "cache_read_input_tokens")},
+            "cost_usd": round(st.cost, 6),
+        }
+        return doc
+
+
+def table(doc: dict) -> str:
+    """The status document as a terminal table (for the `router.status` command)."""
+    rows = [("#", "endpoint", "state", "fails", "cooldown", "served", "failures", "in/out tokens",
+             "cost $", "last error")]
+    for e in doc["endpoints"]:
+        t = e["tokens"]
+        rows.append((str(e["index"]), e["name"], e["state"], str(e["consecutive_failures"]),
+                     f"{e['cooldown_seconds_left']:g}s" if e["cooldown_seconds_left"] else "",
+                     str(e["served"]), str(e["failures"]),
+                     f"{t['input_tokens']}/{t['output_tokens']}", f"{e['cost_usd']:.4f}",
+                     e["last_error"][:40]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([f"health store: {doc['store']}", *lines])
