@@ -145,7 +145,7 @@ def start_router(tmp_path):
     procs: list[RouterProc] = []
 
     def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump",
-              config: Path | None = None):
+              config: Path | None = None, env: dict | None = None, wait: bool = True):
         tool = MITMWEB if tool == "mitmweb" else MITMDUMP
         port = free_port()
         confdir = tmp_path / f"conf{len(procs)}"
@@ -154,7 +154,7 @@ def start_router(tmp_path):
             (confdir / "config.yaml").write_text(config.read_text())
         args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
                 "-s", str(ROOT / "addon" / "router.py"),
-                "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                "--listen-host", (options or {}).get("listen_host", "127.0.0.1"), "--listen-port", str(port),
                 "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
         if mode == "reverse":
             args += ["--mode", "reverse:https://api.anthropic.com"]
@@ -164,10 +164,12 @@ def start_router(tmp_path):
             for item in (v if isinstance(v, list) else [v]):
                 args += ["--set", f"{k}={item}"]
         log = tmp_path / f"router{len(procs)}.log"
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        environ = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()} | (env or {})
+        proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
         r = RouterProc(proc, port, confdir, log)
         procs.append(r)
+        if not wait:
+            return r
         try:
             wait_port(port, proc)
         except Exception:

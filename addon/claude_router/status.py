@@ -119,7 +119,7 @@ def table(doc: dict) -> str:
         rows.append((str(e["index"]), e["name"], e["state"], str(e["consecutive_failures"]),
                      f"{e['cooldown_seconds_left']:g}s" if e["cooldown_seconds_left"] else "",
                      str(e["served"]), str(e["failures"]),
-                     f"{t['input_tokens']}/{t['output_tokens']}", f"{e['cost_usd']:.4f}",
+                     f"{t.get('input_tokens', '-')}/{t.get('output_tokens', '-')}", f"{e['cost_usd']:.4f}",
                      e["last_error"][:40]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -1,0 +1,237 @@
+"""Running it for real: config file and reload, keys, client auth, status, metrics, usage and
+cost, commands, log lines, and no secret anywhere. Real mitmdump/mitmweb and the mock relay."""
+
+import json
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import pytest
+
+from conftest import ROOT
+from streams import STREAM_MSG
+
+MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+AWS_KEY = "sk-aws-upstream-7f3a9c"
+DROID_KEY = "sk-droid-upstream-1b2d4e"
+CLIENT_KEY = "rk-client-5e6f7a"
+ENV = {"AWS_KEY": AWS_KEY, "DROID_KEY": DROID_KEY, "ROUTER_CLIENT_KEY": CLIENT_KEY}
+
+
+def write_config(path: Path, mock, extra: str = "", client_keys: bool = True) -> Path:
+    path.write_text(f"""
+endpoints:
+  - name: aws
+    url: {mock.url('aws')}
+    key: env:AWS_KEY
+    price: {{input: 1.0, output: 5.0}}
+  - name: droid
+    url: {mock.url('droid')}
+    key: env:DROID_KEY
+    auth: bearer
+    headers: {{X-Relay-Tier: droid}}
+    price: {{input: 2.0, output: 10.0}}
+  - name: plain
+    url: {mock.url('plain')}
+{"client_keys: [env:ROUTER_CLIENT_KEY]" if client_keys else ""}
+{extra}
+""")
+    return path
+
+
+def headers_of(record) -> dict:
+    return {k.lower(): v for k, v in record["headers"]}
+
+
+@pytest.fixture
+def keyed(mock, start_router, tmp_path):
+    cfg = write_config(tmp_path / "router.yaml", mock)
+    router = start_router([], options={"router_config": str(cfg)}, env=ENV)
+    router.cfg = cfg
+    router.wait_log("endpoints in price order")
+    return router
+
+
+def client(router, key=CLIENT_KEY) -> httpx.Client:
+    return httpx.Client(base_url=router.base, headers={"x-api-key": key}, timeout=30)
+
+
+def test_each_endpoint_gets_its_own_key_and_no_other(mock, keyed):
+    mock.fault("aws", status=500)
+    mock.fault("droid", status=500)
+    r = client(keyed).post("/v1/messages", json=MSG)
+    assert r.headers["x-router-attempts"] == "aws:500, droid:500, plain:200"
+    aws, droid, plain = (headers_of(mock.requests(n)[0]) for n in ("aws", "droid", "plain"))
+    assert aws["x-api-key"] == AWS_KEY and "authorization" not in aws
+    assert droid["authorization"] == f"Bearer {DROID_KEY}" and "x-api-key" not in droid
+    assert droid["x-relay-tier"] == "droid"
+    assert plain["x-api-key"] == CLIENT_KEY  # no key of its own: the client's goes through
+    everything = json.dumps(mock.requests())
+    assert everything.count(AWS_KEY) == 1 and everything.count(DROID_KEY) == 1
+
+
+def test_client_key_is_required(mock, keyed):
+    with pytest.raises(anthropic.AuthenticationError) as exc:
+        anthropic.Anthropic(base_url=keyed.base, api_key="wrong-key", max_retries=0).messages.create(**MSG)
+    assert exc.value.body["error"]["type"] == "authentication_error"
+    r = httpx.post(f"{keyed.base}/v1/messages", json=MSG)  # no key at all
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert client(keyed, key="wrong").get("/_router/status").status_code == 401
+    sdk = anthropic.Anthropic(base_url=keyed.base, api_key=CLIENT_KEY, max_retries=0)
+    assert sdk.messages.create(**MSG).content[0].text.startswith("Hello from aws")
+    assert sum(mock.count(n) for n in ("aws", "droid", "plain")) == 1
+
+
+def test_refuses_open_listen_address_with_keys_and_no_client_keys(mock, start_router, tmp_path):
+    cfg = write_config(tmp_path / "router.yaml", mock, client_keys=False)
+    router = start_router([], options={"router_config": str(cfg), "listen_host": "0.0.0.0"},
+                          env=ENV, wait=False)
+    assert router.proc.wait(20) != 0
+    assert "no router_client_keys are set" in router.log()
+
+
+def test_bad_config_file_stops_startup_naming_file_and_field(mock, start_router, tmp_path):
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(f"endpoints:\n  - name: aws\n    url: {mock.url('aws')}\n    price: {{input: -1}}\n")
+    router = start_router([], options={"router_config": str(cfg)}, wait=False)
+    assert router.proc.wait(20) != 0
+    assert f"{cfg}: endpoints[0] (aws).price.input: must be a number >= 0" in router.log()
+
+
+def test_reload_applies_edits_keeps_health_and_in_flight_streams(mock, keyed):
+    mock.fault("aws", status=500)
+    mock.fault("plain", event_gap_ms=200, words=8)
+    c = client(keyed)
+    for _ in range(3):
+        c.post("/v1/messages", json=MSG)  # aws: three failures, cooling
+    with c.stream("POST", "/v1/messages", json=STREAM_MSG, headers={"x-api-key": CLIENT_KEY}) as s:
+        assert s.headers["x-used-endpoint"] == "droid"
+        mock.fault("droid", event_gap_ms=200, words=8)
+        text = write_config(keyed.cfg, mock).read_text()
+        keyed.cfg.write_text(text.replace("  - name: plain", "  - name: extra\n    url: "
+                                          f"{mock.url('extra')}\n  - name: plain"))
+        keyed.wait_log("config reloaded", timeout=3)
+        body = s.read().decode()
+    assert body.rstrip().endswith("}") and "event: message_stop" in body  # not dropped
+    r = c.post("/v1/messages", json=MSG)
+    assert r.headers["x-router-attempts"] == "droid:200"  # aws is still cooling after reload
+    status = c.get("/_router/status").json()
+    assert [e["name"] for e in status["endpoints"]] == ["aws", "droid", "extra", "plain"]
+    assert status["endpoints"][0]["state"] == "cooling"
+
+
+def test_broken_edit_keeps_last_good_config(mock, keyed):
+    keyed.cfg.write_text("endpoints: [ this is not yaml")
+    keyed.wait_log("keeping the last good config", timeout=3)
+    assert client(keyed).post("/v1/messages", json=MSG).headers["x-used-endpoint"] == "aws"
+    keyed.cfg.write_text(keyed.cfg.read_text() + "\n")
+    log = keyed.wait_log(f"{keyed.cfg}: line 1: not valid YAML")
+    assert "Traceback" not in log
+
+
+def test_status_metrics_usage_and_cost_after_failovers(mock, keyed):
+    mock.fault("aws", status=529)
+    c = client(keyed)
+    for _ in range(3):
+        c.post("/v1/messages", json=MSG)  # droid answers; aws trips
+    with c.stream("POST", "/v1/messages", json=STREAM_MSG) as s:
+        s.read()
+    records = [r for r in mock.requests("droid")]
+    assert len(records) == 4
+    status = c.get("/_router/status").json()
+    aws, droid, plain = status["endpoints"]
+    assert status["store"] == "memory"
+    assert aws["state"] == "cooling" and 50 < aws["cooldown_seconds_left"] <= 60
+    assert (aws["failures"], aws["served"], aws["last_error"]) == (3, 0, "HTTP 529 overloaded_error")
+    assert droid["state"] == "healthy" and droid["served"] == 4
+    tokens = droid["tokens"]
+    assert tokens["input_tokens"] > 0 and tokens["output_tokens"] == 4 * 6  # 6 words each answer
+    expected = (tokens["input_tokens"] * 2.0 + tokens["output_tokens"] * 10.0) / 1e6
+    assert droid["cost_usd"] == pytest.approx(expected, rel=1e-4)
+    metrics = c.get("/_router/metrics").text
+    assert 'claude_router_attempts_total{endpoint="aws",outcome="529"} 3.0' in metrics
+    assert 'claude_router_cooldown_trips_total{endpoint="aws"} 1.0' in metrics
+    assert 'claude_router_failovers_total 3.0' in metrics
+    assert f'claude_router_tokens_total{{endpoint="droid",kind="output_tokens"}} {4 * 6}.0' in metrics
+    assert 'claude_router_time_to_first_byte_seconds_count{endpoint="droid"} 4.0' in metrics
+    lines = [json.loads(line.split("router: ", 1)[1]) for line in keyed.log().splitlines()
+             if 'router: {"method"' in line]
+    assert len(lines) == 4
+    assert lines[-1]["endpoint"] == "droid" and lines[-1]["output_tokens"] == 6
+    assert lines[-1]["path"] == "/v1/messages" and lines[-1]["status"] == 200
+    assert set(lines[-1]) >= {"attempts", "ttfb_ms", "duration_ms", "input_tokens", "cost_usd"}
+
+
+def test_no_secret_appears_in_any_output(mock, keyed):
+    mock.fault("aws", status=401)
+    mock.fault("droid", reset="before_headers")
+    c = client(keyed)
+    outputs = [c.post("/v1/messages", json=MSG).text for _ in range(4)]
+    outputs += [c.get("/_router/status").text, c.get("/_router/metrics").text]
+    outputs += [client(keyed, key="nope").post("/v1/messages", json=MSG).text]
+    outputs.append(keyed.log())
+    for out in outputs:
+        for secret in (AWS_KEY, DROID_KEY, CLIENT_KEY):
+            assert secret not in out
+
+
+def web_command(web: httpx.Client, cmd: str, *args: str) -> dict:
+    # Tornado's XSRF check: the header must match the cookie (a plain token is accepted).
+    r = web.post(f"/commands/{cmd}", json={"arguments": list(args)},
+                 headers={"X-XSRFToken": "t0ken", "Cookie": "_mitmproxy_xsrf=t0ken"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_commands_disable_enable_reset_status_on_every_instance(mock, start_router, redis_server):
+    from conftest import free_port
+    web_port = free_port()
+    tiers = [f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"]
+    opts = {"router_redis_url": redis_server.url}
+    a = start_router(tiers, tool="mitmweb", options={**opts, "web_port": web_port, "web_password": "pw"})
+    b = start_router(tiers, options=opts)
+    for r in (a, b):
+        r.wait_log("(connected)")
+    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": "Bearer pw"})
+    web_command(web, "router.disable", "aws")
+    time.sleep(0.2)
+    for r in (a, b):
+        assert httpx.post(f"{r.base}/v1/messages", json=MSG).headers["x-router-attempts"] == "droid:200"
+    assert "disabled" in web_command(web, "router.status")["value"]
+    web_command(web, "router.enable", "aws")
+    time.sleep(0.2)
+    assert httpx.post(f"{b.base}/v1/messages", json=MSG).headers["x-used-endpoint"] == "aws"
+    mock.fault("aws", status=500)
+    for _ in range(3):
+        httpx.post(f"{b.base}/v1/messages", json=MSG)
+    assert "cooling" in web_command(web, "router.status")["value"]
+    web_command(web, "router.reset")
+    mock.fault("aws")
+    time.sleep(0.2)
+    assert httpx.post(f"{b.base}/v1/messages", json=MSG).headers["x-used-endpoint"] == "aws"
+    assert mock.count("aws") == 5
+
+
+def test_example_router_yaml_is_valid(start_router):
+    router = start_router([], options={"router_config": str(ROOT / "router.example.yaml")},
+                          env={"AWS_RELAY_KEY": "x", "DROID_RELAY_KEY": "y", "ROUTER_CLIENT_KEY": "z"})
+    router.wait_log("3 endpoints in price order (0:aws, 1:droid, 2:claude)")
+
+
+def test_status_script_renders_router_and_redis_state(mock, start_router, redis_server):
+    import subprocess
+    import sys
+    mock.fault("aws", status=500)
+    router = start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"],
+                          options={"router_redis_url": redis_server.url})
+    router.wait_log("(connected)")
+    for _ in range(3):
+        httpx.post(f"{router.base}/v1/messages", json=MSG)
+    script = str(ROOT / "scripts" / "status.py")
+    out = subprocess.run([sys.executable, script, "--url", router.base], capture_output=True,
+                         text=True, timeout=30).stdout
+    assert "aws" in out and "cooling" in out and "droid" in out and "healthy" in out
+    out = subprocess.run([sys.executable, script, "--redis", redis_server.url], capture_output=True,
+                         text=True, timeout=30).stdout
+    assert "aws" in out and "cooling" in out
