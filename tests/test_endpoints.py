@@ -41,3 +41,19 @@ def test_indexes_follow_price_order():
 def test_duplicate_names_are_refused():
     with pytest.raises(ValueError, match="used twice"):
         parse_endpoints(["a=http://h/a", "a=http://h/b"])
+
+
+def test_shown_url_drops_credentials():
+    ep = parse_endpoint("a=https://user:secret@relay.example/x", 0)
+    assert ep.shown_url_for("/v1/messages?beta=true") == "https://relay.example/x/v1/messages?beta=true"
+    assert ep.url_for("/v1/messages").startswith("https://user:secret@")
+
+
+def test_key_replaces_client_credentials_only_for_that_endpoint():
+    from claude_router.endpoints import Endpoint
+    ep = Endpoint("a", "https://r/a", 0, key="sk-own", auth="bearer", headers=(("X-Tier", "a"),))
+    client = [("x-api-key", "sk-client"), ("Authorization", "Bearer sk-client"), ("anthropic-version", "v")]
+    assert ep.request_headers(client) == [("anthropic-version", "v"), ("authorization", "Bearer sk-own"),
+                                          ("X-Tier", "a")]
+    plain = Endpoint("b", "https://r/b", 1)
+    assert plain.request_headers(client) is client

@@ -367,7 +367,7 @@ class Router:
         ep = w.endpoint if w else result.answer.endpoint
         info = RouteInfo(
             path=req.path.split("?")[0],
-            url=ep.url_for(req.path) if ep else req.url,
+            url=ep.shown_url_for(req.path) if ep else req.url,
             content=req.raw_content,
             content_length=req.headers.get("content-length"),
             endpoint=ep,

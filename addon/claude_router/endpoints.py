@@ -41,6 +41,14 @@ class Endpoint:
             path = "/" + path
         return self.url + path
 
+    def shown_url_for(self, path: str) -> str:
+        """The upstream URL as shown in mitmweb and logs: without any user:password@."""
+        parts = urlsplit(self.url)
+        if "@" not in parts.netloc:
+            return self.url_for(path)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() + (
+            path if path.startswith("/") else "/" + path)
+
     @property
     def origin(self) -> str:
         """scheme://host:port, without the path prefix (safe to show: no path, no query)."""

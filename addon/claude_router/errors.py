@@ -14,6 +14,7 @@ _TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+KNOWN_ERROR_TYPES = frozenset({*_TYPES.values(), "api_error"})
 
 
 def error_type_for(status: int) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from . import policy, sse
 from .endpoints import Endpoint
-from .errors import error_body, error_type_for
+from .errors import KNOWN_ERROR_TYPES, error_body, error_type_for
 from .health import HEALTHY, HealthStore, Phase, phase
 from .policy import Attempt, Verdict
 from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse
@@ -201,9 +201,11 @@ class Routing:
                 resp.close()
                 status = 529 if start.error_type == "overloaded_error" else 502
                 message = start.error_message or f"the stream opened with {start.error_type}"
+                # Known types name the outcome; anything else stays one label (bounded metrics).
+                outcome = start.error_type if start.error_type in KNOWN_ERROR_TYPES else "stream_error"
                 return _Tried(
                     policy.classify(settings.rules, transport="stream_error"),
-                    Attempt(ep.name, start.error_type, f"stream opened with {start.error_type}"),
+                    Attempt(ep.name, outcome, f"stream opened with {outcome}"),
                     answer=Answer(status, "", [("content-type", "application/json")],
                                   error_body(status, message, start.error_type), ep),
                 )
