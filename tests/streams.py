@@ -67,3 +67,63 @@ def timing(types: list[str], times: list[float]) -> list[tuple[float, float]]:
     those events reach the client together with the first content event."""
     first = next(i for i, t in enumerate(types) if t not in ("message_start", "ping"))
     return list(zip(gaps(times), expected_gaps(types)))[first:]
+
+
+def h2_streams(port: int, n: int, path: str = "/v1/messages", timeout: float = 30.0):
+    """Open one TLS connection offering only h2 and multiplex ``n`` streaming requests on it.
+
+    A single reader loop stamps every event the moment its bytes arrive. (httpx's HTTP/2 client
+    lets concurrent streams wait on each other's reads, which shows up as events a gap late,
+    through any proxy, so it cannot measure this.) Returns, per stream, its event types and
+    arrival times, plus the negotiated protocol.
+    """
+    import json
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout),
+                           server_hostname="localhost")
+    alpn = sock.selected_alpn_protocol()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    body = json.dumps(STREAM_MSG).encode()
+    streams: dict[int, tuple[list[str], list[float]]] = {}
+    headers: dict[int, dict] = {}
+    for _ in range(n):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":path", path), (":scheme", "https"),
+                                (":authority", "localhost"), ("content-type", "application/json"),
+                                ("x-api-key", "k"), ("content-length", str(len(body)))])
+        conn.send_data(sid, body, end_stream=True)
+        streams[sid] = ([], [])
+    sock.sendall(conn.data_to_send())
+    ended = 0
+    try:
+        while ended < n:
+            data = sock.recv(65535)
+            if not data:
+                break
+            now = time.monotonic()
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    headers[ev.stream_id] = {k.decode(): v.decode() for k, v in ev.headers}
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    types, times = streams[ev.stream_id]
+                    for line in ev.data.split(b"\n"):
+                        if line.startswith(b"event:"):
+                            types.append(line[6:].strip().decode())
+                            times.append(now)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended += 1
+            sock.sendall(conn.data_to_send())
+    finally:
+        sock.close()
+    return alpn, [(headers.get(sid, {}), *streams[sid]) for sid in sorted(streams)]

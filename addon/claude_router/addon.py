@@ -68,6 +68,7 @@ class Router:
         self.handoff = HandoffServer()
         self.stats = Stats()
         self._background: set[asyncio.Task] = set()
+        self._routing: dict[str, set[asyncio.Task]] = {}  # client connection id -> routing tasks
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -297,11 +298,24 @@ class Router:
         if req.path.startswith(ADMIN_PREFIX):
             await self._admin(flow)
             return
+        # Route in a task of its own, so that a client that leaves stops its upstream attempts
+        # at once (client_disconnected cancels it) instead of when they end.
+        routing = asyncio.get_running_loop().create_task(self._route(flow))
+        mine = self._routing.setdefault(flow.client_conn.id, set())
+        mine.add(routing)
         try:
-            await self._route(flow)
-        except Exception:
-            log.exception("router: internal error while routing")
+            await asyncio.wait({routing})
+        finally:
+            mine.discard(routing)
+        if routing.cancelled():
+            return  # the client is gone; mitmproxy closes the flow
+        if routing.exception() is not None:
+            log.error("router: internal error while routing", exc_info=routing.exception())
             self._reply(flow, 500, error_body(500, "the router failed internally"))
+
+    def client_disconnected(self, client) -> None:
+        for task in self._routing.pop(client.id, ()):
+            task.cancel()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         info: RouteInfo | None = flow.metadata.get("router")

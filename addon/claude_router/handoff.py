@@ -128,27 +128,31 @@ class HandoffServer:
 
 
 class _Connection(asyncio.Protocol):
-    """One loopback connection from mitmproxy: read a request head, serve the parked response."""
+    """One loopback connection from mitmproxy: read request heads, serve parked responses.
+
+    One task per connection serves its requests in order; it is cancelled when mitmproxy
+    closes the connection (its client went away), which aborts the upstream at once.
+    """
 
     def __init__(self, server: HandoffServer) -> None:
         self.server = server
         self.buf = bytearray()
-        self.task: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None
+        self.readable = asyncio.Event()
         self.writable = asyncio.Event()
         self.writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.task is None:
-            self._next_request()
+        self.readable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # mitmproxy closes this connection when its client goes away: stop the upstream now.
         if self.task is not None:
             self.task.cancel()
         self.writable.set()
@@ -159,12 +163,27 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable.set()
 
-    def _next_request(self) -> None:
+    async def _run(self) -> None:
+        try:
+            while not self.transport.is_closing():
+                request = self._take_request()
+                if request is None:
+                    self.readable.clear()
+                    await self.readable.wait()
+                    continue
+                if not await self._serve(*request):
+                    self.transport.close()
+                    return
+        except asyncio.CancelledError:
+            pass
+
+    def _take_request(self) -> tuple[str, str] | None:
+        """The next complete request head (and its body, normally empty), or None."""
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buf) > _MAX_HEAD:
                 self.transport.close()
-            return
+            return None
         head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
         body_len = 0
         for line in head[1:]:
@@ -172,33 +191,30 @@ class _Connection(asyncio.Protocol):
             if name.strip().lower() == "content-length":
                 body_len = int(value.strip() or 0)
         if len(self.buf) < end + 4 + body_len:
-            return  # wait for the (normally empty) body
+            return None
         del self.buf[: end + 4 + body_len]
         method, _, rest = head[0].partition(" ")
-        token = rest.partition(" ")[0].rpartition("/")[2]
-        self.task = asyncio.get_running_loop().create_task(self._serve(method, token))
+        return method, rest.partition(" ")[0].rpartition("/")[2]
 
-    async def _serve(self, method: str, token: str) -> None:
+    async def _serve(self, method: str, token: str) -> bool:
+        """Serve one request; False when the connection must close afterwards."""
         parked = self.server._claim(token)
+        if parked is None:
+            self._write_gone()
+            return True
         try:
-            if parked is None:
-                self._write_gone()
-            else:
-                await self._write_response(parked, head_only=method == "HEAD")
-        except asyncio.CancelledError:
-            pass
+            await self._write_response(parked, head_only=method == "HEAD")
+        except _Cut:
+            self.transport.abort()  # a cut body must look cut, never complete
+            return False
         except Exception:  # never let one broken response take the listener down
             log.exception("handoff failed")
             self.transport.abort()
+            return False
         finally:
-            if parked is not None:
-                parked.close()  # no-op after a complete body; aborts the upstream otherwise
-                self.server.done(parked)
-            self.task = None
-        if parked is not None and parked.close_after:
-            self.transport.close()
-        elif not self.transport.is_closing() and self.buf:
-            self._next_request()
+            parked.close()  # no-op after a complete body; aborts the upstream otherwise
+            self.server.done(parked)
+        return not parked.close_after
 
     def _write_gone(self) -> None:
         body = error_body(502, "the routed response expired before it was fetched")
@@ -226,8 +242,7 @@ class _Connection(asyncio.Protocol):
                 await self._send(chunk, chunked)
         except UpstreamError as e:
             if not (chunked and p.event_stream):
-                self.transport.abort()  # a cut body must look cut, never complete
-                raise asyncio.CancelledError from None
+                raise _Cut from None
             # After content has flowed, end the stream with a proper error event.
             await self._send(sse_error_event(f"upstream failed mid-stream: {e.detail}"), True)
         if chunked:
@@ -242,3 +257,7 @@ class _Connection(asyncio.Protocol):
             await self.writable.wait()  # back-pressure: a slow client bounds our memory
         if self.transport.is_closing():
             raise asyncio.CancelledError
+
+
+class _Cut(Exception):
+    """The upstream body broke where the client cannot be told in-band."""

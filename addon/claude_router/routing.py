@@ -156,6 +156,9 @@ class Routing:
         try:
             resp = await self.upstream.send(ep, req.method, req.path, ep.request_headers(req.headers),
                                             req.body, timeouts)
+        except UpstreamError as e:
+            return self._transport_failure(ep, e.kind, e.detail, settings)
+        try:
             if resp.status >= 400:
                 return await self._error_answer(ep, resp, settings)
             async with asyncio.timeout(left):
@@ -163,9 +166,14 @@ class Routing:
                     return await self._stream_start(ep, resp, settings)
                 prefix, complete = await resp.read(BUFFER_LIMIT)
         except UpstreamError as e:
+            resp.close()
             return self._transport_failure(ep, e.kind, e.detail, settings)
         except TimeoutError:
+            resp.close()
             return self._transport_failure(ep, "timeout", "request deadline reached", settings)
+        except BaseException:  # cancelled (the client left): never leave the upstream open
+            resp.close()
+            raise
         return _Tried(None, Attempt(ep.name, str(resp.status)), winner=Winner(ep, resp, prefix, complete))
 
     def _transport_failure(self, ep: Endpoint, kind: str, detail: str, settings: Settings) -> _Tried:

@@ -73,8 +73,10 @@ class UpstreamResponse:
         self._resp = resp
         self.status = resp.status
         self.reason = resp.reason or ""
+        # Framing headers go too: whoever passes the body on frames it again.
         self.headers: list[tuple[str, str]] = end_to_end(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers
+            ((k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers),
+            frozenset({"content-length"}),
         )
 
     def header(self, name: str) -> str | None:
