@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,7 +76,6 @@ BODY = json.dumps(MESSAGE).encode()
 STREAM_BODY = json.dumps({**MESSAGE, "stream": True}).encode()
 REQUEST_TIMEOUT = 15.0
 MAIN_COLUMNS = ["direct", "mitmdump", "router", "router+redis", "nginx"]
-MiB = 1024 * 1024
 
 now = time.perf_counter
 
@@ -365,6 +364,7 @@ class Bench:
         self.lat: dict[str, list[float]] = collections.defaultdict(list)
         self.lat_err: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.ttfe: dict[str, list[float]] = collections.defaultdict(list)
+        self.ttfc: dict[str, list[float]] = collections.defaultdict(list)
         self.gaps: dict[str, list[float]] = collections.defaultdict(list)
         self.sse_err: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.tp: dict[tuple[str, int], dict[str, Any]] = {}
@@ -558,10 +558,12 @@ class Bench:
 
         async def one(i: int, t: Target) -> None:
             await asyncio.sleep(i * stagger)
-            ok, ttfe, gaps, err = await sse_stream(sessions[t.name], t, expected)
+            ok, first, gaps, err = await sse_stream(sessions[t.name], t, expected)
             if record:
-                self.record(t, ok, err, self.ttfe[t.name], self.sse_err[t.name], ttfe)
+                self.record(t, ok, err, self.ttfe[t.name], self.sse_err[t.name],
+                            first[0] if ok else None)
                 if ok:
+                    self.ttfc[t.name].append(first[1])
                     self.gaps[t.name] += [g - gap for g in gaps]
 
         for _ in range(streams):
@@ -593,12 +595,21 @@ class Bench:
 
         note(f"RSS: {a.rss_requests} requests per proxy at concurrency 16")
         self.results["rss"] = {}
+        # streamed answers with events 1 ms apart, like a real stream (not all in one read)
+        await self.mock_fault("ok", {"event_gap_ms": 1})
         for t in self.live(rss_names):
             self.results["rss"][t.name] = await self.rss(t)
             r = self.results["rss"][t.name]
             note(f"  {t.name}: {r['warm']['rss_mib']:.1f} -> {r['after']['rss_mib']:.1f} MiB "
                  f"({r['requests']} requests in {r['seconds']:.1f}s, {r['errors']} errors "
                  f"{r['error_kinds'] or ''})")
+            if "redis_commands_per_request" in r:
+                self.notes.append(f"{t.name}: {r['redis_commands_per_request']:.2f} Redis "
+                                  "commands per request in the RSS phase.")
+            if r["errors"]:
+                self.notes.append(f"{t.name}: {r['errors']} errors in the RSS phase "
+                                  f"{r['error_kinds']} (streams leave its mix after 10 failures).")
+        await self.mock_fault("ok", None)
 
         lat_sessions = {t.name: new_session(1) for t in self.live(lat_names)}
         sse_sessions = {t.name: new_session(1) for t in self.live(sse_names)}
@@ -659,7 +670,8 @@ class Bench:
         for n in sse_names:
             if n in self.targets and self.ttfe[n]:
                 ttfe, gaps = summarize(self.ttfe[n]), summarize(self.gaps[n])
-                res["sse_ms"][n] = {"ttfe": ttfe, "gap_minus_mock_gap": gaps,
+                res["sse_ms"][n] = {"ttfe": ttfe, "first_content_event": summarize(self.ttfc[n]),
+                                    "gap_minus_mock_gap": gaps,
                                     "errors": sum(self.sse_err[n].values()),
                                     "error_kinds": dict(self.sse_err[n])}
         d = res["sse_ms"].get("direct")
@@ -722,10 +734,14 @@ async def timed_post(session: aiohttp.ClientSession, t: Target, body: bytes):
         return False, now() - t0, type(e).__name__
 
 
+PRELUDE_EVENTS = (b"event: message_start", b"event: ping")
+
+
 async def sse_stream(session: aiohttp.ClientSession, t: Target, expected: int):
-    """(ok, time to first event, inter-event gaps, error) for one streamed message."""
+    """(ok, (first event, first content event), inter-event gaps, error) for one stream."""
     t0 = now()
     times: list[float] = []
+    first_content: float | None = None
     last = b""
     try:
         async with session.post(t.url, data=STREAM_BODY, headers=HEADERS,
@@ -743,11 +759,13 @@ async def sse_stream(session: aiohttp.ClientSession, t: Target, expected: int):
                 while (i := buf.find(b"\n\n")) >= 0:
                     last, buf = buf[:i], buf[i + 2:]
                     times.append(at)
+                    if first_content is None and not last.startswith(PRELUDE_EVENTS):
+                        first_content = at
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         return False, 0.0, [], type(e).__name__
     if len(times) != expected or b"message_stop" not in last:
         return False, 0.0, [], f"{len(times)} events, expected {expected}"
-    return True, times[0] - t0, [b - a for a, b in zip(times, times[1:])], None
+    return True, (times[0] - t0, first_content - t0), [b - a for a, b in zip(times, times[1:])], None
 
 
 async def throughput(t: Target, conc: int, seconds: float) -> dict[str, Any]:
@@ -784,8 +802,9 @@ async def throughput(t: Target, conc: int, seconds: float) -> dict[str, Any]:
 
 
 async def load(t: Target, total: int, conc: int, stream_every: int = 0,
-               limit_s: float = 600) -> dict[str, Any]:
-    """`total` requests over `conc` keep-alive workers (bounded by limit_s)."""
+               limit_s: float = 600, max_stream_errors: int = 10) -> dict[str, Any]:
+    """`total` requests over `conc` keep-alive workers (bounded by limit_s); every
+    `stream_every`-th one streamed, until `max_stream_errors` streams have failed."""
     sessions = [new_session(1) for _ in range(conc)]
     issued = done = 0
     kinds: collections.Counter = collections.Counter()
@@ -795,7 +814,8 @@ async def load(t: Target, total: int, conc: int, stream_every: int = 0,
         nonlocal issued, done
         while issued < total and now() < deadline:
             issued += 1
-            if stream_every and issued % stream_every == 0:
+            stream_errors = sum(n for k, n in kinds.items() if k.startswith("stream"))
+            if stream_every and issued % stream_every == 0 and stream_errors < max_stream_errors:
                 ok, _, err = await _stream_any(s, t)
             else:
                 ok, _, err = await timed_post(s, t, BODY)
@@ -816,7 +836,8 @@ async def _stream_any(s: aiohttp.ClientSession, t: Target):
     """A streamed message read to the end, any number of events: (ok, seconds, error)."""
     t0 = now()
     try:
-        async with s.post(t.url, data=STREAM_BODY, headers=HEADERS) as r:
+        async with s.post(t.url, data=STREAM_BODY, headers=HEADERS,
+                          timeout=aiohttp.ClientTimeout(total=3)) as r:
             body = await r.read()
             if r.status != 200:
                 return False, now() - t0, f"stream HTTP {r.status}"
@@ -866,7 +887,9 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
         "kernel": platform.release(), "python": platform.python_version(),
         "mitmproxy": mitmproxy.version.VERSION, "aiohttp": aiohttp.__version__,
-        "redis_server": version(["redis-server", "--version"]), "nginx": version(["nginx", "-v"]),
+        "redis_server": re.sub(r"^Redis server v=(\S+).*", r"redis-server \1",
+                               version(["redis-server", "--version"])),
+        "nginx": version(["nginx", "-v"]).replace("nginx version: ", ""),
         "git": git, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -903,8 +926,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     gap = args.sse_gap_ms
     row("SSE first event p50 (ms) ¹", lambda c: S.get(sse(c), {}).get("ttfe", {}).get("p50"))
     row("SSE first event p99 (ms) ¹", lambda c: S.get(sse(c), {}).get("ttfe", {}).get("p99"))
-    row("SSE first event added p50 (ms) ¹",
-        lambda c: S.get(sse(c), {}).get("ttfe_added_p50") if c != "direct" else None)
+    row("SSE first content event p50 (ms) ¹",
+        lambda c: S.get(sse(c), {}).get("first_content_event", {}).get("p50"))
+    row("SSE first content event p99 (ms) ¹",
+        lambda c: S.get(sse(c), {}).get("first_content_event", {}).get("p99"))
     row(f"SSE gap − {gap} ms, p50 (ms) ¹",
         lambda c: S.get(sse(c), {}).get("gap_minus_mock_gap", {}).get("p50"), use_ratio=False)
     row(f"SSE gap − {gap} ms, p99 (ms) ¹",
@@ -927,7 +952,6 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
 
     row("failover: p50 (ms) ²", lambda c: fo(c, "failover_p50"), use_ratio=False)
     row("extra cost of one failover, p50 (ms) ²", lambda c: fo(c, "extra_cost_p50"), use_ratio=False)
-    row("extra cost of one failover, p99 (ms) ²", lambda c: fo(c, "extra_cost_p99"), use_ratio=False)
     row("cooled 1st endpoint − plain, p50 (ms) ³", lambda c: fo(c, "cooled_minus_plain_p50"),
         use_ratio=False)
     mib = lambda v: f"{v:.1f}"  # noqa: E731
@@ -945,7 +969,8 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             "(×) = ratio to plain mitmdump. "
             f"¹ SSE: {args.sse_words}-word stream, mock gap {gap} ms; plain mitmdump buffers SSE "
             f"(first event after {fmt_ms(buffered)} ms), so its column shows mitmdump with "
-            "`stream_large_bodies=1`. "
+            "`stream_large_bodies=1`. The mock sends message_start, then each further event "
+            f"{gap} ms later; the first content event is content_block_start. "
             "² endpoint `bad` answers 529 forever, `router_max_failures=1000000`: every request "
             "fails over once; extra cost = p50(failover) − p50(plain) − p50(direct 529 round trip) "
             "(direct column: that round trip; nginx: 503, it cannot retry on 529). "
@@ -1049,12 +1074,16 @@ async def profile(args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
     if why:
         raise SystemExit(f"router did not start: {why}\n{procs.log_tail('router')}")
     conc = 16
+    gap = 10
     for label, stream_every in (("non-streaming POST /v1/messages", 0),
-                                ("streaming POST /v1/messages (SSE via the handoff)", 1)):
-        await load(t, 500, conc, stream_every=stream_every, limit_s=60)  # warm
-        raw = tmp / f"profile-{stream_every}.txt"
+                                (f"streaming POST /v1/messages, {args.sse_words} words, events "
+                                 f"{gap} ms apart (through the handoff)", 1)):
+        await b.mock_fault("ok", {"event_gap_ms": gap, "words": args.sse_words}
+                           if stream_every else None)
+        await load(t, 300, conc, stream_every=stream_every, limit_s=60)  # warm
         svg = Path(args.profile_svg.replace(".svg", f"-{'sse' if stream_every else 'json'}.svg"))
-        results = []
+        raw = svg.with_suffix(".txt")
+        results, errors = [], {}
         for fmt, out in (("raw", raw), ("flamegraph", svg)):
             spy = subprocess.Popen([pyspy, "record", "--pid", str(t.proc.pid), "--duration",
                                     str(args.profile), "--rate", "250", "--format", fmt,
@@ -1063,8 +1092,10 @@ async def profile(args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
                                    preexec_fn=_child_setup)
             procs.items.append(("py-spy", spy))
             t0 = now()
-            res = await load(t, 10 ** 9, conc, stream_every=stream_every, limit_s=args.profile + 1)
+            res = await load(t, 10 ** 9, conc, stream_every=stream_every,
+                             limit_s=args.profile + 1, max_stream_errors=10 ** 9)
             results.append(res["done"] / (now() - t0))
+            errors.update(res["error_kinds"])
             try:
                 spy.wait(30)
             except subprocess.TimeoutExpired:
@@ -1073,7 +1104,8 @@ async def profile(args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
             if spy.returncode:
                 note(f"py-spy {fmt}: {spy.stderr.read().decode(errors='replace')[-500:]}")
         print(f"## Router profile: {label}, concurrency {conc}, {args.profile}s, "
-              f"{results[0]:.0f} req/s while sampling (flame graph: {svg})\n")
+              f"{results[0]:.0f} req/s while sampling at 250 Hz, errors {errors or 0} "
+              f"(flame graph: {svg}, collapsed stacks: {raw})\n")
         print(analyse_collapsed(raw) if raw.exists() else "no profile written")
         print()
 
@@ -1094,7 +1126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=str(ROOT / "bench-results.json"), help="results file")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument("--max-seconds", type=float, default=1800, help="abort after this long (1800)")
-    p.add_argument("--profile", type=float, metavar="SECONDS",
+    p.add_argument("--profile", type=int, metavar="SECONDS",
                    help="instead: py-spy the router under concurrency-16 load for SECONDS")
     p.add_argument("--profile-svg", default="/tmp/router-profile.svg",
                    help="flame graph path for --profile (-json/-sse suffixes are added)")
