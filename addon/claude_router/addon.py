@@ -32,6 +32,10 @@ from .status import Stats, table
 from .upstream import Upstream, UpstreamError, request_headers
 
 log = logging.getLogger("claude_router")
+# One line per request goes here. It skips mitmproxy's legacy `add_log` hook (one more hook
+# dispatch through every addon for each line, the largest per-request cost of logging) but
+# keeps the terminal and mitmweb's event log; see `_quiet_request_log`.
+request_log = logging.getLogger("claude_router.requests")
 
 ADMIN_PREFIX = "/_router/"
 RELOAD_EVERY = 0.5  # seconds between checks of the config file
@@ -207,6 +211,7 @@ class Router:
 
     def running(self) -> None:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
+        _quiet_request_log()
         self._spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
             self._watcher = self._spawn(self._watch_config())
@@ -491,7 +496,9 @@ class Router:
         if ep is not None and info.tokens is not None:
             spent = usage.cost(u, ep.price) if ep.price else 0.0
             self.stats.used(ep.name, u, spent)
-        log.info(
+        if not any(h.level <= logging.INFO for h in request_log.handlers or logging.getLogger().handlers):
+            return  # nobody shows info lines: do not build one
+        request_log.info(
             "router: " + json.dumps({
                 "method": flow.request.method,
                 "path": info.path,
@@ -543,6 +550,14 @@ class Router:
             return
         raise exceptions.CommandError(
             f"no endpoint {name!r}; endpoints: {', '.join(ep.name for ep in self.endpoints)}")
+
+
+def _quiet_request_log() -> None:
+    """Give the request log the root logger's handlers except mitmproxy's legacy add_log one."""
+    handlers = [h for h in logging.getLogger().handlers if type(h).__name__ != "LegacyLogEvents"]
+    if handlers:
+        request_log.handlers = handlers
+        request_log.propagate = False
 
 
 def _stamp(path: str) -> tuple | None:
