@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 
 from mitmproxy import command, ctx, exceptions, http
@@ -84,7 +85,7 @@ class Router:
 
     def load(self, loader) -> None:
         options.declare(loader)
-        for problem in options.unparsable(loader.master.options):
+        for problem in options.unparsable(loader.master.options) + options.unknown(loader.master.options):
             log.error(problem)
 
     def configure(self, updated: set[str]) -> None:
@@ -139,6 +140,9 @@ class Router:
     def _client_keys(self) -> tuple[bytes, ...]:
         keys = []
         for i, ref in enumerate(ctx.options.router_client_keys):
+            if not ref.strip():
+                # An empty key would let in every client that sends none (an unset variable).
+                raise exceptions.OptionsError(f"router_client_keys[{i}] is empty")
             if ref.startswith("env:"):
                 value = os.environ.get(ref[4:], "")
                 if not value:
@@ -163,6 +167,9 @@ class Router:
 
     def _settings(self) -> Settings:
         opts = ctx.options
+        if opts.router_all_cooling not in ("refuse", "try"):  # mitmproxy does not enforce choices
+            raise exceptions.OptionsError(
+                f"router_all_cooling must be refuse or try, got {opts.router_all_cooling!r}")
         try:
             rules = policy.parse_rules(opts.router_policy)
         except ValueError as e:
@@ -194,6 +201,11 @@ class Router:
             raise exceptions.OptionsError(
                 f"router_redis_url must start with redis://, rediss:// or unix://, got {redacted(url)!r}"
             )
+        db = urlsplit(url).path.strip("/")
+        if url.startswith("redis") and db and not db.isdigit():
+            # redis-py would quietly use database 0.
+            raise exceptions.OptionsError(
+                f"router_redis_url: the database must be a number, got {db!r} in {redacted(url)!r}")
         try:
             return RedisHealthStore(url, self._breaker(), prefix=ctx.options.router_key_prefix,
                                     clock=self.clock)
@@ -452,15 +464,22 @@ class Router:
         reached the client counts against the endpoint (the handoff then ends the client's
         stream with an error event)."""
         meter = usage.StreamUsage() if w.resp.is_event_stream else None
-        counted = False
+        # A Messages stream must end with message_stop; one that just stops lost its tail.
+        must_stop = meter is not None and b"message_start" in w.prefix
+        counted = stopped = False
+        tail = b""
 
         def seen(chunk: bytes) -> None:
-            nonlocal counted
-            if meter is not None:
-                meter.feed(chunk)
-                if not counted and b"event: error" in chunk:
-                    counted = True
-                    self._spawn(self.store.record_failure(w.endpoint.name))
+            nonlocal counted, stopped, tail
+            if meter is None:
+                return
+            meter.feed(chunk)
+            if not counted and b"event: error" in chunk:
+                counted = True
+                self._spawn(self.store.record_failure(w.endpoint.name))
+            if must_stop and not stopped:
+                stopped = b"message_stop" in tail + chunk
+                tail = chunk[-16:]
 
         try:
             if w.prefix:
@@ -469,6 +488,8 @@ class Router:
             async for chunk in w.resp.chunks():
                 seen(chunk)
                 yield chunk
+            if must_stop and not stopped and not counted:
+                raise UpstreamError("reset", "stream ended before message_stop")
         except UpstreamError:
             if not counted:
                 self._spawn(self.store.record_failure(w.endpoint.name))

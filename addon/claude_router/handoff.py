@@ -7,8 +7,10 @@ loopback HTTP/1.1 server, and mitmproxy reads it from here chunk by chunk.
 
 mitmproxy opens at most 5 connections per client connection to one address, holds each slot
 for the connection's lifetime, and never reuses HTTP/1.1 server connections for HTTP/2
-clients. So: HTTP/2 clients get a fresh connection per response that is closed afterwards, and
-the server listens on several ports, opening another when a client connection has filled one.
+clients (it closes each after its response). So the server listens on several ports and
+spreads an HTTP/2 client's concurrent responses over them, opening another port when a client
+connection has filled one. (Closing from this side as well races mitmproxy's own close and
+leaves sockets in CLOSE_WAIT.)
 """
 
 import asyncio
@@ -40,7 +42,6 @@ class Parked:
     close: Callable[[], None]  # aborts the upstream response
     length: int | None = None  # known body length, else sent chunked
     event_stream: bool = False  # end a failed SSE body with an `event: error`
-    close_after: bool = False  # HTTP/2 client: one response per loopback connection
     client: str = ""
     port: int = 0
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -82,7 +83,6 @@ class HandoffServer:
 
     async def park(self, parked: Parked, multiplexed: bool) -> tuple[int, str]:
         """Park a response; return the loopback (port, path) mitmproxy must fetch it from."""
-        parked.close_after = multiplexed
         parked.port = await self._port_for(parked.client, multiplexed)
         token = secrets.token_urlsafe(16)
         self._parked[token] = parked
@@ -214,7 +214,7 @@ class _Connection(asyncio.Protocol):
         finally:
             parked.close()  # no-op after a complete body; aborts the upstream otherwise
             self.server.done(parked)
-        return not parked.close_after
+        return True
 
     def _write_gone(self) -> None:
         body = error_body(502, "the routed response expired before it was fetched")
@@ -232,8 +232,6 @@ class _Connection(asyncio.Protocol):
             lines.append("transfer-encoding: chunked")
         elif p.length is not None:
             lines.append(f"content-length: {p.length}")
-        if p.close_after:
-            lines.append("connection: close")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if no_body:
             return

@@ -145,3 +145,10 @@ def unparsable(options) -> list[str]:
             del options.deferred[name]
             problems.append(f"router: cannot use {name}: {e}")
     return problems
+
+
+def unknown(options) -> list[str]:
+    """Messages for `router_*` settings no router option has: a misspelling would otherwise be
+    ignored without a word (``router_cooldwn=5``)."""
+    return [f"router: no such option {name} (router options: {', '.join(sorted(ALL))})"
+            for name in options.deferred if name.startswith("router_") and name not in ALL]

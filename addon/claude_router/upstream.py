@@ -157,6 +157,9 @@ class Upstream:
                 timeout=aiohttp.ClientTimeout(total=None),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
+            # aiohttp quietly re-sends an idempotent request once when its connection fails;
+            # the router decides about every attempt itself (and must count the failure).
+            self._session._retry_connection = False
         return self._session
 
     async def send(
