@@ -121,3 +121,24 @@ def test_wrong_redis_password_is_reported_and_the_router_serves(mock, start_rout
     assert "authentication failed" in log
     assert post(router).status_code == 200
     assert "wrong-password" not in router.log()
+
+
+def test_redis_down_at_startup_serves_locally_then_joins_when_it_comes_up(mock, start_router, tmp_path):
+    from conftest import RedisServer, _need_redis
+    _need_redis()
+    server = RedisServer(tmp_path)  # not started yet
+    mock.fault("aws", status=503)
+    router = start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"],
+                          options={"router_redis_url": server.url})
+    log = router.wait_log("endpoints in price order")
+    assert "unreachable: local view" in log and "unavailable" in log
+    for _ in range(3):
+        assert post(router).status_code == 200  # served on local state
+    assert post(router).headers["x-router-attempts"] == "droid:200"  # cooled locally
+    try:
+        server.start()
+        router.wait_log("reachable again", timeout=10)
+        assert post(router).status_code == 200
+    finally:
+        server.stop()
+    assert router.log().count("unavailable") == 1
