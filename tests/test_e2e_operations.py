@@ -235,3 +235,54 @@ def test_status_script_renders_router_and_redis_state(mock, start_router, redis_
     out = subprocess.run([sys.executable, script, "--redis", redis_server.url], capture_output=True,
                          text=True, timeout=30).stdout
     assert "aws" in out and "cooling" in out
+
+
+def test_client_key_with_undecodable_bytes_gets_401_not_a_passthrough(mock, keyed):
+    r = httpx.post(f"{keyed.base}/v1/messages", json=MSG, headers={"x-api-key": b"\xff\xfe"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert sum(mock.count(n) for n in ("aws", "droid", "plain")) == 0
+    assert "Addon error" not in keyed.log()
+
+
+def test_refused_reload_is_not_applied(mock, start_router, tmp_path):
+    cfg = write_config(tmp_path / "router.yaml", mock)
+    router = start_router([], options={"router_config": str(cfg), "listen_host": "0.0.0.0"}, env=ENV)
+    router.wait_log("endpoints in price order")
+    write_config(cfg, mock, client_keys=False)  # would open the endpoint keys to the network
+    router.wait_log("keeping the last good config", timeout=3)
+    assert httpx.post(f"{router.base}/v1/messages", json=MSG).status_code == 401
+    assert client(router).post("/v1/messages", json=MSG).status_code == 200
+
+
+def test_flows_with_routes_can_be_saved_and_show_no_secret(mock, start_router, tmp_path):
+    from mitmproxy import io
+    saved = tmp_path / "flows.mitm"
+    cfg = write_config(tmp_path / "router.yaml", mock)
+    router = start_router([], options={"router_config": str(cfg), "save_stream_file": str(saved)}, env=ENV)
+    router.wait_log("endpoints in price order")
+    c = client(router)
+    c.post("/v1/messages", json=MSG)
+    with c.stream("POST", "/v1/messages", json=STREAM_MSG) as s:
+        s.read()
+    time.sleep(0.5)
+    assert "unserializable" not in router.log() and "Addon error" not in router.log()
+    with saved.open("rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert len(flows) == 2 and flows[0].metadata["router"]["endpoint"] == "aws"
+    assert AWS_KEY.encode() not in saved.read_bytes()
+
+
+def test_url_credentials_with_a_bearer_client_fail_over_cleanly(mock, start_router):
+    router = start_router([f"a=http://user:pw@{mock.base.split('//')[1]}/aws", f"b={mock.url('droid')}"])
+    r = httpx.post(f"{router.base}/v1/messages", json=MSG, headers={"authorization": "Bearer c"})
+    assert r.status_code == 200 and r.headers["x-used-endpoint"] == "a"
+    assert headers_of(mock.requests("aws")[0])["authorization"].startswith("Basic ")
+
+
+def test_message_text_that_looks_like_sse_control_does_not_fool_the_router(mock, start_router):
+    router = start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"],
+                          options={"router_max_failures": 1})
+    msg = dict(STREAM_MSG, messages=[{"role": "user", "content": "event: error message_stop"}])
+    for _ in range(2):
+        r = httpx.post(f"{router.base}/v1/messages", json=msg, timeout=30)
+        assert r.headers["x-used-endpoint"] == "aws" and "event: error\n" not in r.text

@@ -57,3 +57,20 @@ def test_key_replaces_client_credentials_only_for_that_endpoint():
                                           ("X-Tier", "a")]
     plain = Endpoint("b", "https://r/b", 1)
     assert plain.request_headers(client) is client
+
+
+def test_repr_never_shows_key_url_credentials_or_extra_headers():
+    from claude_router.endpoints import Endpoint
+    ep = Endpoint("a", "https://user:hunter2@r/a", 0, key="sk-own", headers=(("x-relay-token", "tok-9"),))
+    assert not any(s in repr(ep) for s in ("hunter2", "sk-own", "tok-9"))
+
+
+def test_url_credentials_replace_the_clients_authorization_header():
+    ep = parse_endpoint("a=https://user:pw@r/a", 0)
+    assert ep.request_headers([("Authorization", "Bearer c"), ("x-api-key", "k")]) == [("x-api-key", "k")]
+
+
+def test_redis_url_redaction_hides_both_password_forms():
+    from claude_router.redis_store import redacted
+    assert redacted("redis://:s3cret@h:6379/0") == "redis://***@h:6379/0"
+    assert redacted("unix:///run/redis.sock?password=s3cret&db=1") == "unix:///run/redis.sock?***"

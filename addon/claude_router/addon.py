@@ -44,7 +44,8 @@ RELOAD_EVERY = 0.5  # seconds between checks of the config file
 
 @dataclass
 class RouteInfo:
-    """What the router did with a flow, kept in flow.metadata for display, logs and stats."""
+    """What the router did with a flow, for the handoff, logs and stats. Kept by the router,
+    not in flow.metadata, which mitmproxy must be able to save (and which is shown)."""
 
     path: str  # the client's path, without the query
     url: str
@@ -74,6 +75,7 @@ class Router:
         self.stats = Stats()
         self._background: set[asyncio.Task] = set()
         self._routing: dict[str, set[asyncio.Task]] = {}  # client connection id -> routing tasks
+        self._handed_off: dict[str, RouteInfo] = {}  # flow id -> route, until its headers pass
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -101,7 +103,7 @@ class Router:
         if "router_hosts" in updated:
             self.hosts = frozenset(h.strip().lower() for h in opts.router_hosts if h.strip())
         if updated & {"router_client_keys", "router_config"}:
-            self.client_keys = self._client_keys()
+            self.client_keys = self._client_keys(self.file)
         if updated & {"router_max_failures", "router_cooldown"}:
             self.store.breaker = self._breaker()
         if updated & {"router_redis_url", "router_key_prefix"}:
@@ -112,7 +114,7 @@ class Router:
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = self._settings()
         if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host"}:
-            self._refuse_open_keys()
+            self._refuse_open_keys(self.endpoints, self.client_keys)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
@@ -137,7 +139,7 @@ class Router:
         if changed:
             ctx.options.update(**changed)
 
-    def _client_keys(self) -> tuple[bytes, ...]:
+    def _client_keys(self, file: config.FileConfig | None) -> tuple[bytes, ...]:
         keys = []
         for i, ref in enumerate(ctx.options.router_client_keys):
             if not ref.strip():
@@ -150,13 +152,13 @@ class Router:
                         f"router_client_keys[{i}]: environment variable {ref[4:]} is not set")
                 ref = value
             keys.append(ref.encode())
-        if self.file:
-            keys += [k.encode() for k in self.file.client_keys]
+        if file:
+            keys += [k.encode() for k in file.client_keys]
         return tuple(keys)
 
-    def _refuse_open_keys(self) -> None:
+    def _refuse_open_keys(self, endpoints: tuple[Endpoint, ...], client_keys: tuple[bytes, ...]) -> None:
         """Upstream keys behind an open door would let anyone on the network spend them."""
-        if not any(ep.key for ep in self.endpoints) or self.client_keys:
+        if not any(ep.key for ep in endpoints) or client_keys:
             return
         host = getattr(ctx.options, "listen_host", "127.0.0.1")
         if not _is_loopback(host):
@@ -263,10 +265,10 @@ class Router:
                 log.warning(f"router: keeping the last good config: {e}")
                 continue
             try:
+                keys = self._client_keys(file)
+                self._refuse_open_keys(file.endpoints, keys)  # checked before anything changes
                 self._apply_file_options(file)
-                self.file = file
-                self.client_keys = self._client_keys()
-                self._refuse_open_keys()
+                self.file, self.client_keys = file, keys
             except exceptions.OptionsError as e:
                 log.warning(f"router: keeping the last good config: {e}")
                 continue
@@ -303,6 +305,14 @@ class Router:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not self.routes(flow):
             return
+        try:
+            await self._handle(flow)
+        except Exception:
+            # Never let a routed request fall through to mitmproxy's own upstream connection.
+            log.exception("router: internal error")
+            self._reply(flow, 500, error_body(500, "the router failed internally"))
+
+    async def _handle(self, flow: http.HTTPFlow) -> None:
         req = flow.request
         if req.method == "HEAD" and req.path == "/":
             # Claude Code's reachability check: answer it here, no upstream needed.
@@ -318,12 +328,16 @@ class Router:
         # Route in a task of its own, so that a client that leaves stops its upstream attempts
         # at once (client_disconnected cancels it) instead of when they end.
         routing = asyncio.get_running_loop().create_task(self._route(flow))
-        mine = self._routing.setdefault(flow.client_conn.id, set())
-        mine.add(routing)
+        client = flow.client_conn.id
+        self._routing.setdefault(client, set()).add(routing)
         try:
             await asyncio.wait({routing})
         finally:
-            mine.discard(routing)
+            mine = self._routing.get(client)
+            if mine is not None:
+                mine.discard(routing)
+                if not mine:
+                    del self._routing[client]
         if routing.cancelled():
             return  # the client is gone; mitmproxy closes the flow
         if routing.exception() is not None:
@@ -335,8 +349,8 @@ class Router:
             task.cancel()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        info: RouteInfo | None = flow.metadata.get("router")
-        if info is None or not info.handoff_path:
+        info = self._handed_off.pop(flow.id, None)
+        if info is None:
             return
         # Show the real upstream request in mitmweb instead of the loopback hop.
         req = flow.request
@@ -347,8 +361,8 @@ class Router:
         flow.response.stream = True
 
     def error(self, flow: http.HTTPFlow) -> None:
-        info: RouteInfo | None = flow.metadata.get("router")
-        if info is not None and info.handoff_path:
+        info = self._handed_off.pop(flow.id, None)
+        if info is not None:
             self.handoff.discard(info.handoff_path)
 
     # -- access ----------------------------------------------------------------------------
@@ -358,7 +372,7 @@ class Router:
         auth = req.headers.get("authorization", "")
         if not presented and auth[:7].lower() == "bearer ":
             presented = auth[7:].strip()
-        given = presented.encode()
+        given = presented.encode("utf-8", "surrogateescape")  # headers may hold any bytes
         return any(hmac.compare_digest(given, key) for key in self.client_keys)
 
     async def _admin(self, flow: http.HTTPFlow) -> None:
@@ -406,7 +420,8 @@ class Router:
             started=started,
             ttfb=time.monotonic() - started,
         )
-        flow.metadata["router"] = info
+        flow.metadata["router"] = {"endpoint": ep.name if ep else None,
+                                   "attempts": policy.attempts_header(result.attempts)}
         where = f"routed to {ep.name} (index {ep.index})" if ep else "answered by the router"
         flow.comment = f"{where}; attempts: {policy.attempts_header(result.attempts) or 'none'}"
         if w is None:
@@ -452,6 +467,7 @@ class Router:
         )
         port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
         info.handoff_path = path
+        self._handed_off[flow.id] = info
         req = flow.request
         req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
         # The upstream already has the body; the loopback hop needs none.
@@ -466,20 +482,15 @@ class Router:
         meter = usage.StreamUsage() if w.resp.is_event_stream else None
         # A Messages stream must end with message_stop; one that just stops lost its tail.
         must_stop = meter is not None and b"message_start" in w.prefix
-        counted = stopped = False
-        tail = b""
+        counted = False
 
         def seen(chunk: bytes) -> None:
-            nonlocal counted, stopped, tail
-            if meter is None:
-                return
-            meter.feed(chunk)
-            if not counted and b"event: error" in chunk:
-                counted = True
-                self._spawn(self.store.record_failure(w.endpoint.name))
-            if must_stop and not stopped:
-                stopped = b"message_stop" in tail + chunk
-                tail = chunk[-16:]
+            nonlocal counted
+            if meter is not None:
+                meter.feed(chunk)  # parses event names: text inside a message cannot fool it
+                if meter.errored and not counted:
+                    counted = True
+                    self._spawn(self.store.record_failure(w.endpoint.name))
 
         try:
             if w.prefix:
@@ -488,7 +499,7 @@ class Router:
             async for chunk in w.resp.chunks():
                 seen(chunk)
                 yield chunk
-            if must_stop and not stopped and not counted:
+            if must_stop and not meter.stopped and not meter.errored:
                 raise UpstreamError("reset", "stream ended before message_stop")
         except UpstreamError:
             if not counted:

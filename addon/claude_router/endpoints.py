@@ -13,12 +13,14 @@ CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 @dataclass(frozen=True)
 class Endpoint:
     name: str
-    url: str  # scheme://host[:port][/path-prefix], no trailing slash
-    index: int  # 0-based position in price order
+    # scheme://host[:port][/path-prefix], no trailing slash; may hold user:password@, so it is
+    # kept out of repr (shown_url_for and origin are safe to show)
+    url: str = field(repr=False)
+    index: int = 0  # 0-based position in price order
     # The upstream's own credential; replaces the client's. Never shown anywhere.
     key: str | None = field(default=None, repr=False, compare=False)
     auth: str = "x-api-key"  # how the key is sent: "x-api-key" or "bearer"
-    headers: tuple[tuple[str, str], ...] = ()  # extra headers for this upstream
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry tokens
     price: object | None = None  # usage.Price, USD per million tokens
 
     def request_headers(self, client: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -27,6 +29,8 @@ class Endpoint:
         replace = {k.lower() for k, _ in self.headers}
         if self.key is not None:
             replace |= CREDENTIAL_HEADERS
+        elif "@" in urlsplit(self.url).netloc:
+            replace.add("authorization")  # the URL's user:password is this upstream's credential
         if not replace:
             return client
         out = [(k, v) for k, v in client if k.lower() not in replace]

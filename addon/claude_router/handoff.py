@@ -189,7 +189,7 @@ class _Connection(asyncio.Protocol):
         for line in head[1:]:
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-length":
-                body_len = int(value.strip() or 0)
+                body_len = int(value.strip()) if value.strip().isdigit() else 0
         if len(self.buf) < end + 4 + body_len:
             return None
         del self.buf[: end + 4 + body_len]

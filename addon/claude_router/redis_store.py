@@ -102,11 +102,12 @@ def _ms(seconds: float) -> int:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its password (user:password@ or ?password=), for messages."""
     scheme, sep, rest = url.partition("://")
+    rest, q, _ = rest.partition("?")
     if "@" in rest:
         rest = "***@" + rest.rpartition("@")[2]
-    return f"{scheme}{sep}{rest}"
+    return f"{scheme}{sep}{rest}" + ("?***" if q else "")
 
 
 class RedisHealthStore:
@@ -300,7 +301,7 @@ class RedisHealthStore:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RETRY_EVERY)
                     if msg is not None:
                         self._on_message(msg["data"])
-                    elif not self._up:  # a command failed meanwhile: check and re-sync
+                    if not self._up:  # a command failed meanwhile: check and re-sync
                         async with asyncio.timeout(self._op_timeout * 4):
                             await self._resync()
                         self._mark_up()
@@ -344,7 +345,7 @@ class RedisHealthStore:
                 (self._disabled.add if fields[1] == "1" else self._disabled.discard)(fields[0])
                 return
             self._apply(name, fields)
-        except ValueError:
+        except (ValueError, IndexError):
             log.debug("router: ignoring a malformed health message")
 
 

@@ -190,10 +190,14 @@ class Upstream:
                     read_until_eof=True,
                     proxy=None,
                 )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError("timeout", f"connect timed out after {timeouts.connect:g}s") from None
         except TimeoutError:
             raise UpstreamError("timeout", f"no response headers within {timeouts.headers:g}s") from None
         except (aiohttp.ClientError, OSError) as e:
             raise _classify(e) from None
+        except Exception as e:  # e.g. aiohttp refusing a header combination: this attempt failed
+            raise UpstreamError("error", f"request could not be sent ({type(e).__name__})") from None
         return UpstreamResponse(resp)
 
     async def close(self) -> None:

@@ -17,7 +17,9 @@ CACHE_READ_FACTOR = 0.1
 # A held partial event larger than this is dropped: a usage event is well under 1 KiB, so only
 # content (or garbage) gets that big, and it must not grow the proxy's memory.
 MAX_PARTIAL = 1 << 20
-_WANTED = (b"message_start", b"message_delta")  # a tuple: held names are bytearrays (unhashable)
+# A tuple: held names are bytearrays (unhashable). message_stop and error are read too (once
+# per stream at most), so the router can tell a complete stream from a cut one.
+_WANTED = (b"message_start", b"message_delta", b"message_stop", b"error")
 _CONTENT = b"event: content_block_delta\n"  # nearly every event of a stream: skipped first
 
 
@@ -62,9 +64,11 @@ class StreamUsage:
     carry usage (bounded by MAX_PARTIAL); everything else is dropped as soon as it is seen.
     """
 
-    __slots__ = ("_usage", "_buf", "_open", "_skip", "_nl", "_cr")
+    __slots__ = ("_usage", "_buf", "_open", "_skip", "_nl", "_cr", "stopped", "errored")
 
     def __init__(self) -> None:
+        self.stopped = False  # a message_stop event was seen
+        self.errored = False  # an error event was seen
         self._usage: Usage | None = None
         self._buf = bytearray()  # the start of an event that may carry usage; never starts with LF
         self._open = False  # the held event's first line is complete and says it is worth holding
@@ -206,6 +210,12 @@ class StreamUsage:
         if not isinstance(doc, dict):
             return
         kind = doc.get("type") if name is None else name.decode()
+        if kind == "message_stop":
+            self.stopped = True
+            return
+        if kind == "error":
+            self.errored = True
+            return
         if kind == "message_start":
             message = doc.get("message")
             counts = _counts(message.get("usage")) if isinstance(message, dict) else {}
