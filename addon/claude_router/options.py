@@ -79,7 +79,7 @@ STR_OPTIONS = {
         "",
         """
         A YAML file with endpoints (name, url, key, prices, headers), client keys and the
-        health and policy settings; see router.example.yaml. Edits apply within 2 s.
+        health and policy settings; see router.example.yaml. Edits apply within a second.
         """,
         None,
     ),
