@@ -286,3 +286,12 @@ def test_message_text_that_looks_like_sse_control_does_not_fool_the_router(mock,
     for _ in range(2):
         r = httpx.post(f"{router.base}/v1/messages", json=msg, timeout=30)
         assert r.headers["x-used-endpoint"] == "aws" and "event: error\n" not in r.text
+
+
+def test_refuses_keys_on_an_open_address_given_in_the_mode_spec(mock, start_router, tmp_path):
+    cfg = write_config(tmp_path / "router.yaml", mock, client_keys=False)
+    from conftest import free_port
+    router = start_router([], mode="none", env=ENV, wait=False, options={
+        "router_config": str(cfg), "mode": f"reverse:https://api.anthropic.com@0.0.0.0:{free_port()}"})
+    assert router.proc.wait(20) != 0
+    assert "no router_client_keys are set" in router.log()

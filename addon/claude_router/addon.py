@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 
 from mitmproxy import command, ctx, exceptions, http
-from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
+from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
 from . import config, options, policy, usage
@@ -113,7 +113,7 @@ class Router:
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = self._settings()
-        if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host"}:
+        if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host", "mode"}:
             self._refuse_open_keys(self.endpoints, self.client_keys)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
@@ -160,8 +160,14 @@ class Router:
         """Upstream keys behind an open door would let anyone on the network spend them."""
         if not any(ep.key for ep in endpoints) or client_keys:
             return
-        host = getattr(ctx.options, "listen_host", "127.0.0.1")
-        if not _is_loopback(host):
+        hosts = [getattr(ctx.options, "listen_host", "127.0.0.1")]
+        for spec in getattr(ctx.options, "mode", ()):  # e.g. reverse:https://x@0.0.0.0:8080
+            try:
+                hosts.append(ProxyMode.parse(spec).custom_listen_host or hosts[0])
+            except ValueError:
+                pass
+        host = next((h for h in hosts if not _is_loopback(h)), None)
+        if host is not None:
             raise exceptions.OptionsError(
                 f"endpoints hold their own keys but no router_client_keys are set, and the router "
                 f"listens on {host or 'every interface'}: set router_client_keys (or client_keys "
@@ -437,8 +443,8 @@ class Router:
         """Set a complete response on the flow (mitmproxy sends it; no upstream connection)."""
         if info.endpoint is not None:
             flow.request.url = info.url
-            if answer.status < 300:
-                info.tokens = usage.from_json(answer.body)
+            if answer.status < 300 and len(answer.body) < 1 << 20 and b'"usage"' in answer.body:
+                info.tokens = usage.from_json(answer.body)  # Messages answers; nothing else is parsed
         fields = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in answer.headers + self._route_headers(info)

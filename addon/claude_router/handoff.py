@@ -58,10 +58,6 @@ class HandoffServer:
         self._inflight: defaultdict[tuple[str, int], int] = defaultdict(int)
         self._grow_lock = asyncio.Lock()
 
-    @property
-    def ports(self) -> list[int]:
-        return list(self._ports)
-
     async def _listen(self) -> int:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: _Connection(self), self.host, 0)
@@ -96,8 +92,7 @@ class HandoffServer:
         """The flow will never fetch it (the client went away): abort the upstream."""
         parked = self._claim(path.rpartition("/")[2])
         if parked:
-            parked.close()
-            self.done(parked)
+            self._drop(parked)
 
     def _claim(self, token: str) -> Parked | None:
         parked = self._parked.pop(token, None)
@@ -109,8 +104,11 @@ class HandoffServer:
         parked = self._parked.pop(token, None)
         if parked:
             log.warning("dropping a routed response nobody fetched within %ss", CLAIM_TIMEOUT)
-            parked.close()
-            self.done(parked)
+            self._drop(parked)
+
+    def _drop(self, parked: Parked) -> None:
+        parked.close()
+        self.done(parked)
 
     def done(self, parked: Parked) -> None:
         key = (parked.client, parked.port)
@@ -214,6 +212,10 @@ class _Connection(asyncio.Protocol):
         finally:
             parked.close()  # no-op after a complete body; aborts the upstream otherwise
             self.server.done(parked)
+            try:
+                await parked.body.aclose()  # runs the body's clean-up (stats, log line) now
+            except Exception:  # noqa: BLE001 - clean-up must not take the connection down
+                log.exception("handoff: closing a response body failed")
         return True
 
     def _write_gone(self) -> None:

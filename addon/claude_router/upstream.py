@@ -115,9 +115,6 @@ class UpstreamResponse:
         """Abort: the upstream connection is closed, not reused."""
         self._resp.close()
 
-    def release(self) -> None:
-        """Done with a fully read body: the connection goes back to the pool."""
-        self._resp.release()
 
 
 def _classify(e: BaseException) -> UpstreamError:
