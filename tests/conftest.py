@@ -139,6 +139,40 @@ class RouterProc:
         return log
 
 
+def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
+                  options: dict | None = None, tool: str = "mitmdump", config: Path | None = None,
+                  env: dict | None = None, wait: bool = True) -> RouterProc:
+    """Start mitmdump (or mitmweb) with the addon on a free port; the caller stops it."""
+    tool = MITMWEB if tool == "mitmweb" else MITMDUMP
+    port = free_port()
+    confdir = workdir / f"conf{name}"
+    confdir.mkdir()
+    if config is not None:
+        (confdir / "config.yaml").write_text(config.read_text())
+    args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
+            "-s", str(ROOT / "addon" / "router.py"),
+            "--listen-host", (options or {}).get("listen_host", "127.0.0.1"), "--listen-port", str(port),
+            "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
+    if mode == "reverse":
+        args += ["--mode", "reverse:https://api.anthropic.com"]
+    for ep in endpoints:
+        args += ["--set", f"router_endpoints={ep}"]
+    for k, v in (options or {}).items():
+        for item in (v if isinstance(v, list) else [v]):
+            args += ["--set", f"{k}={item}"]
+    log = workdir / f"router{name}.log"
+    environ = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()} | (env or {})
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
+    router = RouterProc(proc, port, confdir, log)
+    if wait:
+        try:
+            wait_port(port, proc)
+        except Exception:
+            stop(proc)
+            raise RuntimeError(f"router did not start:\n{router.log()}")
+    return router
+
+
 @pytest.fixture
 def start_router(tmp_path):
     """start_router(endpoints=[...], mode="reverse", options={...}) -> RouterProc."""
@@ -146,34 +180,8 @@ def start_router(tmp_path):
 
     def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump",
               config: Path | None = None, env: dict | None = None, wait: bool = True):
-        tool = MITMWEB if tool == "mitmweb" else MITMDUMP
-        port = free_port()
-        confdir = tmp_path / f"conf{len(procs)}"
-        confdir.mkdir()
-        if config is not None:
-            (confdir / "config.yaml").write_text(config.read_text())
-        args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
-                "-s", str(ROOT / "addon" / "router.py"),
-                "--listen-host", (options or {}).get("listen_host", "127.0.0.1"), "--listen-port", str(port),
-                "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
-        if mode == "reverse":
-            args += ["--mode", "reverse:https://api.anthropic.com"]
-        for ep in endpoints:
-            args += ["--set", f"router_endpoints={ep}"]
-        for k, v in (options or {}).items():
-            for item in (v if isinstance(v, list) else [v]):
-                args += ["--set", f"{k}={item}"]
-        log = tmp_path / f"router{len(procs)}.log"
-        environ = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()} | (env or {})
-        proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
-        r = RouterProc(proc, port, confdir, log)
+        r = launch_router(tmp_path, f"{len(procs)}", endpoints, mode, options, tool, config, env, wait)
         procs.append(r)
-        if not wait:
-            return r
-        try:
-            wait_port(port, proc)
-        except Exception:
-            raise RuntimeError(f"router did not start:\n{r.log()}")
         return r
 
     yield start

@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import MITMDUMP, ROOT, RedisServer, RouterProc, closed_port_url, free_port, stop, wait_port
+from conftest import (MITMDUMP, ROOT, RedisServer, RouterProc, closed_port_url, free_port,
+                      launch_router, stop, wait_port)
 from streams import STREAM_MSG
 
 MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -47,35 +48,6 @@ _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def launch_router(workdir: Path, endpoints: list[str], options: dict | None = None,
-                  env: dict | None = None) -> RouterProc:
-    """A mitmdump with the addon in reverse mode, like conftest's start_router, but usable
-    from module-scoped fixtures and with extra environment (SSL_CERT_FILE for the TLS drill)."""
-    port = free_port()
-    confdir = workdir / f"conf{port}"
-    confdir.mkdir()
-    args = [MITMDUMP, "-s", str(ROOT / "addon" / "router.py"),
-            "--listen-host", "127.0.0.1", "--listen-port", str(port),
-            "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info",
-            "--mode", "reverse:https://api.anthropic.com"]
-    for ep in endpoints:
-        args += ["--set", f"router_endpoints={ep}"]
-    for k, v in (options or {}).items():
-        for item in (v if isinstance(v, list) else [v]):
-            args += ["--set", f"{k}={item}"]
-    log = workdir / f"router{port}.log"
-    environ = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    environ.update(env or {})
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
-    router = RouterProc(proc, port, confdir, log)
-    try:
-        wait_port(port, proc)
-    except Exception:
-        stop(proc)
-        raise RuntimeError(f"router did not start:\n{router.log()}")
-    return router
-
-
 @pytest.fixture(scope="module")
 def module_routers(tmp_path_factory):
     """launch(endpoints, options, env) -> RouterProc, stopped at the end of the module."""
@@ -83,7 +55,7 @@ def module_routers(tmp_path_factory):
     started: list[RouterProc] = []
 
     def launch(endpoints, options=None, env=None):
-        started.append(launch_router(workdir, endpoints, options, env))
+        started.append(launch_router(workdir, str(len(started)), endpoints, options=options, env=env))
         return started[-1]
 
     yield launch
