@@ -29,15 +29,23 @@ def from_router(url: str, key: str) -> dict:
 def from_redis(url: str, prefix: str) -> dict:
     import redis
 
+    from claude_router.redis_store import SEP
+
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     now = time.time()
-    disabled = {n.decode() for n in client.smembers(f"{prefix}disabled")}
+    try:
+        disabled = {n.decode() for n in client.smembers(f"{prefix}{SEP}disabled")}
+    except redis.ResponseError:  # a stray key of another type
+        disabled = set()
     rows = []
-    skip = {f"{prefix}events:version".encode(), f"{prefix}disabled".encode()}
-    for i, key in enumerate(sorted(k for k in client.scan_iter(match=f"{prefix}*") if k not in skip)):
-        f, e, u, p = (int(v or 0) for v in client.hmget(key, "f", "e", "u", "p"))
+    ep_prefix = f"{prefix}{SEP}ep{SEP}"
+    for i, key in enumerate(sorted(client.scan_iter(match=ep_prefix.replace("[", "\\[") + "*"))):
+        try:
+            f, e, u, p = (int(v or 0) for v in client.hmget(key, "f", "e", "u", "p"))
+        except (redis.ResponseError, ValueError):
+            continue  # not a health hash: the router reads it as healthy too
         h = Health(f, e, u / 1000, p / 1000)
-        name = key.decode()[len(prefix):]
+        name = key.decode()[len(ep_prefix):]
         rows.append({"index": i, "name": name, "state": "disabled" if name in disabled else phase(h, now).value,
                      "consecutive_failures": f, "cooldown_seconds_left":
                      round(h.ejected_until - now, 1) if phase(h, now) is Phase.COOLING else 0,

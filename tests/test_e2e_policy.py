@@ -37,11 +37,11 @@ def test_a_4xx_only_one_endpoint_gives_keeps_failing_over(mock, start_router):
     assert raw.headers["x-router-attempts"] == "aws:422, droid:200"
 
 
-def test_429_with_retry_after_cools_the_endpoint_for_that_long(mock, start_router):
-    mock.fault("aws", status=429, retry_after=5, times=1)
+def test_529_with_retry_after_cools_the_endpoint_for_that_long(mock, start_router):
+    mock.fault("aws", status=529, retry_after=5, times=1)
     router = start_router(tiers(mock, "aws", "droid"))
     client = sdk(router)
-    assert client.messages.with_raw_response.create(**MSG).headers["x-router-attempts"] == "aws:429, droid:200"
+    assert client.messages.with_raw_response.create(**MSG).headers["x-router-attempts"] == "aws:529, droid:200"
     tripped = time.monotonic()
     while time.monotonic() - tripped < 4.5:
         assert client.messages.with_raw_response.create(**MSG).headers["x-used-endpoint"] == "droid"
@@ -122,10 +122,10 @@ def test_all_cooling_answers_529_with_retry_after(mock, start_router):
 
 
 def test_retry_after_over_60_is_capped_for_clients(mock, start_router):
-    mock.fault("aws", status=429, retry_after=3600)
+    mock.fault("aws", status=529, retry_after=3600)
     router = start_router(tiers(mock, "aws"))
     r = httpx.post(f"{router.base}/v1/messages", json=MSG)
-    assert r.status_code == 429 and r.headers["retry-after"] == "60"
+    assert r.status_code == 529 and r.headers["retry-after"] == "60"
 
 
 def test_attempt_cap_bounds_the_work_per_request(mock, start_router):

@@ -146,14 +146,25 @@ def test_all_cooling_with_try_still_tries_every_endpoint_in_order(mock, start_ro
 
 def test_all_fail_returns_last_upstream_error_as_sent(mock, start_router):
     mock.fault("aws", status=529)
-    mock.fault("droid", status=429, retry_after=7, message="slow down")
+    mock.fault("droid", status=503, retry_after=7, message="slow down")
     router = start_router(tiers(mock, "aws", "droid") + [f"dead={closed_port_url()}"])
     r = httpx.post(f"{router.base}/v1/messages", json=MSG)
-    assert r.status_code == 429
+    assert r.status_code == 503
     assert r.headers["retry-after"] == "7"
-    assert r.json()["error"] == {"type": "rate_limit_error", "message": "slow down"}
+    assert r.json()["error"] == {"type": "api_error", "message": "slow down"}
     assert r.headers["x-used-endpoint"] == "droid"
-    assert r.headers["x-router-attempts"] == "aws:529, droid:429, dead:refused"
+    assert r.headers["x-router-attempts"] == "aws:529, droid:503, dead:refused"
+
+
+def test_a_429_from_an_endpoint_using_the_clients_key_goes_back_at_once(mock, start_router):
+    mock.fault("aws", status=429, retry_after=600, message="your quota")
+    router = start_router(tiers(mock, "aws", "droid"))
+    r = httpx.post(f"{router.base}/v1/messages", json=MSG)
+    assert (r.status_code, r.headers["x-router-attempts"]) == (429, "aws:429")
+    assert r.json()["error"]["message"] == "your quota"
+    mock.fault("aws")
+    r = httpx.post(f"{router.base}/v1/messages", json=MSG)  # not cooled for everybody
+    assert r.headers["x-router-attempts"] == "aws:200"
 
 
 def test_no_upstream_answer_gives_502_in_anthropic_shape_without_secrets(start_router):

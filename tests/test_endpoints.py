@@ -65,9 +65,30 @@ def test_repr_never_shows_key_url_credentials_or_extra_headers():
     assert not any(s in repr(ep) for s in ("hunter2", "sk-own", "tok-9"))
 
 
-def test_url_credentials_replace_the_clients_authorization_header():
+def test_url_credentials_replace_both_of_the_clients_credentials():
     ep = parse_endpoint("a=https://user:pw@r/a", 0)
-    assert ep.request_headers([("Authorization", "Bearer c"), ("x-api-key", "k")]) == [("x-api-key", "k")]
+    assert ep.request_headers([("Authorization", "Bearer c"), ("x-api-key", "k"), ("x", "1")]) == [("x", "1")]
+
+
+def test_url_credentials_are_the_endpoints_own_and_a_secret():
+    ep = parse_endpoint("a=https://user:pw-0123456789@r/a", 0)
+    assert ep.own_credentials and ep.holds_secrets and ep.secrets == ("pw-0123456789",)
+
+
+def test_an_endpoint_without_credentials_uses_the_clients():
+    ep = parse_endpoint("a=https://r/a", 0)
+    assert not ep.own_credentials and not ep.holds_secrets and ep.secrets == ()
+
+
+def test_a_credential_named_extra_header_is_the_endpoints_own():
+    from claude_router.endpoints import Endpoint
+    assert Endpoint("a", "https://r", headers=(("X-Relay-Token", "t0123456789"),)).own_credentials
+    assert not Endpoint("a", "https://r", headers=(("anthropic-beta", "x"),)).own_credentials
+
+
+def test_an_endpoint_url_with_a_control_character_is_refused():
+    with pytest.raises(ValueError, match="control"):
+        parse_endpoint("a=https://r/a\r\nX: y", 0)
 
 
 def test_redis_url_redaction_hides_both_password_forms():

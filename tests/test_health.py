@@ -1,5 +1,7 @@
 """The breaker's transitions, as pure functions and through the memory store (injected clock)."""
 
+from dataclasses import replace
+
 import pytest
 
 from claude_router.health import (
@@ -10,6 +12,7 @@ from claude_router.health import (
     after_failure,
     after_success,
     phase,
+    release_probe,
     seconds_left,
     try_probe,
 )
@@ -69,6 +72,28 @@ def test_probe_failure_ejects_again_for_longer():
     assert h.ejections == 2
 
 
+def test_release_frees_a_probe_in_flight_at_once():
+    h = try_probe(fail(HEALTHY, 0, 3), 60, B)
+    freed = release_probe(h, 61)
+    assert phase(freed, 61) is Phase.HALF_OPEN
+    assert freed == replace(h, probe_until=0.0)
+    assert try_probe(freed, 61, B) is not None
+
+
+def test_release_changes_nothing_but_a_probe_in_flight():
+    half_open = fail(HEALTHY, 0, 3)
+    for h, now in [(HEALTHY, 0), (fail(HEALTHY, 0, 2), 0), (half_open, 10), (half_open, 60),
+                   (try_probe(half_open, 60, B), 90)]:  # healthy, failing, cooling, half-open, expired
+        assert release_probe(h, now) is h
+
+
+def test_release_with_held_frees_only_that_probe():
+    first = try_probe(fail(HEALTHY, 0, 3), 60, B)
+    second = try_probe(first, 95, B)  # the first expired at 90; another request took a new one
+    assert release_probe(second, 96, held=first.probe_until) is second
+    assert phase(release_probe(second, 96, held=second.probe_until), 96) is Phase.HALF_OPEN
+
+
 def test_repeated_ejections_are_capped_and_jittered():
     assert B.ejection_time(10, rand=0.0) == 600
     assert B.ejection_time(2, rand=1.0) == pytest.approx(144)
@@ -121,3 +146,33 @@ async def test_memory_store_success_on_healthy_writes_nothing():
     store = MemoryHealthStore(B, clock=Clock())
     await store.record_success("aws")
     assert dict(await store.view()) == {}
+
+
+async def test_memory_store_release_probe_lets_the_next_request_probe():
+    clock = Clock()
+    store = MemoryHealthStore(B, clock=clock, rand=lambda: 0.0)
+    for _ in range(3):
+        await store.record_failure("aws")
+    clock.t += 60
+    assert await store.try_probe("aws") is True
+    assert await store.try_probe("aws") is False
+    clock.t += 1
+    await store.release_probe("aws")  # its client went away: no outcome
+    assert phase((await store.view())["aws"], clock()) is Phase.HALF_OPEN
+    assert await store.try_probe("aws") is True
+    assert await store.try_probe("aws") is False
+
+
+async def test_memory_store_release_without_a_probe_held_changes_nothing():
+    clock = Clock()
+    store = MemoryHealthStore(B, clock=clock, rand=lambda: 0.0)
+    await store.release_probe("aws")
+    assert dict(await store.view()) == {}
+    for _ in range(3):
+        await store.record_failure("aws")
+    clock.t += 60
+    assert await store.try_probe("aws") is True
+    await store.record_failure("aws")  # the probe failed: an outcome, nothing left to release
+    cooling = (await store.view())["aws"]
+    await store.release_probe("aws")
+    assert (await store.view())["aws"] is cooling

@@ -119,8 +119,9 @@ async def test_reset_heals(env):
 # -- Redis only ---------------------------------------------------------------------------
 
 
-async def two_instances(server, clock, breaker=B):
-    stores = [RedisHealthStore(server.url, breaker, clock=clock, rand=lambda: 0.0) for _ in range(2)]
+async def two_instances(server, clock, breaker=B, op_timeout=0.25):
+    stores = [RedisHealthStore(server.url, breaker, clock=clock, rand=lambda: 0.0, op_timeout=op_timeout)
+              for _ in range(2)]
     for s in stores:
         s.track(NAMES)
         assert await s.wait_synced(5)
@@ -132,14 +133,16 @@ async def test_keys_expire_after_twice_the_cooldown(redis_server):
     store.track(NAMES)
     await store.wait_synced(5)
     await store.record_failure("aws")
-    ttl = int(redis_server.cli("PTTL", "endpoint_health_aws"))
+    ttl = int(redis_server.cli("PTTL", "endpoint_health_|ep|aws"))
     assert 119_000 < ttl <= 120_000
     await store.close()
 
 
 async def test_concurrent_failures_across_instances_count_exactly(redis_server):
     clock = Clock()
-    a, b = await two_instances(redis_server, clock, Breaker(max_failures=100, cooldown=60))
+    # a generous timeout: this is about atomicity, and 98 calls at once on a busy machine
+    # could otherwise time out and (rightly) count locally
+    a, b = await two_instances(redis_server, clock, Breaker(max_failures=100, cooldown=60), op_timeout=3)
     await asyncio.gather(*(s.record_failure("aws") for s in (a, b) for _ in range(49)))
     h = await b.record_failure("aws")
     assert (h.failures, h.ejections) == (99, 0)
@@ -220,3 +223,450 @@ async def _eventually(cond, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.05)
     return cond()
+
+
+# -- releasing an abandoned probe (both stores) ---------------------------------------------
+
+
+async def test_a_released_probe_is_free_at_once(env):
+    store, clock = env
+    for _ in range(3):
+        await store.record_failure("aws")
+    clock.t += 60
+    assert await store.try_probe("aws") is True
+    assert await store.try_probe("aws") is False
+    clock.t += 1
+    await store.release_probe("aws")  # the probing request's client went away
+    h = await state(store)
+    assert phase(h, clock()) is Phase.HALF_OPEN and h.ejections == 1  # nothing else changed
+    assert await store.try_probe("aws") is True  # the next request probes now, not in 30 s
+    assert await store.try_probe("aws") is False
+
+
+async def test_release_without_a_probe_of_ours_changes_nothing(env):
+    store, clock = env
+    await store.release_probe("aws")
+    assert dict(await store.view()) == {}
+    for _ in range(3):
+        await store.record_failure("aws")
+    cooling = await state(store)
+    await store.release_probe("aws")
+    assert await state(store) == cooling
+    clock.t += 60
+    assert await store.try_probe("aws") is True
+    await store.record_success("aws")  # an outcome: the probe is over
+    await store.release_probe("aws")
+    assert phase(await state(store), clock()) is Phase.HEALTHY
+
+
+# -- Redis: the key scheme ------------------------------------------------------------------
+
+
+async def synced(server, clock, names, prefix="endpoint_health_"):
+    store = RedisHealthStore(server.url, B, prefix=prefix, clock=clock, rand=lambda: 0.0)
+    store.track(names)
+    assert await store.wait_synced(5)
+    return store
+
+
+def test_key_scheme():
+    store = RedisHealthStore("redis://127.0.0.1:1/0", B)
+    assert store.key("aws") == "endpoint_health_|ep|aws"
+    assert (store._disabled_key, store._version_key, store.channel) == (
+        "endpoint_health_|disabled", "endpoint_health_|version", "endpoint_health_|events")
+
+
+@pytest.mark.parametrize("prefix", ["a|b", "|", "health|"])
+def test_a_prefix_with_the_separator_is_refused(prefix):
+    with pytest.raises(ValueError, match=r"router_key_prefix must not contain '\|'"):
+        RedisHealthStore("redis://127.0.0.1:1/0", B, prefix=prefix)
+
+
+async def test_prefixes_that_prefix_each_other_do_not_collide(redis_server):
+    """p + adisabled and pa + disabled were one key ("padisabled") in the old scheme."""
+    clock = Clock()
+    p = await synced(redis_server, clock, ("adisabled", "aevents"), prefix="p")
+    pa = await synced(redis_server, clock, ("disabled", "events"), prefix="pa")
+    for _ in range(3):
+        await p.record_failure("adisabled")
+    await pa.record_failure("events")
+    await pa.set_disabled("disabled", True)
+    await p.set_disabled("aevents", True)
+    await asyncio.sleep(0.1)  # let any cross-talk on the channels arrive
+    assert set(p.current()) == {"adisabled"} and p.disabled == {"aevents"}
+    assert set(pa.current()) == {"events"} and pa.disabled == {"disabled"}
+    assert p.connected and pa.connected
+    # and a fresh instance of each reads back exactly its own
+    p2 = await synced(redis_server, clock, ("adisabled", "aevents"), prefix="p")
+    pa2 = await synced(redis_server, clock, ("disabled", "events"), prefix="pa")
+    assert phase(p2.current()["adisabled"], clock()) is Phase.COOLING and p2.disabled == {"aevents"}
+    assert pa2.current()["events"].failures == 1 and pa2.disabled == {"disabled"}
+    assert set(redis_server.cli("KEYS", "*").split()) == {
+        "p|ep|adisabled", "p|disabled", "p|version", "pa|ep|events", "pa|disabled", "pa|version"}
+    for s in (p, pa, p2, pa2):
+        await s.close()
+
+
+async def test_endpoints_named_like_the_store_keys_work(redis_server):
+    clock = Clock()
+    names = ("disabled", "events", "version", "ep")
+    a = await synced(redis_server, clock, names)
+    b = await synced(redis_server, clock, names)
+    for name in names:
+        for _ in range(3):
+            await a.record_failure(name)
+    await a.set_disabled("disabled", True)
+    await a.set_disabled("events", True)
+    assert await _eventually(
+        lambda: set(b.current()) == set(names) and b.disabled == {"disabled", "events"}, 2)
+    assert all(phase(h, clock()) is Phase.COOLING for h in b.current().values())
+    clock.t += 60
+    assert await b.try_probe("events") and not await a.try_probe("events")
+    await b.record_success("events")
+    await a.set_disabled("events", False)
+    assert await _eventually(lambda: "events" not in a.current() and a.disabled == {"disabled"}, 2)
+    assert a.connected and b.connected
+    for s in (a, b):
+        await s.close()
+
+
+# -- Redis: releasing a probe across instances ----------------------------------------------
+
+
+async def test_a_released_probe_is_free_on_every_instance(redis_server):
+    clock = Clock()
+    a, b = await two_instances(redis_server, clock)
+    for _ in range(3):
+        await a.record_failure("aws")
+    clock.t += 60
+    assert await a.try_probe("aws")
+    assert await _eventually(lambda: phase(b.current()["aws"], clock()) is Phase.PROBING, 2)
+    await a.release_probe("aws")
+    assert await _eventually(lambda: phase(b.current()["aws"], clock()) is Phase.HALF_OPEN, 2)
+    assert await b.try_probe("aws") and not await a.try_probe("aws")
+    for s in (a, b):
+        await s.close()
+
+
+async def test_release_keeps_a_probe_taken_after_ours_expired(redis_server):
+    clock = Clock()
+    a, b = await two_instances(redis_server, clock)
+    for _ in range(3):
+        await a.record_failure("aws")
+    clock.t += 60
+    assert await a.try_probe("aws")
+    clock.t += 31  # a's probe never reported: its lock expired, and b took a new one
+    assert await b.try_probe("aws")
+    await a.release_probe("aws")  # a's request goes away late: b's probe must stay held
+    assert not await a.try_probe("aws")
+    assert int(redis_server.cli("HGET", "endpoint_health_|ep|aws", "p")) == round((clock() + 30) * 1000)
+    for s in (a, b):
+        await s.close()
+
+
+async def test_release_while_redis_is_down_frees_the_local_probe(own_redis):
+    server = own_redis()
+    clock = Clock()
+    store = await synced(server, clock, NAMES)
+    for _ in range(3):
+        await store.record_failure("aws")
+    clock.t += 60
+    assert await store.try_probe("aws")
+    server.stop()
+    await store.release_probe("aws")
+    assert phase(store.current()["aws"], clock()) is Phase.HALF_OPEN
+    assert await store.try_probe("aws") and not store.connected
+    await store.close()
+
+
+# -- Redis: stray keys under the prefix cost only themselves --------------------------------
+
+P = "endpoint_health_|"
+
+
+async def test_stray_keys_are_read_as_healthy_and_the_rest_syncs(redis_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="claude_router")
+    clock = Clock()
+    names = ("aws", "droid", "ultra", "plain", "big")
+    writer = await synced(redis_server, clock, names)
+    for _ in range(3):
+        await writer.record_failure("ultra")
+    await writer.close()
+    redis_server.cli("LPUSH", P + "ep|aws", "x")  # another type
+    redis_server.cli("HSET", P + "ep|droid", "f", "abc", "e", "1")  # not numbers
+    redis_server.cli("HSET", P + "ep|plain", "u", "1.5")  # not an integer
+    redis_server.cli("HSET", P + "ep|big", "u", "9" * 30)  # out of range
+    redis_server.cli("SET", P + "disabled", "not a set")
+    store = await synced(redis_server, clock, names)
+    assert store.connected
+    assert set(store.current()) == {"ultra"}  # the good key still counts
+    assert phase(store.current()["ultra"], clock()) is Phase.COOLING
+    assert store.disabled == frozenset()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for key in ("ep|aws", "ep|droid", "ep|plain", "ep|big", "disabled"):
+        assert sum(P + key in m for m in warnings) == 1, warnings
+    assert not any("unavailable" in m for m in warnings)
+    store._up = False  # the supervisor re-syncs: the same strays are not logged again
+    assert await _eventually(lambda: store.connected, 3)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == len(warnings)
+    await store.close()
+
+
+async def test_an_error_reply_other_than_wrongtype_is_an_outage_not_a_stray(own_redis, caplog):
+    server = own_redis()
+    server.cli("ACL", "SETUSER", "router", "on", ">pw", "+@all", "&*", f"~{P}ep|aws",
+               f"~{P}disabled", f"~{P}version")  # no access to droid's key
+    store = RedisHealthStore(f"redis://router:pw@127.0.0.1:{server.port}/0", B, clock=Clock())
+    store.track(NAMES)
+    assert await store.wait_synced(1.2) is False
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "unavailable (NoPermissionError" in messages and "is not a hash" not in messages
+    await store.record_failure("droid")  # served locally all the same
+    assert store.current()["droid"].failures == 1
+    await store.close()
+
+
+STRAYS = {
+    "string": ("SET", "x"),
+    "list": ("LPUSH", "x"),
+    "set": ("SADD", "x"),
+    "zset": ("ZADD", "1", "x"),
+    "hash f=abc": ("HSET", "f", "abc", "e", "7", "junk", "1"),
+    "hash u=1.5": ("HSET", "f", "2", "u", "1.5"),
+    "hash u=-5": ("HSET", "u", "-5"),
+}
+
+
+@pytest.mark.parametrize("stray", STRAYS)
+async def test_transitions_replace_a_stray_key_with_a_proper_state(redis_server, stray):
+    clock = Clock()
+    cmd, *args = STRAYS[stray]
+    redis_server.cli(cmd, P + "ep|aws", *args)
+    a, b = await two_instances(redis_server, clock)
+    assert await a.try_probe("aws")  # read as healthy: go
+    h = await a.record_failure("aws")
+    assert (h.failures, h.ejections) == (1, 0) and a.connected
+    assert redis_server.cli("TYPE", P + "ep|aws") == "hash"
+    assert redis_server.cli("HGETALL", P + "ep|aws").split()[::2] == ["f", "e", "u", "p", "v"]
+    assert await _eventually(lambda: b.current().get("aws") == h, 2)
+    await a.record_success("aws")
+    assert redis_server.cli("EXISTS", P + "ep|aws") == "0"
+    for s in (a, b):
+        await s.close()
+
+
+async def test_success_and_reset_delete_a_stray_key_of_any_type(redis_server):
+    clock = Clock()
+    store = await synced(redis_server, clock, NAMES)
+    redis_server.cli("LPUSH", P + "ep|aws", "x")
+    redis_server.cli("SET", P + "ep|droid", "x")
+    await store.reset()
+    assert redis_server.cli("EXISTS", P + "ep|aws", P + "ep|droid") == "0" and store.connected
+    await store.close()
+
+
+@pytest.mark.parametrize("stray", [("SET", "abc"), ("LPUSH", "x"), ("SET", "99999999999999999999999")])
+async def test_a_stray_version_counter_is_restarted_above_every_version(redis_server, stray):
+    clock = Clock()
+    a, b = await two_instances(redis_server, clock)
+    for _ in range(3):
+        await a.record_failure("droid")  # versions 1..3, seen by b
+    assert await _eventually(lambda: "droid" in b.current(), 2)
+    redis_server.cli("DEL", P + "version")
+    redis_server.cli(stray[0], P + "version", stray[1])
+    h = await a.record_failure("aws")
+    assert h.failures == 1 and a.connected
+    assert int(redis_server.cli("GET", P + "version")) == round(clock() * 1000)
+    assert await _eventually(lambda: b.current().get("aws") == h, 2)  # b takes the new version
+    await a.record_success("droid")
+    assert await _eventually(lambda: "droid" not in b.current(), 2)
+    for s in (a, b):
+        await s.close()
+
+
+async def test_set_disabled_replaces_a_stray_disabled_key(redis_server):
+    clock = Clock()
+    redis_server.cli("LPUSH", P + "disabled", "aws")
+    a, b = await two_instances(redis_server, clock)
+    await a.set_disabled("aws", True)
+    assert a.connected and redis_server.cli("SMEMBERS", P + "disabled") == "aws"
+    assert await _eventually(lambda: b.disabled == {"aws"}, 2)
+    redis_server.cli("SET", P + "disabled", "x")
+    await a.set_disabled("aws", False)
+    assert redis_server.cli("TYPE", P + "disabled") in ("set", "none") and a.connected
+    assert await _eventually(lambda: b.disabled == frozenset(), 2)
+    for s in (a, b):
+        await s.close()
+
+
+async def test_malformed_messages_are_ignored(redis_server):
+    clock = Clock()
+    store = await synced(redis_server, clock, NAMES)
+    for junk in ["", "aws", "aws|1|2", "aws|a|b|c|d|e", "aws|1|2|3|4|5|6", "aws|-1|0|0|0|9",
+                 "!disabled|aws", "!disabled|aws|yes", "!disabled|a b|1", "\xff\xfe|1|1|1|1|1",
+                 "aws|1|0|0|0|" + "9" * 40]:
+        redis_server.cli("PUBLISH", P + "events", junk)
+    redis_server.cli("PUBLISH", P + "events", "droid|2|0|0|0|7")  # a good one still applies
+    assert await _eventually(lambda: "droid" in store.current(), 2)
+    assert store.current()["droid"].failures == 2 and set(store.current()) == {"droid"}
+    assert store.connected and not store._supervisor.done()
+    await store.close()
+
+
+# -- Redis: any malformed reply is an outage for that call ----------------------------------
+
+
+def _answers(reply):
+    async def script(keys=(), args=()):
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+    return script
+
+
+GARBAGE_REPLIES = {
+    "None": None, "str": "garbage", "bytes": b"OK", "int": 7, "negative": -5, "empty": [],
+    "short": [1, 2], "long": [1] * 9, "text": [b"x"] * 6, "floats": [0.5] * 6, "nested": [[1]] * 6,
+    "dict": {"f": 1}, "huge": [1, 10**30, 0, 0, 0, 1], "ValueError": ValueError("bad"),
+    "IndexError": IndexError("bad"), "UnicodeDecodeError": UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"),
+}
+
+
+@pytest.mark.parametrize("reply", GARBAGE_REPLIES)
+async def test_a_malformed_reply_is_an_outage_for_that_call(redis_server, caplog, reply):
+    clock = Clock()
+    store = await synced(redis_server, clock, NAMES)
+    garbage = _answers(GARBAGE_REPLIES[reply])
+    store._failure = store._probe = store._release = store._success = store._set_disabled = garbage
+
+    async def on_redis(call):
+        store._up = True  # take the Redis path, whatever the supervisor did meanwhile
+        return await call
+
+    for _ in range(3):
+        await on_redis(store.record_failure("aws"))
+    assert phase(store.current()["aws"], clock()) is Phase.COOLING  # local transitions
+    clock.t += 60
+    assert await on_redis(store.try_probe("aws")) is True
+    assert await on_redis(store.try_probe("aws")) is False
+    await on_redis(store.release_probe("aws"))
+    assert phase(store.current()["aws"], clock()) is Phase.HALF_OPEN
+    await on_redis(store.set_disabled("droid", True))
+    assert store.disabled == {"droid"}
+    await on_redis(store.record_failure("droid"))
+    await on_redis(store.record_success("droid"))
+    await on_redis(store.reset())
+    assert dict(await on_redis(store.view())) == {}
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+    assert not store._supervisor.done()
+    await store.close()
+
+
+class FakeRedis:
+    """A TCP server on a free loopback port in Redis's place. ``mode`` says what it does with
+    every chunk it is sent: "pass" relays it to a real Redis (and the answers back), "garbage"
+    answers bytes that are not RESP, "ok" answers +OK (RESP, but not what was asked), "idle"
+    never answers."""
+
+    REPLIES = {"garbage": b"HTTP/1.1 200 OK\r\n\r\n\x00\xff garbage\r\n", "ok": b"+OK\r\n"}
+
+    def __init__(self, mode: str, upstream: int | None = None) -> None:
+        self.mode, self.upstream = mode, upstream
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> "FakeRedis":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def _serve(self, reader, writer) -> None:
+        self.writers.append(writer)
+        up = None
+        if self.upstream is not None:
+            up_reader, up = await asyncio.open_connection("127.0.0.1", self.upstream)
+            self.writers.append(up)
+            asyncio.ensure_future(self._relay_back(up_reader, writer))
+        try:
+            while data := await reader.read(65536):
+                if self.mode == "pass" and up is not None:
+                    up.write(data)
+                elif self.mode in self.REPLIES:
+                    writer.write(self.REPLIES[self.mode])
+                    await writer.drain()
+        except OSError:
+            pass
+        finally:
+            for w in (writer, up):
+                if w is not None:
+                    w.close()
+
+    async def _relay_back(self, reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.mode == "pass":
+                    writer.write(data)
+        except OSError:
+            pass
+
+    async def close(self) -> None:
+        self.server.close()
+        for w in self.writers:
+            w.close()
+
+
+@pytest.mark.parametrize("mode", ["garbage", "ok", "idle"])
+async def test_a_server_that_is_not_redis_never_fails_a_call(mode, caplog):
+    fake = await FakeRedis(mode).start()
+    clock = Clock()
+    store = RedisHealthStore(fake.url, B, clock=clock, rand=lambda: 0.0)
+    store.track(NAMES)
+    assert await store.wait_synced(1.2) is False
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for _ in range(3):
+        await store.record_failure("aws")
+    clock.t += 60
+    assert await store.try_probe("aws")
+    await store.release_probe("aws")
+    await store.set_disabled("droid", True)
+    await store.record_success("aws")
+    await store.reset()
+    assert dict(await store.view()) == {} and store.disabled == {"droid"}
+    assert loop.time() - t0 < 1.0
+    outages = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(outages) == 1 and not store.connected and not store._supervisor.done()
+    await store.close()
+    await fake.close()
+
+
+@pytest.mark.parametrize("mode", ["garbage", "ok", "idle"])
+async def test_redis_turning_to_garbage_mid_run_fails_no_call(redis_server, mode, caplog):
+    caplog.set_level(logging.INFO, logger="claude_router")
+    fake = await FakeRedis("pass", upstream=redis_server.port).start()
+    clock = Clock()
+    store = RedisHealthStore(fake.url, B, clock=clock, rand=lambda: 0.0)
+    store.track(NAMES)
+    assert await store.wait_synced(5)
+    await store.record_failure("aws")
+    assert redis_server.cli("HGET", P + "ep|aws", "f") == "1"
+    fake.mode = mode
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for _ in range(3):
+        await store.record_failure("aws")  # the first finds the garbage, the rest go local
+    assert phase(store.current()["aws"], clock()) is Phase.COOLING
+    assert loop.time() - t0 < 1.0  # one bounded round trip at most
+    for call in (store.try_probe("droid"), store.release_probe("aws"), store.set_disabled("droid", True),
+                 store.record_success("droid"), store.reset("droid"), store.view()):
+        await call
+    assert not store.connected
+    await asyncio.sleep(1.5)  # the supervisor meets the garbage too, and survives it
+    assert not store._supervisor.done() and not store.connected
+    fake.mode = "pass"
+    assert await _eventually(lambda: store.connected, 5)
+    assert store.current()["aws"].failures == 1  # re-synced: Redis's state wins
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in messages) == 1
+    assert sum("reachable again" in m for m in messages) == 1
+    await store.close()
+    await fake.close()

@@ -17,7 +17,8 @@ C, K, R, S = Verdict.CLIENT, Verdict.COUNT, Verdict.RETURN, Verdict.SKIP
     [
         (500, None, K), (502, None, K), (503, None, K), (504, "timeout_error", K),
         (529, "overloaded_error", K), (408, None, K), (429, "rate_limit_error", K),
-        (401, "authentication_error", K), (402, "billing_error", K), (403, "permission_error", K),
+        (401, "authentication_error", K), (402, "billing_error", K), (403, "forbidden", K),
+        (403, "permission_error", S),  # this relay's token may not use that model: next, no blame
         (401, "invalid_request_error", K),  # a status rule beats the body's type
         (400, "invalid_request_error", C), (413, "request_too_large", C), (422, None, C),
         (404, "not_found_error", C), (409, None, C),
@@ -31,9 +32,29 @@ def test_default_classification(status, etype, verdict):
 
 
 @pytest.mark.parametrize("kind", ["refused", "reset", "timeout", "tls", "dns", "empty_stream",
-                                  "stream_error", "bad_response"])
+                                  "stream_error", "bad_response", "redirect"])
 def test_transport_failures_count(kind):
     assert classify(DEFAULT_RULES, transport=kind) is K
+
+
+def test_an_outcome_no_rule_names_blames_nobody():
+    assert classify(DEFAULT_RULES, transport="something_new") is S
+
+
+@pytest.mark.parametrize("status", [401, 402, 403, 429])
+def test_credential_answers_of_an_endpoint_using_the_clients_key_go_back_to_the_client(status):
+    assert classify(DEFAULT_RULES, status=status, own_credentials=False) is R
+
+
+@pytest.mark.parametrize("status, verdict", [(401, K), (402, K), (429, K), (500, K), (400, C)])
+def test_endpoints_with_their_own_key_keep_the_table(status, verdict):
+    assert classify(DEFAULT_RULES, status=status, own_credentials=True) is verdict
+
+
+def test_client_key_rules_can_be_overridden():
+    rules = parse_rules(["client-key:429=count"])
+    assert classify(rules, status=429, own_credentials=False) is K
+    assert classify(rules, status=401, own_credentials=False) is R
 
 
 def test_rules_override_defaults_most_specific_first():

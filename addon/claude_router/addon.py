@@ -21,13 +21,17 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-from . import config, options, policy, usage
-from .endpoints import Endpoint, parse_endpoints
+from mitmproxy.utils import human
+
+from . import config, decoding, options, policy, usage
+from .connections import Delivery, HeadDeadlines
+from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
 from .errors import error_body
 from .handoff import HandoffServer, Parked
-from .health import Breaker, HealthStore, MemoryHealthStore
+from .health import HEALTHY, Breaker, HealthStore, MemoryHealthStore, Phase, phase
 from .policy import Attempt
 from .redis_store import RedisHealthStore, redacted
+from .requests import Refused, unsendable, upstream_target
 from .routing import Answer, Request, Routing, Settings, Winner
 from .status import Stats, table
 from .upstream import Upstream, UpstreamError, request_headers
@@ -40,6 +44,10 @@ request_log = logging.getLogger("claude_router.requests")
 
 ADMIN_PREFIX = "/_router/"
 RELOAD_EVERY = 0.5  # seconds between checks of the config file
+BODY_LIMIT = "32m"  # mitmproxy's body_size_limit unless set: the Messages API's request limit
+# A stream that breaks right after its client held it up this long is not blamed on the
+# endpoint: relays give up on clients that stop reading.
+CLIENT_STALL = 1.0
 
 
 @dataclass
@@ -78,6 +86,8 @@ class Router:
         self._handed_off: dict[str, RouteInfo] = {}  # flow id -> route, until its headers pass
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
+        self.heads = HeadDeadlines()
+        self.body_limit: int | None = None
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -115,6 +125,14 @@ class Router:
             self.settings = self._settings()
         if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host", "mode"}:
             self._refuse_open_keys(self.endpoints, self.client_keys)
+        if "router_head_timeout" in updated:
+            self.heads.timeout = float(opts.router_head_timeout)
+        if "body_size_limit" in updated:
+            if opts.body_size_limit is None:
+                # Bounds what a request (even one without a client key) can make the router
+                # buffer; mitmproxy answers 413 beyond it. --set body_size_limit=... to change.
+                opts.update(body_size_limit=BODY_LIMIT)
+            self.body_limit = human.parse_size(opts.body_size_limit)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
@@ -151,14 +169,17 @@ class Router:
                     raise exceptions.OptionsError(
                         f"router_client_keys[{i}]: environment variable {ref[4:]} is not set")
                 ref = value
+            if problem := config.value_problem(ref):
+                raise exceptions.OptionsError(f"router_client_keys[{i}]: {problem}")
             keys.append(ref.encode())
         if file:
             keys += [k.encode() for k in file.client_keys]
         return tuple(keys)
 
     def _refuse_open_keys(self, endpoints: tuple[Endpoint, ...], client_keys: tuple[bytes, ...]) -> None:
-        """Upstream keys behind an open door would let anyone on the network spend them."""
-        if not any(ep.key for ep in endpoints) or client_keys:
+        """Upstream keys (also URL credentials and extra headers) behind an open door would let
+        anyone on the network spend them."""
+        if not any(ep.holds_secrets for ep in endpoints) or client_keys:
             return
         hosts = [getattr(ctx.options, "listen_host", "127.0.0.1")]
         for spec in getattr(ctx.options, "mode", ()):  # e.g. reverse:https://x@0.0.0.0:8080
@@ -214,8 +235,13 @@ class Router:
             # redis-py would quietly use database 0.
             raise exceptions.OptionsError(
                 f"router_redis_url: the database must be a number, got {db!r} in {redacted(url)!r}")
+        prefix = ctx.options.router_key_prefix
+        if "|" in prefix:
+            raise exceptions.OptionsError(
+                f"router_key_prefix must not contain '|', which ends the prefix in every Redis key "
+                f"(got {prefix!r})")
         try:
-            return RedisHealthStore(url, self._breaker(), prefix=ctx.options.router_key_prefix,
+            return RedisHealthStore(url, self._breaker(), prefix=prefix,
                                     clock=self.clock)
         except ValueError as e:
             raise exceptions.OptionsError(f"Cannot use router_redis_url {redacted(url)!r}: {e}") from None
@@ -245,7 +271,7 @@ class Router:
         names = ", ".join(f"{ep.index}:{ep.name}" for ep in self.endpoints)
         log.info(f"router: {len(self.endpoints)} endpoints in price order ({names}), "
                  f"health store: {self.store.description}")
-        if any(ep.key for ep in self.endpoints) and not self.client_keys:
+        if any(ep.holds_secrets for ep in self.endpoints) and not self.client_keys:
             log.warning("router: endpoints hold keys and no client keys are set: any local "
                         "process that reaches the router can use them")
 
@@ -298,9 +324,31 @@ class Router:
         if self.endpoints and host and host.lower() not in self.hosts:
             data.ignore_connection = True
 
+    def client_connected(self, client) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver")
+
+        def close() -> None:
+            handler = proxyserver.connections.get(client.id) if proxyserver else None
+            if handler is not None:
+                self._spawn(handler.on_timeout())  # mitmproxy's own way to drop a connection
+
+        self.heads.connected(client.id, close)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.heads.head_seen(flow.client_conn.id)
+        if flow.response or flow.error or not flow.live or flow.is_replay:
+            return
+        if self.client_keys and self.routes(flow) and not self._authorized(flow.request):
+            # Refused before the body is read into the flow (mitmproxy still takes it in, up
+            # to body_size_limit, then sends this answer).
+            self._reply(flow, 401, error_body(401, "a valid router client key is required "
+                                              "(x-api-key or Authorization: Bearer)"))
+
     def routes(self, flow: http.HTTPFlow) -> bool:
         if not self.endpoints:
             return False
+        if flow.is_replay and "router" in flow.metadata:
+            return True  # a routed flow replayed from mitmweb or -C: route it again
         mode = flow.client_conn.proxy_mode
         if isinstance(mode, ReverseMode):
             return True
@@ -312,6 +360,8 @@ class Router:
         if flow.response or flow.error or not flow.live or not self.routes(flow):
             return
         try:
+            if flow.is_replay:
+                _as_sent_by_client(flow)
             await self._handle(flow)
         except Exception:
             # Never let a routed request fall through to mitmproxy's own upstream connection.
@@ -324,16 +374,29 @@ class Router:
             # Claude Code's reachability check: answer it here, no upstream needed.
             flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
             return
-        if self.client_keys and not self._authorized(req):
+        if self.client_keys and not flow.is_replay and not self._authorized(req):
+            # (replays are the operator's, from mitmweb or -C; their keys were redacted)
             self._reply(flow, 401, error_body(401, "a valid router client key is required "
                                               "(x-api-key or Authorization: Bearer)"))
             return
         if req.path.startswith(ADMIN_PREFIX):
+            _redact_credentials(req)
             await self._admin(flow)
             return
+        problem = unsendable(req.data.method, req.headers.fields)
+        try:
+            target = upstream_target(req.data.path)
+        except Refused as e:
+            problem = problem or str(e)
+        if problem:
+            # The client's request, not any endpoint's doing: answered here, nobody tried.
+            _redact_credentials(req)
+            self._reply(flow, 400, error_body(400, f"the request cannot be forwarded: {problem}"))
+            return
+        flow.metadata["router"] = {"client_url": req.url}  # what a replay must route again
         # Route in a task of its own, so that a client that leaves stops its upstream attempts
         # at once (client_disconnected cancels it) instead of when they end.
-        routing = asyncio.get_running_loop().create_task(self._route(flow))
+        routing = asyncio.get_running_loop().create_task(self._route(flow, target))
         client = flow.client_conn.id
         self._routing.setdefault(client, set()).add(routing)
         try:
@@ -351,6 +414,7 @@ class Router:
             self._reply(flow, 500, error_body(500, "the router failed internally"))
 
     def client_disconnected(self, client) -> None:
+        self.heads.disconnected(client.id)
         for task in self._routing.pop(client.id, ()):
             task.cancel()
 
@@ -404,21 +468,22 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------------
 
-    async def _route(self, flow: http.HTTPFlow) -> None:
+    async def _route(self, flow: http.HTTPFlow, target: str) -> None:
         req = flow.request
         started = time.monotonic()
-        request = Request(req.method, req.path, request_headers(req.headers.items(multi=True)),
+        request = Request(req.method, target, request_headers(req.headers.items(multi=True)),
                           req.raw_content or b"")
+        # The flow kept for mitmweb, -w files and replays never holds the client's key.
+        _redact_credentials(req)
         result = await self.routing.route(self.endpoints, self.store, self.settings, request)
         self.stats.attempts(result.attempts, result.counted)
         for name in result.trips:
-            self.stats.trip(name)
-            log.warning(f"router: endpoint {name} put in cooldown")
+            self._tripped(name)
         w = result.winner
         ep = w.endpoint if w else result.answer.endpoint
         info = RouteInfo(
             path=req.path.split("?")[0],
-            url=ep.shown_url_for(req.path) if ep else req.url,
+            url=ep.shown_url_for(target) if ep else req.url,
             content=req.raw_content,
             content_length=req.headers.get("content-length"),
             endpoint=ep,
@@ -426,8 +491,8 @@ class Router:
             started=started,
             ttfb=time.monotonic() - started,
         )
-        flow.metadata["router"] = {"endpoint": ep.name if ep else None,
-                                   "attempts": policy.attempts_header(result.attempts)}
+        flow.metadata["router"].update(endpoint=ep.name if ep else None,
+                                       attempts=policy.attempts_header(result.attempts))
         where = f"routed to {ep.name} (index {ep.index})" if ep else "answered by the router"
         flow.comment = f"{where}; attempts: {policy.attempts_header(result.attempts) or 'none'}"
         if w is None:
@@ -443,15 +508,15 @@ class Router:
         """Set a complete response on the flow (mitmproxy sends it; no upstream connection)."""
         if info.endpoint is not None:
             flow.request.url = info.url
-            if answer.status < 300 and len(answer.body) < 1 << 20 and b'"usage"' in answer.body:
-                info.tokens = usage.from_json(answer.body)  # Messages answers; nothing else is parsed
+            if answer.status < 300 and len(answer.body) < 1 << 20:
+                info.tokens = _usage_of(answer)
         fields = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in answer.headers + self._route_headers(info)
             if k.lower() != "content-length"
         ]
         response = http.Response.make(answer.status, b"", fields)
-        if answer.reason:
+        if answer.reason and answer.reason.isascii() and answer.reason.isprintable():
             response.reason = answer.reason
         response.raw_content = answer.body  # raw: any content-encoding passes through untouched
         length = head_length if flow.request.method == "HEAD" and head_length is not None else len(answer.body)
@@ -461,15 +526,20 @@ class Router:
 
     async def _stream(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> None:
         """Park the winning response with the handoff server and point the flow at it."""
+        delivery = Delivery()
+        length = w.resp.length
+        if length is not None and self.body_limit is not None and length > self.body_limit:
+            length = None  # sent chunked: mitmproxy's body_size_limit is for requests here
         parked = Parked(
             status=w.resp.status,
             reason=w.resp.reason,
             headers=w.resp.headers + self._route_headers(info),
-            body=self._body(flow, w, info),
+            body=self._body(flow, w, info, delivery),
             close=w.resp.close,
-            length=w.resp.length,
+            length=length,
             event_stream=w.resp.is_event_stream,
             client=flow.client_conn.id,
+            delivery=delivery,
         )
         port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
         info.handoff_path = path
@@ -481,22 +551,26 @@ class Router:
         req.headers.pop("transfer-encoding", None)
         req.headers["content-length"] = "0"
 
-    async def _body(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> AsyncIterator[bytes]:
+    async def _body(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo,
+                    delivery: Delivery) -> AsyncIterator[bytes]:
         """The rest of a streamed body, reading token usage on the way. A failure after content
         reached the client counts against the endpoint (the handoff then ends the client's
-        stream with an error event)."""
+        stream with an error event), unless the client had stopped reading just before."""
         meter = usage.StreamUsage() if w.resp.is_event_stream else None
+        coding = decoding.encoding_of(w.resp.headers)
+        decoder = decoding.Decoder(coding) if meter else None  # the meter reads decoded bytes
         # A Messages stream must end with message_stop; one that just stops lost its tail.
-        must_stop = meter is not None and b"message_start" in w.prefix
+        must_stop = meter is not None and b"message_start" in (decoding.decoded(w.prefix, coding) or b"")
         counted = False
+        name = w.endpoint.name
 
         def seen(chunk: bytes) -> None:
             nonlocal counted
             if meter is not None:
-                meter.feed(chunk)  # parses event names: text inside a message cannot fool it
+                meter.feed(decoder.feed(chunk))  # parses event names: text in a message cannot fool it
                 if meter.errored and not counted:
                     counted = True
-                    self._spawn(self.store.record_failure(w.endpoint.name))
+                    self._midstream_failure(name, "stream_error", "error event mid-stream")
 
         try:
             if w.prefix:
@@ -505,15 +579,36 @@ class Router:
             async for chunk in w.resp.chunks():
                 seen(chunk)
                 yield chunk
-            if must_stop and not meter.stopped and not meter.errored:
+            if must_stop and not meter.stopped and not meter.errored and not (decoder and decoder.broken):
                 raise UpstreamError("reset", "stream ended before message_stop")
-        except UpstreamError:
+        except UpstreamError as e:
             if not counted:
-                self._spawn(self.store.record_failure(w.endpoint.name))
+                if delivery.stalled_recently(time.monotonic(), CLIENT_STALL):
+                    self.stats.client_stalled(name)
+                    log.info(f"router: {name}'s stream broke after its client stopped reading; "
+                             "not counted against it")
+                else:
+                    self._midstream_failure(name, e.kind, f"mid-stream: {e.detail}")
             raise
         finally:
             info.tokens = meter.usage if meter else None
             self._finish(flow, info, w.resp.status)
+
+    def _midstream_failure(self, name: str, kind: str, detail: str) -> None:
+        """A failure after the stream reached the client: counted, shown, maybe a trip."""
+        self.stats.midstream(name, kind, detail)
+
+        async def record() -> None:
+            before = phase(self.store.current().get(name, HEALTHY), self.clock())
+            after = await self.store.record_failure(name)
+            if before is not Phase.COOLING and phase(after, self.clock()) is Phase.COOLING:
+                self._tripped(name)
+
+        self._spawn(record())
+
+    def _tripped(self, name: str) -> None:
+        self.stats.trip(name)
+        log.warning(f"router: endpoint {name} put in cooldown")
 
     def _route_headers(self, info: RouteInfo) -> list[tuple[str, str]]:
         ep = info.endpoint
@@ -588,6 +683,32 @@ class Router:
             return
         raise exceptions.CommandError(
             f"no endpoint {name!r}; endpoints: {', '.join(ep.name for ep in self.endpoints)}")
+
+
+def _usage_of(answer: Answer) -> usage.Usage | None:
+    """Token usage of a complete Messages answer (compressed or not); nothing else is parsed."""
+    body = answer.body
+    if coding := decoding.encoding_of(answer.headers):
+        body = decoding.decoded(body, coding) or b""
+    return usage.from_json(body) if b'"usage"' in body else None
+
+
+def _redact_credentials(req: http.Request) -> None:
+    """Replace the client's credentials in a flow's request (shown, saved and replayable)."""
+    for name in CREDENTIAL_HEADERS:
+        if name in req.headers:
+            req.headers[name] = REDACTED
+
+
+def _as_sent_by_client(flow: http.HTTPFlow) -> None:
+    """A replayed routed flow: back to the URL the client asked for, without redacted keys
+    (an endpoint with keys of its own serves it; one that needs the client's answers 401)."""
+    url = (flow.metadata.get("router") or {}).get("client_url")
+    if url:
+        flow.request.url = url
+    for name in CREDENTIAL_HEADERS:
+        if flow.request.headers.get(name) == REDACTED:
+            del flow.request.headers[name]
 
 
 def _quiet_request_log() -> None:

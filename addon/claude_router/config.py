@@ -6,7 +6,9 @@ problem. Secrets are given as references (``env:NAME``) and resolved here; they 
 an error message.
 """
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from .endpoints import Endpoint, parse_endpoint
+from .upstream import HOP_BY_HOP
 from .usage import Price
 
 # Config sections and fields -> the router_* option each one sets.
@@ -23,6 +26,7 @@ OPTION_FIELDS = {
     ("timeouts", "connect"): "router_connect_timeout",
     ("timeouts", "headers"): "router_headers_timeout",
     ("timeouts", "stream"): "router_stream_timeout",
+    ("timeouts", "head"): "router_head_timeout",
     ("policy", "max_attempts"): "router_max_attempts",
     ("policy", "deadline"): "router_deadline",
     ("policy", "all_cooling"): "router_all_cooling",
@@ -30,6 +34,13 @@ OPTION_FIELDS = {
 }
 _ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers"}
 _PRICE_FIELDS = {"input", "output", "cache_write", "cache_read"}
+# RFC 9110 5.1: a field name is a token of tchar.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Any C0 control but horizontal tab, and DEL: CR/LF would split a header, NUL ends it early.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers that frame the message or belong to one connection: the HTTP client sets them itself,
+# and one set by hand would desynchronise the request.
+_NOT_SETTABLE = HOP_BY_HOP | {"host", "content-length"}
 
 
 class ConfigError(ValueError):
@@ -93,12 +104,47 @@ def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoin
     auth = str(item.get("auth", "x-api-key")).lower()
     if auth not in ("x-api-key", "bearer"):
         raise ConfigError(source, f"{where}.auth", "must be x-api-key or bearer")
-    headers = item.get("headers") or {}
-    if not isinstance(headers, dict) or not all(isinstance(v, (str, int)) for v in headers.values()):
-        raise ConfigError(source, f"{where}.headers", "expected a mapping of header names to values")
     return Endpoint(ep.name, ep.url, i, key=key, auth=auth,
-                    headers=tuple((str(k), str(v)) for k, v in headers.items()),
+                    headers=_headers(item.get("headers"), f"{where}.headers", source),
                     price=_price(item.get("price"), f"{where}.price", source))
+
+
+def _headers(raw: Any, where: str, source: str) -> tuple[tuple[str, str], ...]:
+    """Extra request headers: valid field names the router may set, and values that are one
+    line of ASCII. Values may be tokens, so a message names the header, never the value."""
+    headers = raw or {}
+    if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool)
+            for k, v in headers.items()):
+        raise ConfigError(source, where, "expected a mapping of header names to values")
+    out = []
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise ConfigError(source, where, f"{name!r} is not a valid header name")
+        if name.lower() in _NOT_SETTABLE:
+            raise ConfigError(source, f"{where}.{name}",
+                              "is set by the router itself (framing or hop-by-hop header)")
+        value = str(value)
+        _check_value(value, f"{where}.{name}", source)
+        out.append((name, value))
+    return tuple(out)
+
+
+def value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as one HTTP header value (a key, a client key, an extra
+    header), or None. The answer never quotes the value: it may be a secret."""
+    if _CONTROL.search(value):
+        return "contains a control character (CR, LF, NUL, ...)"
+    if value != value.strip():
+        return "has leading or trailing whitespace"
+    if not value.isascii():
+        return "contains a non-ASCII character"
+    return None
+
+
+def _check_value(value: str, where: str, source: str, origin: str = "") -> None:
+    if problem := value_problem(value):
+        raise ConfigError(source, where, problem + origin)
 
 
 def _price(raw: Any, where: str, source: str) -> Price | None:
@@ -108,14 +154,27 @@ def _price(raw: Any, where: str, source: str) -> Price | None:
         raise ConfigError(source, where, f"expected a mapping with {', '.join(sorted(_PRICE_FIELDS))}")
     values = {}
     for k, v in raw.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(source, f"{where}.{k}", "must be a number >= 0 (USD per million tokens)")
-        values[k] = float(v)
+        problem = "must be a number >= 0 (USD per million tokens)"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(source, f"{where}.{k}", problem)
+        try:
+            v = float(v)
+        except OverflowError:  # an integer too large for a float
+            v = math.inf
+        if math.isnan(v):
+            raise ConfigError(source, f"{where}.{k}", f"{problem}, got NaN")
+        if math.isinf(v):
+            raise ConfigError(source, f"{where}.{k}", f"{problem}, got {'-' if v < 0 else ''}infinity")
+        if v < 0:
+            raise ConfigError(source, f"{where}.{k}", problem)
+        values[k] = v
     return Price(**values)
 
 
 def _secret(ref: Any, where: str, source: str, env: Mapping[str, str]) -> str:
-    """``env:NAME`` reads the environment; any other string is the secret itself."""
+    """``env:NAME`` reads the environment; any other string is the secret itself. Either way
+    the key must be one line of ASCII with no surrounding whitespace (a pasted newline would
+    split the header it is sent in). Messages name the field, never the key."""
     if not isinstance(ref, str) or not ref:
         raise ConfigError(source, where, "expected a key or an env:NAME reference")
     if ref.startswith("env:"):
@@ -123,7 +182,9 @@ def _secret(ref: Any, where: str, source: str, env: Mapping[str, str]) -> str:
         value = env.get(name)
         if not value:
             raise ConfigError(source, where, f"environment variable {name} is not set")
+        _check_value(value, where, source, f" (in environment variable {name})")
         return value
+    _check_value(ref, where, source)
     return ref
 
 

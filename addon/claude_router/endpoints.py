@@ -8,6 +8,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+# Extra endpoint headers whose names say they carry a credential (x-relay-token, api-key ...).
+_CREDENTIAL_WORDS = ("key", "token", "auth", "secret", "password")
+REDACTED = "[redacted]"
 
 
 @dataclass(frozen=True)
@@ -23,14 +26,42 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry tokens
     price: object | None = None  # usage.Price, USD per million tokens
 
+    @property
+    def own_credentials(self) -> bool:
+        """True when the endpoint authenticates with credentials of its own (a key, a
+        user:password in its URL, or a credential-named extra header); False when it receives
+        the client's, so that its 401/403/429 speak of the client, not of the endpoint."""
+        return self.key is not None or self._url_credentials or any(
+            k.lower() in CREDENTIAL_HEADERS or any(w in k.lower() for w in _CREDENTIAL_WORDS)
+            for k, _ in self.headers)
+
+    @property
+    def holds_secrets(self) -> bool:
+        """Anything of the operator's that a stranger could spend: a key, URL credentials or
+        extra headers (which may carry tokens)."""
+        return self.key is not None or self._url_credentials or bool(self.headers)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The strings that must never reach a client (a relay may echo what it received)."""
+        found = [self.key] if self.key else []
+        parts = urlsplit(self.url)
+        if parts.password:
+            found.append(parts.password)
+        found += [v for _, v in self.headers if len(v) >= 8]
+        return tuple(found)
+
+    @property
+    def _url_credentials(self) -> bool:
+        return "@" in urlsplit(self.url).netloc
+
     def request_headers(self, client: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The headers this endpoint gets: the client's, with this endpoint's own key (if it
-        has one) instead of the client's credentials, and its extra headers on top."""
+        has one) instead of the client's credentials, and its extra headers on top. An
+        endpoint with user:password in its URL gets neither of the client's credentials."""
         replace = {k.lower() for k, _ in self.headers}
-        if self.key is not None:
+        if self.key is not None or self._url_credentials:
             replace |= CREDENTIAL_HEADERS
-        elif "@" in urlsplit(self.url).netloc:
-            replace.add("authorization")  # the URL's user:password is this upstream's credential
         if not replace:
             return client
         out = [(k, v) for k, v in client if k.lower() not in replace]
@@ -40,7 +71,8 @@ class Endpoint:
         return out + list(self.headers)
 
     def url_for(self, path: str) -> str:
-        """The upstream URL for a client's path and query (``/v1/messages?beta=true``)."""
+        """The upstream URL for a client's path and query (``/v1/messages?beta=true``), as
+        made safe by ``requests.upstream_target``."""
         if not path.startswith("/"):
             path = "/" + path
         return self.url + path
@@ -72,6 +104,8 @@ def parse_endpoint(spec: str, index: int) -> Endpoint:
         raise ValueError("expected NAME=URL, for example aws=https://relay.example/claude/aws")
     if not _NAME.match(name):
         raise ValueError(f"endpoint name {name!r} must be letters, digits, '_', '.' or '-'")
+    if any(ord(c) < 0x21 or ord(c) == 0x7f for c in url):
+        raise ValueError(f"endpoint {name}: URL must not contain spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"endpoint {name}: URL must be http:// or https:// with a host")

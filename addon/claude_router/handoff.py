@@ -11,15 +11,22 @@ clients (it closes each after its response). So the server listens on several po
 spreads an HTTP/2 client's concurrent responses over them, opening another port when a client
 connection has filled one. (Closing from this side as well races mitmproxy's own close and
 leaves sockets in CLOSE_WAIT.)
+
+The listeners accept only what mitmproxy sends them: a request head for ``/handoff/<token>``
+with no body. Anything else gets a 400 and the connection is closed; a body is never read.
 """
 
 import asyncio
+import http
 import logging
+import re
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from .connections import Delivery
 from .errors import error_body, sse_error_event
 from .upstream import UpstreamError
 
@@ -28,7 +35,15 @@ log = logging.getLogger(__name__)
 PER_PORT = 4  # below mitmproxy's limit of 5, so a slot freed late never stalls a request
 MAX_PORTS = 64
 CLAIM_TIMEOUT = 30.0  # a parked response nobody fetched is dropped after this
+IDLE_TIMEOUT = 30.0  # a connection that sends no complete request head within this is closed
+LINGER = 2.0  # after refusing a request: seconds to drain (and drop) what the peer still sends
 _MAX_HEAD = 64 * 1024
+
+_TCHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_REQUEST_LINE = re.compile(
+    rf"({_TCHAR}+) (?:http://[^/\s]+)?/handoff/([A-Za-z0-9_-]{{1,128}}) HTTP/1\.[01]")
+_TOKEN = re.compile(rf"{_TCHAR}+")
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 
 
 @dataclass(eq=False)
@@ -45,6 +60,7 @@ class Parked:
     client: str = ""
     port: int = 0
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    delivery: Delivery | None = None  # told when the client stops and starts reading again
 
 
 class HandoffServer:
@@ -130,6 +146,12 @@ class _Connection(asyncio.Protocol):
 
     One task per connection serves its requests in order; it is cancelled when mitmproxy
     closes the connection (its client went away), which aborts the upstream at once.
+
+    Only request heads are read: a request with a body, a malformed head or a path other than
+    ``/handoff/<token>`` is answered 400 and the connection closed, the body never read. While
+    a complete head waits to be served, reading pauses, so at most one pipelined head (and
+    what arrived with it) is held. A connection that delivers no complete head within
+    IDLE_TIMEOUT is closed.
     """
 
     def __init__(self, server: HandoffServer) -> None:
@@ -140,6 +162,8 @@ class _Connection(asyncio.Protocol):
         self.readable = asyncio.Event()
         self.writable = asyncio.Event()
         self.writable.set()
+        self.paused = False  # reading paused: a complete head (or a full buffer) is waiting
+        self.refused = False  # answered 400: what still arrives is dropped until the close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -147,7 +171,12 @@ class _Connection(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # draining before the close: never buffered
+        scan_from = max(0, len(self.buf) - 3)
         self.buf += data
+        if len(self.buf) > _MAX_HEAD or self.buf.find(b"\r\n\r\n", scan_from) >= 0:
+            self._pause()
         self.readable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -161,38 +190,92 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writable.set()
 
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.paused and len(self.buf) <= _MAX_HEAD and self.buf.find(b"\r\n\r\n") < 0:
+            self.paused = False
+            self.transport.resume_reading()
+
     async def _run(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + IDLE_TIMEOUT
             while not self.transport.is_closing():
-                request = self._take_request()
+                try:
+                    request = self._take_request()
+                except _BadRequest as e:
+                    self._refuse(str(e))
+                    return
                 if request is None:
                     self.readable.clear()
-                    await self.readable.wait()
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await self.readable.wait()
+                    except TimeoutError:
+                        self.transport.close()  # idle, or a head that never completes
+                        return
                     continue
+                self._resume()
                 if not await self._serve(*request):
                     self.transport.close()
                     return
+                deadline = loop.time() + IDLE_TIMEOUT
         except asyncio.CancelledError:
             pass
 
     def _take_request(self) -> tuple[str, str] | None:
-        """The next complete request head (and its body, normally empty), or None."""
+        """The next complete request head as (method, token), or None if it is not all here.
+        Raises _BadRequest for anything mitmproxy would not send."""
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buf) > _MAX_HEAD:
-                self.transport.close()
+                raise _BadRequest("request head too large")
             return None
+        if end > _MAX_HEAD:
+            raise _BadRequest("request head too large")
         head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-        body_len = 0
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                body_len = int(value.strip()) if value.strip().isdigit() else 0
-        if len(self.buf) < end + 4 + body_len:
-            return None
-        del self.buf[: end + 4 + body_len]
-        method, _, rest = head[0].partition(" ")
-        return method, rest.partition(" ")[0].rpartition("/")[2]
+        del self.buf[: end + 4]
+        line = _REQUEST_LINE.fullmatch(head[0])
+        if line is None:
+            raise _BadRequest("not a handoff request")
+        # The fields are the client's, passed on by mitmproxy (which folds nothing and checks
+        # little): only the framing is judged here, so an odd client header never costs a
+        # response the upstream already answered.
+        for field_line in head[1:]:
+            if field_line[:1] in (" ", "\t"):
+                continue  # a continuation of the previous field's value
+            name, colon, value = field_line.partition(":")
+            name, value = name.strip().lower(), value.strip(" \t")
+            if not colon or not name:
+                raise _BadRequest("malformed request header")
+            if name == "transfer-encoding" or (
+                    name == "content-length" and not (value.isdigit() and int(value) == 0)):
+                raise _BadRequest("handoff requests carry no body")
+        return line[1], line[2]
+
+    def _refuse(self, message: str) -> None:
+        """Answer 400 and close, without reading whatever body follows. The write side is
+        shut at once; what the peer still sends is dropped for up to LINGER seconds, so the
+        close does not reset the connection before the peer has read the answer."""
+        self.refused = True
+        self.buf.clear()
+        body = error_body(400, f"handoff: {message}")
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
+            asyncio.get_running_loop().call_later(LINGER, self.transport.close)
+        else:
+            self.transport.close()
 
     async def _serve(self, method: str, token: str) -> bool:
         """Serve one request; False when the connection must close afterwards."""
@@ -228,18 +311,18 @@ class _Connection(asyncio.Protocol):
     async def _write_response(self, p: Parked, head_only: bool) -> None:
         no_body = head_only or p.status in (204, 304) or 100 <= p.status < 200
         chunked = not no_body and p.length is None
-        lines = [f"HTTP/1.1 {p.status} {p.reason or 'Status'}"]
-        lines += [f"{k}: {v}" for k, v in p.headers]
+        lines = [b"HTTP/1.1 %d %s" % (p.status, _reason(p.status, p.reason))]
+        lines += [b"%s: %s" % field for field in _fields(p.headers)]
         if chunked:
-            lines.append("transfer-encoding: chunked")
+            lines.append(b"transfer-encoding: chunked")
         elif p.length is not None:
-            lines.append(f"content-length: {p.length}")
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            lines.append(b"content-length: %d" % p.length)
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
         if no_body:
             return
         try:
             async for chunk in p.body:
-                await self._send(chunk, chunked)
+                await self._send(chunk, chunked, p.delivery)
         except UpstreamError as e:
             if not (chunked and p.event_stream):
                 raise _Cut from None
@@ -248,16 +331,56 @@ class _Connection(asyncio.Protocol):
         if chunked:
             self.transport.write(b"0\r\n\r\n")
 
-    async def _send(self, chunk: bytes, chunked: bool) -> None:
+    async def _send(self, chunk: bytes, chunked: bool, delivery: Delivery | None = None) -> None:
         if chunked:
             self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         else:
             self.transport.write(chunk)
         if not self.writable.is_set():
-            await self.writable.wait()  # back-pressure: a slow client bounds our memory
+            # back-pressure: a slow client bounds our memory (and must not be blamed on the relay)
+            if delivery is not None:
+                delivery.pause(time.monotonic())
+            await self.writable.wait()
+            if delivery is not None:
+                delivery.resume(time.monotonic())
         if self.transport.is_closing():
             raise asyncio.CancelledError
 
 
 class _Cut(Exception):
     """The upstream body broke where the client cannot be told in-band."""
+
+
+class _BadRequest(Exception):
+    """A request the handoff listener does not serve (the message is safe to send back)."""
+
+
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _reason(status: int, reason: str) -> bytes:
+    """The reason phrase as sent: the upstream's if it is one line of latin-1, else the
+    standard phrase for the status."""
+    if reason and not _UNSAFE.search(reason):
+        try:
+            return reason.encode("latin-1")
+        except UnicodeEncodeError:
+            pass
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Status"
+
+
+def _fields(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header fields as sent. A field that could split or reframe the response (a CR, LF or
+    NUL, a name that is not a token, a framing header: this side frames the body) is dropped;
+    a value that is not latin-1 is sent with the odd characters replaced, never failing."""
+    out = []
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or name.lower() in _FRAMING:
+            continue
+        if "\r" in value or "\n" in value or "\x00" in value:
+            continue
+        out.append((name.encode("ascii"), value.encode("latin-1", errors="replace")))
+    return out

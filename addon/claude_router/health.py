@@ -95,6 +95,18 @@ def try_probe(h: Health, now: float, breaker: Breaker) -> Health | None:
     return replace(h, probe_until=now + breaker.probe_timeout)
 
 
+def release_probe(h: Health, now: float, held: float | None = None) -> Health:
+    """Free a probe that ended without an outcome (its client went away), so the next request
+    may probe at once instead of after ``probe_timeout``.
+
+    Only a probe in flight is freed, and with ``held`` (the ``probe_until`` the caller's
+    ``try_probe`` set) only that very probe: not one that expired and another request took since.
+    """
+    if phase(h, now) is not Phase.PROBING or (held is not None and h.probe_until != held):
+        return h
+    return replace(h, probe_until=0.0)
+
+
 def seconds_left(h: Health, now: float) -> float:
     return max(0.0, h.ejected_until - now)
 
@@ -118,6 +130,11 @@ class HealthStore(Protocol):
         ...
 
     async def try_probe(self, name: str) -> bool: ...
+
+    async def release_probe(self, name: str) -> None:
+        """The request that won ``try_probe(name)`` went away without an outcome (the client
+        cancelled): free the probe now. A no-op unless this store holds that endpoint's probe."""
+        ...
 
     async def record_failure(self, name: str, at_least: float = 0.0) -> Health: ...
 
@@ -152,6 +169,7 @@ class MemoryHealthStore:
         self._rand = rand
         self._states: dict[str, Health] = {}
         self._disabled: set[str] = set()
+        self._held: dict[str, float] = {}  # probes won here: name -> the probe_until we set
 
     description = "memory"
 
@@ -176,9 +194,17 @@ class MemoryHealthStore:
         if taken is None:
             return False
         self._states[name] = taken
+        self._held[name] = taken.probe_until
         return True
 
+    async def release_probe(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None or name not in self._states:
+            return
+        self._states[name] = release_probe(self._states[name], self._clock(), held)
+
     async def record_failure(self, name: str, at_least: float = 0.0) -> Health:
+        self._held.pop(name, None)
         h = after_failure(
             self._states.get(name, HEALTHY), self._clock(), self.breaker, at_least, self._rand()
         )
@@ -187,13 +213,16 @@ class MemoryHealthStore:
 
     async def record_success(self, name: str) -> None:
         # A success on a healthy endpoint writes nothing.
+        self._held.pop(name, None)
         self._states.pop(name, None)
 
     async def reset(self, name: str | None = None) -> None:
         if name is None:
             self._states.clear()
+            self._held.clear()
         else:
             self._states.pop(name, None)
+            self._held.pop(name, None)
 
     async def close(self) -> None:
         pass

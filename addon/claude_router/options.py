@@ -35,6 +35,14 @@ INT_OPTIONS = {  # name: (default, minimum, help)
     "router_deadline": (
         900, 1, "Seconds one request may spend on all its attempts together before it is answered."
     ),
+    "router_head_timeout": (
+        30, 0,
+        """
+        Seconds a new client connection may take to send its first complete request head
+        (TLS handshake included) before the router closes it; 0 turns this off. mitmproxy's
+        own tcp_timeout only closes connections that are entirely idle.
+        """,
+    ),
 }
 
 SEQUENCE_OPTIONS = {
@@ -94,7 +102,7 @@ STR_OPTIONS = {
     ),
     "router_key_prefix": (
         "endpoint_health_",
-        "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health.",
+        "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health; may not contain '|'.",
         None,
     ),
     "router_all_cooling": (

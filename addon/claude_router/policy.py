@@ -73,11 +73,13 @@ class Verdict(str, Enum):
 
 
 # Keys: "NNN:error_type", "NNN", "type:error_type", "Nxx", or a transport failure kind.
-# More specific keys win, in that order. Statuses below 400 are always successes.
+# More specific keys win, in that order. Statuses below 300 are successes; a 3xx is the
+# failure kind "redirect" (never handed to a client: it would re-send the key elsewhere).
 DEFAULT_RULES: dict[str, Verdict] = {
     "400:invalid_request_error": Verdict.CLIENT,
     "401": Verdict.COUNT,
     "402": Verdict.COUNT,
+    "403:permission_error": Verdict.SKIP,  # this relay's token may not use that model: next one
     "403": Verdict.COUNT,
     "408": Verdict.COUNT,
     "429": Verdict.COUNT,
@@ -92,9 +94,17 @@ DEFAULT_RULES: dict[str, Verdict] = {
     "type:billing_error": Verdict.COUNT,
     "4xx": Verdict.CLIENT,
     "5xx": Verdict.COUNT,
+    # An endpoint without credentials of its own receives the client's: its credential and
+    # quota answers are about the client, so they go back to the client, blaming nobody.
+    "client-key:401": Verdict.RETURN,
+    "client-key:402": Verdict.RETURN,
+    "client-key:403": Verdict.RETURN,
+    "client-key:429": Verdict.RETURN,
 }
 TRANSPORT_KINDS = ("refused", "reset", "timeout", "tls", "dns", "connect", "bad_response",
-                   "error", "empty_stream", "stream_error")
+                   "error", "empty_stream", "stream_error", "redirect")
+# Every failure to get a usable answer is the endpoint's; a kind not listed here blames nobody.
+DEFAULT_RULES.update({kind: Verdict.COUNT for kind in TRANSPORT_KINDS})
 
 
 def parse_rule(spec: str) -> tuple[str, Verdict]:
@@ -110,6 +120,8 @@ def parse_rule(spec: str) -> tuple[str, Verdict]:
     status, _, etype = key.partition(":")
     if key.startswith("type:") and etype:
         return key, verdict
+    if key.startswith("client-key:") and len(etype) == 3 and etype.isdigit():
+        return key, verdict
     if key in TRANSPORT_KINDS:
         return key, verdict
     if len(status) == 3 and (status.isdigit() or (status[0] in "45" and status[1:] == "xx")):
@@ -117,7 +129,7 @@ def parse_rule(spec: str) -> tuple[str, Verdict]:
             raise ValueError(f"{status}: only 4xx and 5xx answers can be failures")
         return key, verdict
     raise ValueError(f"key {key!r} is not a status (429), a class (5xx), STATUS:error_type, "
-                     f"type:error_type or one of {', '.join(TRANSPORT_KINDS)}")
+                     f"type:error_type, client-key:STATUS or one of {', '.join(TRANSPORT_KINDS)}")
 
 
 def parse_rules(specs: Iterable[str]) -> dict[str, Verdict]:
@@ -129,11 +141,18 @@ def parse_rules(specs: Iterable[str]) -> dict[str, Verdict]:
 
 
 def classify(rules: Mapping[str, Verdict], status: int | None = None,
-             error_type: str | None = None, transport: str | None = None) -> Verdict:
-    """What an upstream outcome means, by the most specific rule that matches."""
+             error_type: str | None = None, transport: str | None = None,
+             own_credentials: bool = True) -> Verdict:
+    """What an upstream outcome means, by the most specific rule that matches.
+
+    ``own_credentials`` is False for an endpoint that received the client's credentials:
+    its ``client-key:STATUS`` rules come first. A transport kind no rule names blames nobody.
+    """
     if transport is not None:
-        return rules.get(transport, Verdict.COUNT)
+        return rules.get(transport, Verdict.SKIP)
     assert status is not None and status >= 400
+    if not own_credentials and (v := rules.get(f"client-key:{status}")) is not None:
+        return v
     keys = [str(status), f"{status // 100}xx"]
     if error_type:
         # A 4xx's error type says whose fault it is; a 5xx is the endpoint's whatever it says.
@@ -151,7 +170,7 @@ def error_type_of(body: bytes) -> str | None:
     try:
         doc = json.loads(body)
         etype = doc["error"]["type"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return etype if isinstance(etype, str) else None
 

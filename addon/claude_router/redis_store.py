@@ -1,43 +1,93 @@
 """Endpoint health shared in Redis by every router instance.
 
-Each endpoint's breaker state is a hash ``{prefix}{name}`` (fields f=failures, e=ejections,
-u=ejected-until ms, p=probe-until ms, v=version). Every transition is one Lua script, so it is
-atomic across instances, and it publishes the new state on ``{prefix}events``. Each instance
-keeps a local view fed by those messages (and re-synced on every (re)connect), so the request
-path reads health without a round trip; only failures, probes and the first success after a
-failure write.
+Key scheme. Every name the store uses in Redis is the prefix (``router_key_prefix``), the
+separator ``|``, then a kind:
+
+    {prefix}|ep|{name}   hash: one endpoint's breaker state (fields f=failures, e=ejections,
+                         u=ejected-until ms, p=probe-until ms, v=version)
+    {prefix}|disabled    set: endpoints an operator took out of rotation
+    {prefix}|version     integer: the version counter of every state change
+    {prefix}|events      pub/sub channel of state changes
+
+The prefix may not contain ``|`` (the store refuses it) and endpoint names never do
+(``[A-Za-z0-9][A-Za-z0-9_.-]*``), so the first ``|`` always ends the prefix and no two
+(prefix, kind, name) triples share a key: an endpoint called ``disabled`` or ``events`` is
+``{prefix}|ep|disabled``, and prefix ``p`` with endpoint ``adisabled`` (``p|ep|adisabled``)
+never meets prefix ``pa``'s disabled set (``pa|disabled``).
+
+Every transition is one Lua script, so it is atomic across instances, and it publishes the new
+state on the events channel. Each instance keeps a local view fed by those messages (and
+re-synced on every (re)connect), so the request path reads health without a round trip; only
+failures, probes, the release of an abandoned probe and the first success after a failure write.
 
 Redis is never allowed to fail a request: every call is bounded by a short timeout, and while
 Redis is unreachable the store applies the same transitions to its local view, logs the outage
-once and the recovery once, and re-syncs when Redis is back.
+once and the recovery once, and re-syncs when Redis is back. The same holds for whatever Redis
+(or something that is not Redis) answers: a reply of the wrong shape, a non-number, a protocol
+error or no reply at all is an outage for that call, and the call takes the local transition.
+
+Stray keys. A key under the prefix that this store did not write (another type, or a hash with
+fields that are not non-negative integers) costs only itself: a re-sync reads it as healthy
+(the disabled set as empty) and logs it once, and the next transition of that endpoint deletes
+it and writes a proper state (the scripts check the type first, so WRONGTYPE never reaches
+them). A version counter that is not a number is restarted at the current time in ms, which is
+above every version a counter counting from 0 has handed out.
 """
 
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
-from .health import HEALTHY, Breaker, Clock, Health, after_failure, try_probe
+from .endpoints import _NAME as ENDPOINT_NAME
+from .health import HEALTHY, Breaker, Clock, Health, after_failure, release_probe, try_probe
 
 log = logging.getLogger("claude_router")
 
 OP_TIMEOUT = 0.25  # seconds for one Redis round trip before the local view takes over
 RETRY_EVERY = 1.0
+SEP = "|"  # ends the prefix in every key; never in a prefix, an endpoint name or a kind
 
-# Shared Lua helpers: load a state, say its phase, store it (with TTL and version), publish it.
-_LUA_COMMON = """
-local key, name, channel = KEYS[1], ARGV[1], ARGV[2]
+# The version counter: INCR, or, when the key holds something else, restart it at now (ms).
+_LUA_VERSION = """
+local key, vkey = KEYS[1], KEYS[2]
+local name, channel = ARGV[1], ARGV[2]
 local now = tonumber(ARGV[3])
-local v = redis.call('HMGET', key, 'f', 'e', 'u', 'p')
-local f, e, u, p = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0
+local function next_version()
+  local ver = redis.pcall('INCR', vkey)
+  if type(ver) == 'number' then return ver end
+  redis.call('SET', vkey, now)
+  return now
+end
+"""
+
+# Load a state (a key of another type, or with a field that is not a non-negative integer, is a
+# stray: read as healthy, deleted by the save), store it with TTL and version, publish it.
+_LUA_COMMON = _LUA_VERSION + """
+local function int(s)
+  if not s then return 0 end
+  if #s <= 15 and string.match(s, '^%d+$') then return tonumber(s) end
+  return nil
+end
+local f, e, u, p, stray = 0, 0, 0, 0, false
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'hash' then
+  local v = redis.call('HMGET', key, 'f', 'e', 'u', 'p')
+  f, e, u, p = int(v[1]), int(v[2]), int(v[3]), int(v[4])
+  if not (f and e and u and p) then f, e, u, p, stray = 0, 0, 0, 0, true end
+elseif kind ~= 'none' then
+  stray = true
+end
 local function save(min_ttl)
-  local ver = redis.call('INCR', channel .. ':version')
+  if stray then redis.call('DEL', key) end
+  local ver = next_version()
   redis.call('HSET', key, 'f', f, 'e', e, 'u', u, 'p', p, 'v', ver)
   redis.call('PEXPIRE', key, math.max(min_ttl, 2 * (u - now)))
   redis.call('PUBLISH', channel, table.concat({name, f, e, u, p, ver}, '|'))
@@ -45,8 +95,8 @@ local function save(min_ttl)
 end
 """
 
-# ARGV: name, channel, now_ms, max_failures, cooldown_ms, max_cooldown_ms, jitter, rand,
-#       at_least_ms, min_ttl_ms.  Mirrors health.after_failure exactly.
+# KEYS: state, version. ARGV: name, channel, now_ms, max_failures, cooldown_ms, max_cooldown_ms,
+# jitter, rand, at_least_ms, min_ttl_ms.  Mirrors health.after_failure exactly.
 FAILURE_LUA = _LUA_COMMON + """
 local max_failures, cooldown, max_cooldown = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local jitter, rand, at_least = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -71,8 +121,9 @@ end
 return save(tonumber(ARGV[10]))
 """
 
-# ARGV: name, channel, now_ms, probe_timeout_ms, min_ttl_ms. Returns {go, f, e, u, p, v}:
-# go=1 when the caller may use the endpoint (it is healthy, or it won the half-open probe).
+# KEYS: state, version. ARGV: name, channel, now_ms, probe_timeout_ms, min_ttl_ms.
+# Returns {go, f, e, u, p, v}: go=1 when the caller may use the endpoint (it is healthy, or it
+# won the half-open probe, which is the case exactly when v >= 0).
 PROBE_LUA = _LUA_COMMON + """
 if now < u then return {0, f, e, u, p, -1} end
 if e == 0 then return {1, f, e, u, p, -1} end
@@ -82,19 +133,71 @@ local s = save(tonumber(ARGV[5]))
 return {1, s[1], s[2], s[3], s[4], s[5]}
 """
 
-# ARGV: name, channel. A success: the endpoint is healthy, which is the absence of a key.
-SUCCESS_LUA = """
-if redis.call('DEL', KEYS[1]) == 1 then
-  local ver = redis.call('INCR', ARGV[2] .. ':version')
-  redis.call('PUBLISH', ARGV[2], table.concat({ARGV[1], 0, 0, 0, 0, ver}, '|'))
+# KEYS: state, version. ARGV: name, channel, now_ms, held_ms, min_ttl_ms. Mirrors
+# health.release_probe: frees the probe in flight if it is still the one the caller took.
+RELEASE_LUA = _LUA_COMMON + """
+if e > 0 and now >= u and now < p and p == tonumber(ARGV[4]) then
+  p = 0
+  return save(tonumber(ARGV[5]))
+end
+return {f, e, u, p, -1}
+"""
+
+# KEYS: state, version. ARGV: name, channel, now_ms. A success: the endpoint is healthy, which
+# is the absence of a key (of any type).
+SUCCESS_LUA = _LUA_VERSION + """
+if redis.call('DEL', key) == 1 then
+  local ver = next_version()
+  redis.call('PUBLISH', channel, table.concat({name, 0, 0, 0, 0, ver}, '|'))
   return ver
 end
 return 0
 """
 
+# KEYS: disabled set. ARGV: name, channel, '1' or '0'. A stray key of another type is replaced.
+DISABLED_LUA = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'set' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+else
+  redis.call('SREM', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', ARGV[2], '!disabled|' .. ARGV[1] .. '|' .. ARGV[3])
+return 1
+"""
 
-def _health(f, e, u, p) -> Health:
-    return Health(failures=int(f), ejections=int(e), ejected_until=int(u) / 1000, probe_until=int(p) / 1000)
+State = tuple[int, int, int, int, int]  # f, e, u (ms), p (ms), version (-1: unchanged)
+
+_INT = re.compile(r"-?[0-9]{1,15}")
+
+
+class MalformedReply(ValueError):
+    """Redis (or whatever answered in its place) replied with something of the wrong shape."""
+
+
+def _int(x, least: int = 0) -> int:
+    """A reply's integer (an int, or bytes/str of at most 15 digits) no smaller than ``least``."""
+    if isinstance(x, bytes):
+        x = x.decode("ascii", "replace")
+    if isinstance(x, str) and _INT.fullmatch(x):
+        x = int(x)
+    if type(x) is not int or not least <= x < 10**15:
+        raise MalformedReply("a number was expected")
+    return x
+
+
+def _state(fields, version: int | None = None) -> State:
+    """f, e, u, p and version from a script's reply or a message (version -1: unchanged)."""
+    want = 5 if version is None else 4
+    if not isinstance(fields, (list, tuple)) or len(fields) != want:
+        raise MalformedReply(f"{want} numbers were expected")
+    f, e, u, p = (_int(x) for x in fields[:4])
+    return f, e, u, p, _int(fields[4], least=-1) if version is None else version
+
+
+def _health(f: int, e: int, u: int, p: int) -> Health:
+    return Health(failures=f, ejections=e, ejected_until=u / 1000, probe_until=p / 1000)
 
 
 def _ms(seconds: float) -> int:
@@ -120,6 +223,9 @@ class RedisHealthStore:
         rand: Callable[[], float] = random.random,
         op_timeout: float = OP_TIMEOUT,
     ) -> None:
+        if SEP in prefix:
+            raise ValueError(f"router_key_prefix must not contain {SEP!r}, which ends the prefix "
+                             f"in every Redis key (got {prefix!r})")
         # Raises ValueError for a URL redis-py cannot parse (the router turns that into an
         # OptionsError); connecting happens later, in the background.
         self._client = aioredis.from_url(
@@ -132,17 +238,23 @@ class RedisHealthStore:
         self.url = redacted(url)
         self.breaker = breaker
         self.prefix = prefix
-        self.channel = f"{prefix}events"
+        self.channel = f"{prefix}{SEP}events"
+        self._disabled_key = f"{prefix}{SEP}disabled"
+        self._version_key = f"{prefix}{SEP}version"
         self._clock = clock
         self._rand = rand
         self._op_timeout = op_timeout
         self._failure = self._client.register_script(FAILURE_LUA)
         self._probe = self._client.register_script(PROBE_LUA)
+        self._release = self._client.register_script(RELEASE_LUA)
         self._success = self._client.register_script(SUCCESS_LUA)
+        self._set_disabled = self._client.register_script(DISABLED_LUA)
         self._states: dict[str, Health] = {}
         self._versions: dict[str, int] = {}
+        self._held: dict[str, float] = {}  # probes won here: name -> the probe_until we set
         self._disabled: set[str] = set()
         self._names: tuple[str, ...] = ()
+        self._strays: set[str] = set()  # stray keys already logged
         self._up = False
         self._outage_logged = False
         self._supervisor: asyncio.Task | None = None
@@ -159,7 +271,13 @@ class RedisHealthStore:
     def track(self, names: Iterable[str]) -> None:
         self._names = tuple(names)
 
+    def key(self, name: str) -> str:
+        """The Redis key of an endpoint's state."""
+        return f"{self.prefix}{SEP}ep{SEP}{name}"
+
     # -- the HealthStore interface -------------------------------------------------------
+    # None of these raises because of Redis: a failed or malformed round trip is an outage
+    # for that call (`_call` returns None) and the call applies the local transition.
 
     async def view(self) -> Mapping[str, Health]:
         self._ensure_started()
@@ -172,25 +290,49 @@ class RedisHealthStore:
         now = self._clock()
         if self._up:
             res = await self._call(
-                self._probe(keys=[self._key(name)], args=[name, self.channel, _ms(now),
-                            _ms(self.breaker.probe_timeout), self._min_ttl()])
+                self._probe(keys=self._keys(name), args=[name, self.channel, _ms(now),
+                            _ms(self.breaker.probe_timeout), self._min_ttl()]),
+                _probe_reply,
             )
             if res is not None:
-                self._apply(name, res[1:])
-                return bool(res[0])
+                go, state = res
+                self._apply(name, state)
+                if go and state[4] >= 0:  # it took the probe (not merely healthy)
+                    self._held[name] = state[3] / 1000
+                return go
         local = try_probe(self._states.get(name, HEALTHY), now, self.breaker)
         if local is None:
             return False
         self._states[name] = local
+        self._held[name] = local.probe_until
         return True
+
+    async def release_probe(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None:  # no probe of ours to free
+            return
+        now = self._clock()
+        if self._up:
+            res = await self._call(
+                self._release(keys=self._keys(name), args=[name, self.channel, _ms(now), _ms(held),
+                              self._min_ttl()]),
+                _state,
+            )
+            if res is not None:
+                self._apply(name, res)
+                return
+        if name in self._states:
+            self._put(name, release_probe(self._states[name], now, held))
 
     async def record_failure(self, name: str, at_least: float = 0.0) -> Health:
         now, rand, b = self._clock(), self._rand(), self.breaker
+        self._held.pop(name, None)
         if self._up:
             res = await self._call(
-                self._failure(keys=[self._key(name)], args=[
+                self._failure(keys=self._keys(name), args=[
                     name, self.channel, _ms(now), b.max_failures, _ms(b.cooldown),
-                    _ms(b.max_cooldown), b.jitter, rand, _ms(at_least), self._min_ttl()])
+                    _ms(b.max_cooldown), b.jitter, rand, _ms(at_least), self._min_ttl()]),
+                _state,
             )
             if res is not None:
                 self._apply(name, res)
@@ -200,11 +342,13 @@ class RedisHealthStore:
         return h
 
     async def record_success(self, name: str) -> None:
+        self._held.pop(name, None)
         if name in self._states:  # healthy here: a success writes nothing
             await self._heal(name)
 
     async def reset(self, name: str | None = None) -> None:
         for n in self._names if name is None else (name,):
+            self._held.pop(n, None)
             await self._heal(n)
 
     @property
@@ -215,11 +359,8 @@ class RedisHealthStore:
         """Shared: every instance takes the endpoint out of (or back into) rotation."""
         (self._disabled.add if disabled else self._disabled.discard)(name)
         if self._up:
-            key = f"{self.prefix}disabled"
-            pipe = self._client.pipeline(transaction=True)
-            (pipe.sadd if disabled else pipe.srem)(key, name)
-            pipe.publish(self.channel, f"!disabled|{name}|{int(disabled)}")
-            await self._call(pipe.execute())
+            await self._call(self._set_disabled(keys=[self._disabled_key],
+                                                args=[name, self.channel, int(disabled)]), _one)
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -242,37 +383,45 @@ class RedisHealthStore:
 
     async def _heal(self, name: str) -> None:
         if self._up:
-            ver = await self._call(self._success(keys=[self._key(name)], args=[name, self.channel]))
+            ver = await self._call(
+                self._success(keys=self._keys(name), args=[name, self.channel, _ms(self._clock())]),
+                _int,
+            )
             if ver:
-                self._versions[name] = max(int(ver), self._versions.get(name, 0))
+                self._versions[name] = max(ver, self._versions.get(name, 0))
         self._states.pop(name, None)
 
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}{name}"
+    def _keys(self, name: str) -> list[str]:
+        return [self.key(name), self._version_key]
 
     def _min_ttl(self) -> int:
         return _ms(2 * self.breaker.cooldown)
 
-    def _apply(self, name: str, fields, version: int | None = None) -> None:
+    def _apply(self, name: str, state: State) -> None:
         """Take a state from Redis into the local view unless a newer one is already here."""
-        f, e, u, p, ver = (int(x) for x in fields[:5]) if version is None else (*map(int, fields), version)
+        f, e, u, p, ver = state
         if ver < 0:  # unchanged by the script: the state is current as read
             ver = self._versions.get(name, 0)
         elif ver < self._versions.get(name, 0):
             return
         self._versions[name] = ver
-        h = _health(f, e, u, p)
+        self._put(name, _health(f, e, u, p))
+
+    def _put(self, name: str, h: Health) -> None:
         if h == HEALTHY:
             self._states.pop(name, None)
         else:
             self._states[name] = h
 
-    async def _call(self, awaitable):
-        """One bounded Redis round trip; None (and the outage noted) if it fails."""
+    async def _call(self, awaitable, parse: Callable = lambda reply: reply):
+        """One bounded Redis round trip, its reply checked by ``parse``; None (and the outage
+        noted) if it fails, times out or answers something malformed. Never raises (but a
+        cancellation of the caller goes through)."""
         try:
             async with asyncio.timeout(self._op_timeout):
-                return await awaitable
-        except (RedisError, OSError, TimeoutError) as e:
+                reply = await awaitable
+            return parse(reply)
+        except Exception as e:  # noqa: BLE001 - whatever Redis did, the request goes on locally
             self._down(e)
             return None
 
@@ -289,18 +438,21 @@ class RedisHealthStore:
 
     async def _supervise(self) -> None:
         """Keep a subscription to the events channel; re-sync and mark Redis up on every
-        (re)connect; notice an outage and retry once a second."""
+        (re)connect; notice an outage (or a server answering garbage) and retry once a second."""
         while True:
-            pubsub = self._client.pubsub()
+            pubsub = None
             try:
+                pubsub = self._client.pubsub()
                 async with asyncio.timeout(self._op_timeout * 4):
                     await pubsub.subscribe(self.channel)
                     await self._resync()
                 self._mark_up()
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RETRY_EVERY)
+                    async with asyncio.timeout(RETRY_EVERY + self._op_timeout * 4):
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=RETRY_EVERY)
                     if msg is not None:
-                        self._on_message(msg["data"])
+                        self._on_message(msg)
                     if not self._up:  # a command failed meanwhile: check and re-sync
                         async with asyncio.timeout(self._op_timeout * 4):
                             await self._resync()
@@ -310,25 +462,64 @@ class RedisHealthStore:
             except Exception as e:  # noqa: BLE001 - any failure here means "Redis is not usable now"
                 self._down(e)
             finally:
-                try:
-                    await asyncio.wait_for(pubsub.aclose(), self._op_timeout)
-                except Exception:  # noqa: BLE001
-                    pass
+                if pubsub is not None:
+                    try:
+                        await asyncio.wait_for(pubsub.aclose(), self._op_timeout)
+                    except Exception:  # noqa: BLE001
+                        pass
             await asyncio.sleep(RETRY_EVERY)
 
     async def _resync(self) -> None:
-        """Replace the local view with what Redis holds for every tracked endpoint."""
+        """Replace the local view with what Redis holds for every tracked endpoint.
+
+        A stray key (another type, or fields that are not ours) is read as healthy and logged
+        once; a reply that no Redis would give (the wrong shape) raises: not usable now."""
+        names = self._names
         async with self._client.pipeline(transaction=False) as pipe:
-            for name in self._names:
-                pipe.hmget(self._key(name), "f", "e", "u", "p", "v")
-            pipe.smembers(f"{self.prefix}disabled")
-            *rows, disabled = await pipe.execute()
-        self._disabled = {n.decode() for n in disabled}
+            for name in names:
+                pipe.hmget(self.key(name), "f", "e", "u", "p", "v")
+            pipe.smembers(self._disabled_key)
+            replies = await pipe.execute(raise_on_error=False)
+        if not isinstance(replies, list) or len(replies) != len(names) + 1:
+            raise MalformedReply("a re-sync reply of the wrong length")
+        *rows, members = replies
+        states: dict[str, State] = {}
+        for name, row in zip(names, rows):
+            if _wrong_type(row):
+                self._stray(self.key(name), "not a hash", "healthy")
+                continue
+            if isinstance(row, Exception):
+                raise row
+            if not isinstance(row, list) or len(row) != 5 or not all(
+                    x is None or isinstance(x, bytes) for x in row):
+                raise MalformedReply("HMGET did not answer a list of 5 strings")
+            if all(x is None for x in row[:4]):
+                continue  # healthy: no state
+            try:
+                f, e, u, p, ver = (0 if x is None else _int(x) for x in row)
+            except MalformedReply:
+                self._stray(self.key(name), "a hash with fields that are not ours", "healthy")
+                continue
+            states[name] = (f, e, u, p, ver)
+        if _wrong_type(members):
+            self._stray(self._disabled_key, "not a set", "empty")
+            members = set()
+        if isinstance(members, Exception):
+            raise members
+        if not isinstance(members, (set, list)) or not all(isinstance(m, bytes) for m in members):
+            raise MalformedReply("SMEMBERS did not answer a set of strings")
+        self._disabled = {m.decode("utf-8", "replace") for m in members}
         self._states.clear()
         self._versions.clear()
-        for name, row in zip(self._names, rows):
-            if row[0] is not None:
-                self._apply(name, row[:4], version=int(row[4] or 0))
+        for name, state in states.items():
+            self._apply(name, state)
+
+    def _stray(self, key: str, what: str, read_as: str) -> None:
+        """Log a stray key once (its name only: keys hold no secrets)."""
+        if key not in self._strays:
+            self._strays.add(key)
+            log.warning(f"router: Redis key {key!r} is {what}; read as {read_as}, and replaced "
+                        "on the next change")
 
     def _mark_up(self) -> None:
         was_out = self._outage_logged
@@ -338,15 +529,37 @@ class RedisHealthStore:
         if was_out:
             log.info(f"router: Redis {self.url} reachable again; health view re-synced")
 
-    def _on_message(self, data: bytes) -> None:
+    def _on_message(self, msg) -> None:
         try:
-            name, *fields = data.decode().split("|")
+            name, *fields = msg["data"].decode().split(SEP)
             if name == "!disabled":
+                if len(fields) != 2 or fields[1] not in ("0", "1") or not ENDPOINT_NAME.fullmatch(fields[0]):
+                    raise MalformedReply("a malformed disabled message")
                 (self._disabled.add if fields[1] == "1" else self._disabled.discard)(fields[0])
                 return
-            self._apply(name, fields)
-        except (ValueError, IndexError):
+            if not ENDPOINT_NAME.fullmatch(name):
+                raise MalformedReply("not an endpoint name")
+            self._apply(name, _state(fields))
+        except Exception:  # noqa: BLE001 - a message we cannot read is skipped, never fatal
             log.debug("router: ignoring a malformed health message")
+
+
+def _wrong_type(reply) -> bool:
+    """A key of another type. Any other error reply (an ACL refusal, say) is raised by the
+    re-sync's shape checks instead: Redis is then not usable, not merely holding a stray."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
+def _probe_reply(reply) -> tuple[bool, State]:
+    if not isinstance(reply, list) or len(reply) != 6 or reply[0] not in (0, 1):
+        raise MalformedReply("the probe script answered the wrong shape")
+    return bool(reply[0]), _state(reply[1:])
+
+
+def _one(reply) -> int:
+    if reply != 1:
+        raise MalformedReply("1 was expected")
+    return reply
 
 
 def _reason(e: BaseException) -> str:

@@ -6,22 +6,28 @@ of attempts. Decisions come from `policy` and `sse`; I/O from `upstream` and the
 """
 
 import asyncio
-import re
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
-from . import policy, sse
+from . import decoding, policy, sse
 from .endpoints import Endpoint
 from .errors import KNOWN_ERROR_TYPES, error_body, error_type_for
 from .health import HEALTHY, HealthStore, Phase, phase
 from .policy import Attempt, Verdict
+from .redaction import scrub, scrub_headers
+from .requests import json_body
 from .upstream import Timeouts, Upstream, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("claude_router")
 
 BUFFER_LIMIT = 8 * 1024 * 1024  # a larger non-streaming body is streamed on, not held
 ERROR_BODY_LIMIT = 256 * 1024
 HOLD_LIMIT = 256 * 1024  # bytes of a stream's opening held back while waiting for content
-_STREAM_FIELD = re.compile(rb'"stream"\s*:\s*true')
 _BACKOFF_STATUSES = frozenset({429, 503, 529})
+# Upstreams are asked not to compress, so the router can read errors, stream starts and usage.
+_IDENTITY = ("accept-encoding", "identity")
 
 
 @dataclass(frozen=True)
@@ -39,13 +45,20 @@ class Settings:
 @dataclass(frozen=True)
 class Request:
     method: str
-    path: str  # with the query
+    path: str  # with the query, safe to append to an endpoint's URL (requests.upstream_target)
     headers: list[tuple[str, str]]  # end-to-end headers to forward
     body: bytes
 
+    @cached_property
+    def json(self) -> dict | None:
+        """The body as a JSON object (a Messages request), parsed once; None otherwise."""
+        return json_body(self.body)
+
     @property
     def streaming(self) -> bool:
-        return _STREAM_FIELD.search(self.body, 0, 1 << 20) is not None
+        """Decided by the top-level ``"stream"`` field, never by bytes deeper in the body."""
+        doc = self.json
+        return doc is not None and doc.get("stream") is True
 
 
 @dataclass
@@ -96,6 +109,14 @@ class Routing:
     def __init__(self, upstream: Upstream, clock: Callable[[], float]) -> None:
         self.upstream = upstream
         self.clock = clock
+        self._background: set[asyncio.Task] = set()
+
+    def _release_probe(self, store: HealthStore, name: str) -> None:
+        """Free a half-open probe whose request ended without an outcome for the endpoint
+        (the client left, or the answer blamed nobody), so the next request may probe."""
+        task = asyncio.get_running_loop().create_task(store.release_probe(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
                     req: Request) -> Result:
@@ -116,6 +137,7 @@ class Routing:
         attempts = result.attempts
         last: _Tried | None = None
         client_kinds: list[tuple] = []
+        secrets = tuple(s for ep in endpoints for s in ep.secrets)
         for step in steps:
             left = deadline - loop.time()
             if len(attempts) >= cap or left <= 0:
@@ -123,7 +145,17 @@ class Routing:
             ep = step.endpoint
             if step.probe and not await store.try_probe(ep.name):
                 continue  # another request is probing it
-            tried = await self._try(ep, req, settings, left)
+            try:
+                tried = await self._try(ep, req, settings, left, secrets)
+            except BaseException:  # cancelled: the client left
+                if step.probe:
+                    self._release_probe(store, ep.name)
+                raise
+            if tried.attempt.outcome == "unsendable":
+                if step.probe:
+                    self._release_probe(store, ep.name)
+                result.answer = _unsendable(tried.attempt.detail)
+                return result
             attempts.append(tried.attempt)
             result.counted.append(tried.verdict is Verdict.COUNT)
             if tried.verdict is None:
@@ -137,6 +169,8 @@ class Routing:
                     result.trips.append(ep.name)
             elif tried.verdict in (Verdict.CLIENT, Verdict.RETURN):
                 await store.record_success(ep.name)  # it answered sensibly: it is up
+            elif step.probe:
+                self._release_probe(store, ep.name)  # skipped without blame: no verdict on it
             if tried.answer is not None:
                 last = tried
             if tried.verdict is Verdict.RETURN:
@@ -150,17 +184,26 @@ class Routing:
 
     # -- one attempt ---------------------------------------------------------------------
 
-    async def _try(self, ep: Endpoint, req: Request, settings: Settings, left: float) -> _Tried:
+    async def _try(self, ep: Endpoint, req: Request, settings: Settings, left: float,
+                   secrets: Sequence[str] = ()) -> _Tried:
         wait = settings.stream_timeout if req.streaming else settings.headers_timeout
         timeouts = Timeouts(connect=min(settings.connect_timeout, left), headers=min(wait, left))
+        headers = [h for h in ep.request_headers(req.headers) if h[0].lower() != "accept-encoding"]
+        headers.append(_IDENTITY)
         try:
-            resp = await self.upstream.send(ep, req.method, req.path, ep.request_headers(req.headers),
-                                            req.body, timeouts)
+            resp = await self.upstream.send(ep, req.method, req.path, headers, req.body, timeouts)
         except UpstreamError as e:
+            if e.kind == "unsendable":
+                return _Tried(None, Attempt(ep.name, "unsendable", e.detail))
             return self._transport_failure(ep, e.kind, e.detail, settings)
         try:
+            resp.headers = scrub_headers(resp.headers, secrets) if secrets else resp.headers
+            if 300 <= resp.status < 400:
+                resp.close()  # a client would follow it and re-send the key and prompt there
+                return self._transport_failure(ep, "redirect", f"answered HTTP {resp.status} (a redirect)",
+                                               settings)
             if resp.status >= 400:
-                return await self._error_answer(ep, resp, settings)
+                return await self._error_answer(ep, resp, settings, secrets)
             async with asyncio.timeout(left):
                 if resp.is_event_stream:
                     return await self._stream_start(ep, resp, settings)
@@ -171,6 +214,11 @@ class Routing:
         except TimeoutError:
             resp.close()
             return self._transport_failure(ep, "timeout", "request deadline reached", settings)
+        except Exception as e:  # anything in the answer the router cannot judge is the endpoint's
+            resp.close()
+            log.warning(f"router: could not judge {ep.name}'s answer ({type(e).__name__}); counted as a failure")
+            return _Tried(Verdict.COUNT, Attempt(ep.name, "bad_response",
+                                                 f"answer could not be read ({type(e).__name__})"))
         except BaseException:  # cancelled (the client left): never leave the upstream open
             resp.close()
             raise
@@ -179,20 +227,32 @@ class Routing:
     def _transport_failure(self, ep: Endpoint, kind: str, detail: str, settings: Settings) -> _Tried:
         return _Tried(policy.classify(settings.rules, transport=kind), Attempt(ep.name, kind, detail))
 
-    async def _error_answer(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings) -> _Tried:
+    async def _error_answer(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings,
+                            secrets: Sequence[str]) -> _Tried:
         try:
             body, complete = await resp.read(ERROR_BODY_LIMIT)
         except UpstreamError:
             body, complete = b"", False
         if not complete:
             resp.close()
+        headers = resp.headers
+        if coding := decoding.encoding_of(headers):
+            # Read (and relay) it decoded: the error type and any echoed key must be visible.
+            plain = decoding.decoded(body, coding, ERROR_BODY_LIMIT * 4)
+            if plain is not None:
+                body = plain
+                headers = [(k, v) for k, v in headers if k.lower() != "content-encoding"]
+        if secrets:
+            body = scrub(body, secrets)
         etype = policy.error_type_of(body)
-        answer = Answer(resp.status, resp.reason, resp.headers, body, ep)
+        answer = Answer(resp.status, resp.reason, headers, body, ep)
+        verdict = policy.classify(settings.rules, status=resp.status, error_type=etype,
+                                  own_credentials=ep.own_credentials)
         hint = 0.0
-        if resp.status in _BACKOFF_STATUSES:
+        if resp.status in _BACKOFF_STATUSES and verdict is Verdict.COUNT:
             hint = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
         return _Tried(
-            policy.classify(settings.rules, status=resp.status, error_type=etype),
+            verdict,
             Attempt(ep.name, str(resp.status), f"HTTP {resp.status}" + (f" {etype}" if etype else "")),
             answer=answer,
             hint=hint,
@@ -201,10 +261,14 @@ class Routing:
 
     async def _stream_start(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings) -> _Tried:
         """Hold a 200 stream until its first content event; a bad start is a failure."""
-        held = bytearray()
+        held: list[bytes] = []
+        size = 0
+        scanner = sse.StartScanner()
+        decoder = decoding.Decoder(decoding.encoding_of(resp.headers))
         async for chunk in resp.chunks():
-            held += chunk
-            start = sse.scan_start(bytes(held))
+            held.append(chunk)
+            size += len(chunk)
+            start = scanner.feed(decoder.feed(chunk))
             if start.error_type:
                 resp.close()
                 status = 529 if start.error_type == "overloaded_error" else 502
@@ -217,9 +281,9 @@ class Routing:
                     answer=Answer(status, "", [("content-type", "application/json")],
                                   error_body(status, message, start.error_type), ep),
                 )
-            if start.content or len(held) > HOLD_LIMIT:
+            if start.content or size > HOLD_LIMIT or decoder.broken:
                 return _Tried(None, Attempt(ep.name, str(resp.status)),
-                              winner=Winner(ep, resp, bytes(held), complete=False))
+                              winner=Winner(ep, resp, b"".join(held), complete=False))
         return self._transport_failure(ep, "empty_stream", "stream ended before any content", settings)
 
     # -- answers when nothing worked ---------------------------------------------------------
@@ -248,6 +312,11 @@ class Routing:
                               if k.lower() not in ("retry-after", "retry-after-ms")]
             answer.headers.append(("retry-after", policy.retry_after_value(max(wait, min(upstream_says, 60)))))
         return answer
+
+
+def _unsendable(detail: str) -> Answer:
+    return Answer(400, "", [("content-type", "application/json")],
+                  error_body(400, f"the request cannot be forwarded: {detail}"))
 
 
 def _no_endpoint() -> Answer:

@@ -15,8 +15,9 @@ from .usage import Usage
 @dataclass
 class EndpointStats:
     served: int = 0  # requests this endpoint answered for the client
-    failures: int = 0  # attempts that counted against it
+    failures: int = 0  # attempts (and streams broken after they started) that counted against it
     last_error: str = ""
+    client_stalls: int = 0  # streams that broke after their client stopped reading: not counted
     usage: Usage = field(default_factory=Usage)
     cost: float = 0.0
 
@@ -32,6 +33,12 @@ class Stats:
                                   ["endpoint", "outcome"], registry=r)
         self.m_failovers = Counter("claude_router_failovers", "Requests that needed more than one "
                                    "attempt", registry=r)
+        self.m_stream_failures = Counter("claude_router_stream_failures", "Streams that broke after "
+                                         "content reached the client, by endpoint and kind",
+                                         ["endpoint", "kind"], registry=r)
+        self.m_client_stalls = Counter("claude_router_client_stalls", "Streams that broke after "
+                                       "their client stopped reading (not counted against the "
+                                       "endpoint)", ["endpoint"], registry=r)
         self.m_trips = Counter("claude_router_cooldown_trips", "Times an endpoint was put in cooldown",
                                ["endpoint"], registry=r)
         self.m_ttfb = Histogram("claude_router_time_to_first_byte_seconds", "From the client's "
@@ -54,6 +61,16 @@ class Stats:
                 ep.last_error = attempt.detail or attempt.outcome
         if len(attempts) > 1:
             self.m_failovers.inc()
+
+    def midstream(self, name: str, kind: str, detail: str) -> None:
+        ep = self._ep(name)
+        ep.failures += 1
+        ep.last_error = detail
+        self.m_stream_failures.labels(name, kind).inc()
+
+    def client_stalled(self, name: str) -> None:
+        self._ep(name).client_stalls += 1
+        self.m_client_stalls.labels(name).inc()
 
     def trip(self, name: str) -> None:
         self.m_trips.labels(name).inc()
@@ -103,6 +120,7 @@ class Stats:
             "served": st.served,
             "failures": st.failures,
             "last_error": st.last_error,
+            "client_stalls": st.client_stalls,
             "tokens": {k: getattr(st.usage, k) for k in ("input_tokens", "output_tokens",
                        "cache_creation_input_tokens", "cache_read_input_tokens")},
             "cost_usd": round(st.cost, 6),

@@ -7,6 +7,7 @@ Transport failures become `UpstreamError` with a short kind ("refused", "timeout
 
 import asyncio
 import errno
+import http
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class UpstreamResponse:
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
-        self.reason = resp.reason or ""
+        self.reason = _reason(resp.status, resp.reason or "")
         # Framing headers go too: whoever passes the body on frames it again.
         self.headers: list[tuple[str, str]] = end_to_end(
             ((k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers),
@@ -115,6 +116,17 @@ class UpstreamResponse:
         """Abort: the upstream connection is closed, not reused."""
         self._resp.close()
 
+
+
+def _reason(status: int, reason: str) -> str:
+    """The upstream's reason phrase if it is plain printable ASCII, else the standard one (a
+    GBK relay's phrase arrives as undecodable bytes and could not be sent on)."""
+    if reason.isascii() and reason.isprintable():
+        return reason
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _classify(e: BaseException) -> UpstreamError:
@@ -193,7 +205,11 @@ class Upstream:
             raise UpstreamError("timeout", f"no response headers within {timeouts.headers:g}s") from None
         except (aiohttp.ClientError, OSError) as e:
             raise _classify(e) from None
-        except Exception as e:  # e.g. aiohttp refusing a header combination: this attempt failed
+        except (ValueError, TypeError, UnicodeError) as e:
+            # aiohttp refused the request before sending it (a header it will not write):
+            # no endpoint saw it, so none is to blame.
+            raise UpstreamError("unsendable", f"the HTTP client refused it ({type(e).__name__})") from None
+        except Exception as e:  # anything else: this attempt failed, cause unknown
             raise UpstreamError("error", f"request could not be sent ({type(e).__name__})") from None
         return UpstreamResponse(resp)
 
