@@ -23,7 +23,8 @@ from mitmproxy.tls import ClientHelloData
 
 from mitmproxy.utils import human
 
-from . import config, decoding, options, policy, usage
+from . import config, cost, decoding, options, policy, sessions, usage
+from .affinity import MemoryAffinity, RedisAffinity
 from .connections import Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
 from .errors import error_body
@@ -31,7 +32,7 @@ from .handoff import HandoffServer, Parked
 from .health import HEALTHY, Breaker, HealthStore, MemoryHealthStore, Phase, phase
 from .policy import Attempt
 from .redis_store import RedisHealthStore, redacted
-from .requests import Refused, unsendable, upstream_target
+from .requests import Refused, split_tier, unsendable, upstream_target
 from .routing import Answer, Request, Routing, Settings, Winner
 from .status import Stats, table
 from .upstream import Upstream, UpstreamError, request_headers
@@ -66,6 +67,11 @@ class RouteInfo:
     handoff_path: str = ""
     tokens: usage.Usage | None = None
     logged: bool = field(default=False)
+    session_id: str | None = None  # the conversation (cost strategy), and what it was before
+    session: sessions.Session | None = None
+    ttl: float = 0.0
+    asked_at: float = 0.0  # wall clock when the request came
+    reason: str = ""
 
 
 class Router:
@@ -88,6 +94,9 @@ class Router:
         self._watcher: asyncio.Task | None = None
         self.heads = HeadDeadlines()
         self.body_limit: int | None = None
+        self.affinity: MemoryAffinity = MemoryAffinity(clock)
+        self.strategy = "cost"
+        self.horizon = 8
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -118,8 +127,17 @@ class Router:
             self.store.breaker = self._breaker()
         if updated & {"router_redis_url", "router_key_prefix"}:
             self._replace_store(self._make_store())
+            self.affinity = (RedisAffinity(self.store.client, self.store.prefix, self.clock)
+                             if isinstance(self.store, RedisHealthStore) else MemoryAffinity(self.clock))
+        if "router_strategy" in updated:
+            if opts.router_strategy not in ("cost", "order"):
+                raise exceptions.OptionsError(
+                    f"router_strategy must be cost or order, got {opts.router_strategy!r}")
+            self.strategy = opts.router_strategy
+        if "router_session_horizon" in updated:
+            self.horizon = opts.router_session_horizon
         if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
-            self.store.track(ep.name for ep in self.endpoints)
+            self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = self._settings()
@@ -278,6 +296,7 @@ class Router:
     async def done(self) -> None:
         if self._watcher:
             self._watcher.cancel()
+        await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()
         await self.store.close()
@@ -304,7 +323,7 @@ class Router:
             except exceptions.OptionsError as e:
                 log.warning(f"router: keeping the last good config: {e}")
                 continue
-            self.store.track(ep.name for ep in self.endpoints)
+            self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
             log.info(f"router: config reloaded from {path}: "
                      f"{', '.join(ep.name for ep in self.endpoints)}")
 
@@ -370,7 +389,7 @@ class Router:
 
     async def _handle(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        if req.method == "HEAD" and req.path == "/":
+        if req.method == "HEAD" and self._is_base_url(req.path):
             # Claude Code's reachability check: answer it here, no upstream needed.
             flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
             return
@@ -384,8 +403,9 @@ class Router:
             await self._admin(flow)
             return
         problem = unsendable(req.data.method, req.headers.fields)
+        pinned, raw_target = split_tier(req.data.path, {ep.name for ep in self.endpoints})
         try:
-            target = upstream_target(req.data.path)
+            target = upstream_target(raw_target)
         except Refused as e:
             problem = problem or str(e)
         if problem:
@@ -396,7 +416,7 @@ class Router:
         flow.metadata["router"] = {"client_url": req.url}  # what a replay must route again
         # Route in a task of its own, so that a client that leaves stops its upstream attempts
         # at once (client_disconnected cancels it) instead of when they end.
-        routing = asyncio.get_running_loop().create_task(self._route(flow, target))
+        routing = asyncio.get_running_loop().create_task(self._route(flow, target, pinned))
         client = flow.client_conn.id
         self._routing.setdefault(client, set()).add(routing)
         try:
@@ -437,6 +457,15 @@ class Router:
 
     # -- access ----------------------------------------------------------------------------
 
+    def _is_base_url(self, path: str) -> bool:
+        """``/``, or a tier's base URL (``/droid``, ``/claude/droid``) as Claude Code checks it."""
+        path = path.split("?")[0].rstrip("/")
+        if not path:
+            return True
+        names = {ep.name for ep in self.endpoints}
+        head, _, name = path.rpartition("/")
+        return name in names and head in ("", "/claude")
+
     def _authorized(self, req: http.Request) -> bool:
         presented = req.headers.get("x-api-key", "")
         auth = req.headers.get("authorization", "")
@@ -460,7 +489,7 @@ class Router:
     async def status_document(self) -> dict:
         await self.store.view()
         return self.stats.document(self.endpoints, self.store.current(), self.clock(),
-                                   set(self.store.disabled), self.store.description)
+                                   set(self.store.disabled), self.store.description, self.affinity)
 
     def _reply(self, flow: http.HTTPFlow, status: int, body: bytes,
                content_type: str = "application/json") -> None:
@@ -468,14 +497,21 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------------
 
-    async def _route(self, flow: http.HTTPFlow, target: str) -> None:
+    async def _route(self, flow: http.HTTPFlow, target: str, pinned: str | None = None) -> None:
         req = flow.request
         started = time.monotonic()
+        asked_at = self.clock()
         request = Request(req.method, target, request_headers(req.headers.items(multi=True)),
                           req.raw_content or b"")
         # The flow kept for mitmweb, -w files and replays never holds the client's key.
         _redact_credentials(req)
-        result = await self.routing.route(self.endpoints, self.store, self.settings, request)
+        sid, prev, ttl, choose = await self._placement(request, target)
+        if req.method == "GET" and target.split("?")[0] == "/v1/models" and any(
+                ep.profile.models or ep.profile.model_map for ep in self.endpoints):
+            result = await self.routing.models(self.endpoints, self.store, self.settings, request)
+        else:
+            result = await self.routing.route(self.endpoints, self.store, self.settings, request,
+                                              pinned, choose)
         self.stats.attempts(result.attempts, result.counted)
         for name in result.trips:
             self._tripped(name)
@@ -490,6 +526,11 @@ class Router:
             attempts=result.attempts,
             started=started,
             ttfb=time.monotonic() - started,
+            session_id=sid,
+            session=prev,
+            ttl=ttl,
+            asked_at=asked_at,
+            reason=result.reason,
         )
         flow.metadata["router"].update(endpoint=ep.name if ep else None,
                                        attempts=policy.attempts_header(result.attempts))
@@ -527,7 +568,7 @@ class Router:
     async def _stream(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> None:
         """Park the winning response with the handoff server and point the flow at it."""
         delivery = Delivery()
-        length = w.resp.length
+        length = None if w.rewritten else w.resp.length
         if length is not None and self.body_limit is not None and length > self.body_limit:
             length = None  # sent chunked: mitmproxy's body_size_limit is for requests here
         parked = Parked(
@@ -607,12 +648,63 @@ class Router:
         self._spawn(record())
 
     def _tripped(self, name: str) -> None:
-        self.stats.trip(name)
-        log.warning(f"router: endpoint {name} put in cooldown")
+        endpoint, _, family = name.partition("~")
+        self.stats.trip(endpoint)
+        if family:
+            log.warning(f"router: endpoint {endpoint} put in cooldown for the {family} model family")
+        else:
+            log.warning(f"router: endpoint {name} put in cooldown")
+
+    async def _placement(self, request: Request, target: str):
+        """The cost strategy's view of this request: its conversation, where that is, and a
+        chooser for the routing loop. Nothing when the strategy is "order" or it is not a
+        Messages request."""
+        doc = request.json
+        if (self.strategy != "cost" or doc is None or request.method != "POST"
+                or target.split("?")[0] != "/v1/messages"):
+            return None, None, 0.0, None
+        sid = sessions.session_id(request.headers, doc)
+        if sid is None:
+            return None, None, 0.0, None
+        prev = await self.affinity.lookup(sid)
+        ttl = sessions.cache_ttl(doc)
+        prompt = prev.prompt_tokens if prev else len(request.body) // 4
+        output = prev.output_tokens if prev else 0.0
+        now = self.clock()
+
+        def choose(candidates: list[Endpoint]) -> tuple[str, str] | None:
+            c = cost.choose([(ep.name, ep.price) for ep in candidates], self.affinity.learned,
+                            prev, prompt, output, ttl, now, self.horizon)
+            return (c.endpoint, c.reason) if c else None
+
+        return sid, prev, ttl, choose
+
+    def _record_turn(self, info: RouteInfo, ep: Endpoint, u: usage.Usage) -> None:
+        """What this turn showed: the conversation's new place and size, and whether the
+        endpoint read the prefix it should have had cached."""
+        prev = info.session
+        if sessions.expects_read(prev, ep.name, info.ttl, info.asked_at):
+            learned = sessions.observe(self.affinity.learned.get(ep.name, sessions.UNKNOWN),
+                                       u.cache_read_input_tokens)
+            was = self.affinity.learned.get(ep.name, sessions.UNKNOWN).caches
+            self.affinity.put_learned(ep.name, learned)
+            if was and not learned.caches:
+                log.warning(f"router: endpoint {ep.name} does not seem to cache prompts "
+                            "(expected cache reads did not happen); pricing it accordingly")
+        if prev is not None and prev.endpoint != ep.name and ep.price is not None:
+            write = cost.rates(ep.price, info.ttl)[1]
+            self.stats.rewrite(ep.name, u.cache_creation_input_tokens * write)
+        prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+        why = info.reason or ("failover" if len(info.attempts) > 1 else
+                              "warm cache" if prev is not None and prev.endpoint == ep.name else "cheapest")
+        self.affinity.put(info.session_id, sessions.after_turn(
+            prev, ep.name, prompt, u.output_tokens, info.ttl, self.clock(), why))
 
     def _route_headers(self, info: RouteInfo) -> list[tuple[str, str]]:
         ep = info.endpoint
         headers = [("X-Router-Attempts", policy.attempts_header(info.attempts))] if info.attempts else []
+        if info.reason:
+            headers.append(("X-Router-Reason", info.reason))
         if ep is not None:
             headers[:0] = [("X-Used-Endpoint", ep.name), ("X-Endpoint-Index", str(ep.index))]
         return headers
@@ -629,6 +721,8 @@ class Router:
         if ep is not None and info.tokens is not None:
             spent = usage.cost(u, ep.price) if ep.price else 0.0
             self.stats.used(ep.name, u, spent)
+            if info.session_id and status < 300:
+                self._record_turn(info, ep, u)
         if not any(h.level <= logging.INFO for h in request_log.handlers or logging.getLogger().handlers):
             return  # nobody shows info lines: do not build one
         request_log.info(
@@ -654,15 +748,29 @@ class Router:
     def cmd_status(self) -> str:
         """The endpoints in price order with their health, traffic, tokens and cost."""
         doc = self.stats.document(self.endpoints, self.store.current(), self.clock(),
-                                  set(self.store.disabled), self.store.description)
+                                  set(self.store.disabled), self.store.description, self.affinity)
         return table(doc)
 
     @command.command("router.reset")
     def cmd_reset(self, endpoint: str = "") -> None:
         """Clear the health of one endpoint, or of all: failures and cooldowns are forgotten."""
         self._known(endpoint, allow_empty=True)
-        self._spawn(self.store.reset(endpoint or None))
+
+        async def reset() -> None:
+            if not endpoint:
+                await self.store.reset(None)
+            for name in policy.health_subjects([endpoint]) if endpoint else ():
+                await self.store.reset(name)
+
+        self._spawn(reset())
         log.info(f"router: health reset for {endpoint or 'every endpoint'}")
+
+    @command.command("router.forget")
+    def cmd_forget(self, endpoint: str = "") -> None:
+        """Forget what was learned about one endpoint's prompt caching, or all (shared in Redis)."""
+        self._known(endpoint, allow_empty=True)
+        self._spawn(self.affinity.forget(endpoint or None))
+        log.info(f"router: learned cache behaviour forgotten for {endpoint or 'every endpoint'}")
 
     @command.command("router.disable")
     def cmd_disable(self, endpoint: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from .endpoints import Endpoint, parse_endpoint
+from .profiles import DEFAULT, Profile
 from .upstream import HOP_BY_HOP
 from .usage import Price
 
@@ -32,7 +33,8 @@ OPTION_FIELDS = {
     ("policy", "all_cooling"): "router_all_cooling",
     ("policy", "rules"): "router_policy",
 }
-_ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers"}
+_ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers",
+                    "models", "model_map", "drop_betas", "cache_ttl"}
 _PRICE_FIELDS = {"input", "output", "cache_write", "cache_read"}
 # RFC 9110 5.1: a field name is a token of tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -106,7 +108,42 @@ def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoin
         raise ConfigError(source, f"{where}.auth", "must be x-api-key or bearer")
     return Endpoint(ep.name, ep.url, i, key=key, auth=auth,
                     headers=_headers(item.get("headers"), f"{where}.headers", source),
-                    price=_price(item.get("price"), f"{where}.price", source))
+                    price=_price(item.get("price"), f"{where}.price", source),
+                    profile=_profile(item, where, source))
+
+
+def _profile(item: dict, where: str, source: str) -> Profile:
+    """What the endpoint serves (``models`` globs, ``model_map``) and rejects (``drop_betas``,
+    ``cache_ttl: false``)."""
+    models = _strings(item.get("models"), f"{where}.models", source)
+    betas = _strings(item.get("drop_betas"), f"{where}.drop_betas", source)
+    raw_map = item.get("model_map") or {}
+    if not isinstance(raw_map, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and v for k, v in raw_map.items()):
+        raise ConfigError(source, f"{where}.model_map", "expected a mapping of client model ids "
+                                                        "to this endpoint's model ids")
+    for k, v in raw_map.items():
+        _check_value(k, f"{where}.model_map", source)
+        _check_value(v, f"{where}.model_map.{k}", source)
+    ups = list(raw_map.values())
+    if len(set(ups)) != len(ups):
+        raise ConfigError(source, f"{where}.model_map", "two client ids map to the same model id")
+    cache_ttl = item.get("cache_ttl", True)
+    if not isinstance(cache_ttl, bool):
+        raise ConfigError(source, f"{where}.cache_ttl", "must be true or false")
+    profile = Profile(models=models, model_map=tuple(raw_map.items()), drop_betas=betas,
+                      cache_ttl=cache_ttl)
+    return DEFAULT if profile == DEFAULT else profile
+
+
+def _strings(raw: Any, where: str, source: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) and v.strip() for v in raw):
+        raise ConfigError(source, where, "expected a list of non-empty strings")
+    for v in raw:
+        _check_value(v, where, source)
+    return tuple(raw)
 
 
 def _headers(raw: Any, where: str, source: str) -> tuple[tuple[str, str], ...]:

@@ -4,7 +4,11 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .profiles import DEFAULT, Profile
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# What health is kept for: an endpoint, or one model family at an endpoint ("aws~opus").
+SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(~[a-z]{1,16})?$")
 
 
 CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
@@ -25,6 +29,7 @@ class Endpoint:
     auth: str = "x-api-key"  # how the key is sent: "x-api-key" or "bearer"
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry tokens
     price: object | None = None  # usage.Price, USD per million tokens
+    profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
 
     @property
     def own_credentials(self) -> bool:

@@ -35,6 +35,15 @@ INT_OPTIONS = {  # name: (default, minimum, help)
     "router_deadline": (
         900, 1, "Seconds one request may spend on all its attempts together before it is answered."
     ),
+    "router_session_horizon": (
+        8, 1,
+        """
+        Cost strategy: the most turns still to come the router assumes for a conversation when
+        it weighs moving it (a move re-writes the conversation's prompt cache at the new
+        endpoint, paid back by cheaper turns after it). Larger: moves to cheaper endpoints
+        sooner.
+        """,
+    ),
     "router_head_timeout": (
         30, 0,
         """
@@ -104,6 +113,16 @@ STR_OPTIONS = {
         "endpoint_health_",
         "Prefix of the Redis keys (and pub/sub channel) that hold endpoint health; may not contain '|'.",
         None,
+    ),
+    "router_strategy": (
+        "cost",
+        """
+        "cost": with prices configured, each conversation goes where its turns cost least,
+        counting its prompt cache (it stays on the endpoint that holds its warm cache until
+        moving pays); "order": always the cheapest healthy endpoint first, as the original.
+        Without prices the order holds either way.
+        """,
+        ("cost", "order"),
     ),
     "router_all_cooling": (
         "refuse",

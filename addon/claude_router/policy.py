@@ -36,6 +36,44 @@ def plan(endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float) 
     return steps
 
 
+def pinned_order(endpoints: Sequence[Endpoint], name: str) -> list[Endpoint]:
+    """A tier chosen by path: that endpoint first, then the pricier ones in order, then round
+    to the cheaper ones (the original's ``/claude/<tier>/...``)."""
+    names = [ep.name for ep in endpoints]
+    if name not in names:
+        return list(endpoints)
+    i = names.index(name)
+    return list(endpoints[i:]) + list(endpoints[:i])
+
+
+def family_subject(endpoint: str, family: str) -> str:
+    """The health entry of one model family at one endpoint (rate limits are per family)."""
+    return f"{endpoint}~{family}"
+
+
+def health_subjects(names: Iterable[str]) -> list[str]:
+    """Every health entry a store keeps for these endpoints: each, and each of its families."""
+    from .profiles import FAMILIES
+    return [s for n in names for s in (n, *(family_subject(n, f) for f in FAMILIES))]
+
+
+def with_family(view: Mapping[str, Health], names: Iterable[str], family: str,
+                now: float) -> Mapping[str, Health]:
+    """The health to plan with for a request of ``family``: an endpoint whose family is
+    cooling longer than the endpoint itself is cooling for this request."""
+    merged = None
+    for name in names:
+        fam = view.get(family_subject(name, family))
+        if fam is None or phase(fam, now) is not Phase.COOLING:
+            continue
+        own = view.get(name, HEALTHY)
+        if fam.ejected_until > own.ejected_until:
+            merged = dict(view) if merged is None else merged
+            merged[name] = Health(failures=own.failures, ejections=max(own.ejections, 1),
+                                  ejected_until=fam.ejected_until, probe_until=own.probe_until)
+    return view if merged is None else merged
+
+
 def fallback(endpoints: Sequence[Endpoint]) -> list[Step]:
     """When nothing is usable and the operator asked for it: every endpoint, in price order."""
     return [Step(ep, probe=False) for ep in endpoints]
@@ -167,12 +205,35 @@ def classify(rules: Mapping[str, Verdict], status: int | None = None,
 
 def error_type_of(body: bytes) -> str | None:
     """The Anthropic ``error.type`` of an error body, if it has one."""
+    return error_of(body)[0]
+
+
+def error_of(body: bytes) -> tuple[str | None, str]:
+    """The Anthropic ``error.type`` and ``error.message`` of an error body (None, "" if absent)."""
     try:
-        doc = json.loads(body)
-        etype = doc["error"]["type"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None
-    return etype if isinstance(etype, str) else None
+        err = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return None, ""
+    if not isinstance(err, dict):
+        return None, ""
+    etype, message = err.get("type"), err.get("message")
+    return (etype if isinstance(etype, str) else None), (message[:500] if isinstance(message, str) else "")
+
+
+_UNKNOWN_MODEL = ("not found", "not_found", "does not exist", "unknown model", "invalid model",
+                  "model_not_found", "not supported", "unsupported model", "no such model")
+
+
+def names_unknown_model(status: int, error_type: str | None, message: str, model: str | None) -> bool:
+    """A 404 ``not_found_error`` or a 400 that says the requested model is not available here."""
+    if status not in (400, 404):
+        return False
+    text = message.lower()
+    if "model" not in text and not (model and model.lower() in text):
+        return False
+    if status == 404 and error_type in (None, "not_found_error"):
+        return True
+    return any(p in text for p in _UNKNOWN_MODEL)
 
 
 # -- back-off hints from the upstream --------------------------------------------------------
@@ -186,7 +247,12 @@ def cooldown_hint(headers: Mapping[str, str], now: float) -> float:
         hints.append(_number(ms) / 1000)
     if (ra := headers.get("retry-after")) is not None:
         hints.append(_retry_after(ra, now))
+    if (unified := headers.get("anthropic-ratelimit-unified-reset")) is not None:
+        # Subscription-backed relays: when the 5-hour window reopens (epoch seconds or RFC 3339).
+        hints.append((_number(unified) if unified.strip().isdigit() else _rfc3339(unified)) - now)
     for name, value in headers.items():
+        if name == "anthropic-ratelimit-unified-reset":
+            continue
         if name.startswith("anthropic-ratelimit-") and name.endswith("-reset"):
             remaining = headers.get(name[: -len("reset")] + "remaining")
             if remaining is not None and _number(remaining) <= 0:

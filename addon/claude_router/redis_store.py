@@ -46,7 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
-from .endpoints import _NAME as ENDPOINT_NAME
+from .endpoints import _NAME as ENDPOINT_NAME, SUBJECT
 from .health import HEALTHY, Breaker, Clock, Health, after_failure, release_probe, try_probe
 
 log = logging.getLogger("claude_router")
@@ -267,6 +267,11 @@ class RedisHealthStore:
     @property
     def connected(self) -> bool:
         return self._up
+
+    @property
+    def client(self):
+        """The Redis client, shared with the affinity store."""
+        return self._client
 
     def track(self, names: Iterable[str]) -> None:
         self._names = tuple(names)
@@ -537,7 +542,7 @@ class RedisHealthStore:
                     raise MalformedReply("a malformed disabled message")
                 (self._disabled.add if fields[1] == "1" else self._disabled.discard)(fields[0])
                 return
-            if not ENDPOINT_NAME.fullmatch(name):
+            if not SUBJECT.fullmatch(name):
                 raise MalformedReply("not an endpoint name")
             self._apply(name, _state(fields))
         except Exception:  # noqa: BLE001 - a message we cannot read is skipped, never fatal

@@ -76,3 +76,23 @@ def json_body(body: bytes) -> dict | None:
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def split_tier(raw: bytes, names) -> tuple[str | None, bytes]:
+    """A tier chosen by path: ``/<endpoint name>/v1/...`` or ``/claude/<endpoint name>/v1/...``
+    -> (name, ``/v1/...``). Anything else (an unknown name, no API path after it) is not a
+    tier and is forwarded as it is."""
+    parts = raw.split(b"/", 3)  # b"", first, second, rest
+    for skip in (1, 2):
+        if skip == 2 and (len(parts) < 3 or parts[1] != b"claude"):
+            break
+        name = parts[skip] if len(parts) > skip else b""
+        rest = b"/" + b"/".join(parts[skip + 1:]) if len(parts) > skip + 1 else b""
+        if rest.startswith(b"/v1/") or rest == b"/v1" or rest.startswith(b"/v1?"):
+            try:
+                text = name.decode("ascii")
+            except UnicodeDecodeError:
+                return None, raw
+            if text in names:
+                return text, rest
+    return None, raw

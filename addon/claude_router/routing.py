@@ -6,15 +6,16 @@ of attempts. Decisions come from `policy` and `sse`; I/O from `upstream` and the
 """
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from . import decoding, policy, sse
+from . import decoding, policy, profiles, sse
 from .endpoints import Endpoint
 from .errors import KNOWN_ERROR_TYPES, error_body, error_type_for
-from .health import HEALTHY, HealthStore, Phase, phase
+from .health import HEALTHY, Health, HealthStore, Phase, phase
 from .policy import Attempt, Verdict
 from .redaction import scrub, scrub_headers
 from .requests import json_body
@@ -60,6 +61,21 @@ class Request:
         doc = self.json
         return doc is not None and doc.get("stream") is True
 
+    @property
+    def model(self) -> str | None:
+        doc = self.json
+        model = doc.get("model") if doc is not None else None
+        return model if isinstance(model, str) else None
+
+    def without_thinking(self) -> "Request | None":
+        """This request with earlier turns' thinking blocks removed (see profiles)."""
+        doc = self.json
+        stripped = profiles.without_thinking(doc) if doc is not None else None
+        if stripped is None:
+            return None
+        body = json.dumps(stripped, ensure_ascii=False, separators=(",", ":")).encode()
+        return Request(self.method, self.path, self.headers, body)
+
 
 @dataclass
 class Answer:
@@ -84,6 +100,7 @@ class Winner:
     resp: UpstreamResponse
     prefix: bytes
     complete: bool
+    rewritten: bool = False  # the prefix was changed (the client's model id): its length differs
 
 
 @dataclass
@@ -93,6 +110,7 @@ class Result:
     answer: Answer | None = None
     counted: list[bool] = field(default_factory=list)  # per attempt: did it count as a failure
     trips: list[str] = field(default_factory=list)  # endpoints this request put in cooldown
+    reason: str = ""  # why the first endpoint tried was not the cheapest healthy one
 
 
 @dataclass
@@ -103,6 +121,8 @@ class _Tried:
     winner: Winner | None = None
     hint: float = 0.0  # seconds the endpoint asked us to stay away
     kind: tuple = ()  # what a client error looked like, to spot the same answer twice
+    family_wide: bool = False  # a rate limit or overload of the model family, not the endpoint
+    message: str = ""  # the upstream's error message (for signature rejections)
 
 
 class Routing:
@@ -119,34 +139,66 @@ class Routing:
         task.add_done_callback(self._background.discard)
 
     async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
-                    req: Request) -> Result:
+                    req: Request, pinned: str | None = None,
+                    choose: Callable[[list[Endpoint]], tuple[str, str] | None] | None = None) -> Result:
+        """Try endpoints in price order (from ``pinned`` on, wrapping round, when the client
+        chose a tier by path) until one answers well. ``choose`` may pick, among the usable
+        endpoints, the one to try first (the cost strategy), saying why."""
         view = await store.view()
+        secrets = tuple(s for ep in endpoints for s in ep.secrets)
         if disabled := store.disabled:
             endpoints = [ep for ep in endpoints if ep.name not in disabled]
+        if pinned is not None:
+            endpoints = policy.pinned_order(endpoints, pinned)
+        model = req.model
+        serving = [ep for ep in endpoints if ep.profile.serves(model)]
+        skipped = [Attempt(ep.name, "skipped:model") for ep in endpoints if ep not in serving]
+        if endpoints and not serving:
+            return Result(skipped, answer=_no_model(model), counted=[False] * len(skipped))
+        endpoints = serving
+        fam = profiles.family(model)
+        if fam is not None:
+            view = policy.with_family(view, [ep.name for ep in endpoints], fam, self.clock())
         steps = policy.plan(endpoints, view, self.clock())
         if not steps:
             if not endpoints:
-                return Result([], answer=_no_endpoint())
+                return Result(skipped, answer=_no_endpoint(), counted=[False] * len(skipped))
             if not settings.try_all_when_cooling:
-                return Result([], answer=await self._all_cooling(endpoints, store))
+                return Result(skipped, answer=await self._all_cooling(endpoints, store, view),
+                              counted=[False] * len(skipped))
             steps = policy.fallback(endpoints)
+        reason = ""
+        if choose is not None and pinned is None and len(steps) > 1:
+            picked = choose([s.endpoint for s in steps])
+            if picked is not None and picked[0] != steps[0].endpoint.name:
+                first = next(s for s in steps if s.endpoint.name == picked[0])
+                steps = [first] + [s for s in steps if s is not first]
+                reason = picked[1]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.deadline
         cap = settings.max_attempts or len(endpoints)
-        result = Result([])
+        result = Result(list(skipped), counted=[False] * len(skipped), reason=reason)
         attempts = result.attempts
+        tries = 0
         last: _Tried | None = None
         client_kinds: list[tuple] = []
-        secrets = tuple(s for ep in endpoints for s in ep.secrets)
         for step in steps:
             left = deadline - loop.time()
-            if len(attempts) >= cap or left <= 0:
+            if tries >= cap or left <= 0:
                 break
             ep = step.endpoint
             if step.probe and not await store.try_probe(ep.name):
                 continue  # another request is probing it
+            tries += 1
             try:
                 tried = await self._try(ep, req, settings, left, secrets)
+                if _signature_rejected(tried) and (stripped := req.without_thinking()) is not None:
+                    # Another endpoint signed this conversation's thinking: once more here
+                    # without those blocks, blaming nobody.
+                    attempts.append(Attempt(ep.name, "thinking_signature", "rejected another "
+                                            "endpoint's thinking signatures; retried without them"))
+                    result.counted.append(False)
+                    tried = await self._try(ep, stripped, settings, deadline - loop.time(), secrets)
             except BaseException:  # cancelled: the client left
                 if step.probe:
                     self._release_probe(store, ep.name)
@@ -158,15 +210,19 @@ class Routing:
                 return result
             attempts.append(tried.attempt)
             result.counted.append(tried.verdict is Verdict.COUNT)
+            subject = policy.family_subject(ep.name, fam) if fam and tried.family_wide else None
             if tried.verdict is None:
                 await store.record_success(ep.name)
+                if fam and (fs := policy.family_subject(ep.name, fam)) in view:
+                    await store.record_success(fs)
                 result.winner = tried.winner
                 return result
             if tried.verdict is Verdict.COUNT:
-                before = phase(view.get(ep.name, HEALTHY), self.clock())
-                after = await store.record_failure(ep.name, at_least=min(tried.hint, settings.max_hint))
+                name = subject or ep.name  # a family's rate limit cools that family only
+                before = phase(view.get(name, HEALTHY), self.clock())
+                after = await store.record_failure(name, at_least=min(tried.hint, settings.max_hint))
                 if before is not Phase.COOLING and phase(after, self.clock()) is Phase.COOLING:
-                    result.trips.append(ep.name)
+                    result.trips.append(name)
             elif tried.verdict in (Verdict.CLIENT, Verdict.RETURN):
                 await store.record_success(ep.name)  # it answered sensibly: it is up
             elif step.probe:
@@ -182,16 +238,58 @@ class Routing:
         result.answer = await self._final(endpoints, store, attempts, last)
         return result
 
+    async def models(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
+                     req: Request) -> Result:
+        """``GET /v1/models`` when endpoints have profiles: what every usable endpoint lists,
+        in the ids clients use, limited to what each serves, merged (in price order)."""
+        view = await store.view()
+        disabled = store.disabled
+        usable = [s.endpoint for s in policy.plan([ep for ep in endpoints if ep.name not in disabled],
+                                                   view, self.clock()) if not s.probe]
+        wait = min(settings.deadline, settings.headers_timeout, 30.0)
+        tried = await asyncio.gather(*(self._try(ep, req, settings, wait) for ep in usable))
+        lists, used, attempts = [], [], []
+        for ep, t in zip(usable, tried):
+            attempts.append(t.attempt)
+            w = t.winner
+            if w is None:
+                continue
+            if not w.complete:
+                w.resp.close()
+                continue
+            try:
+                data = json.loads(w.prefix).get("data")
+            except (ValueError, AttributeError, RecursionError):
+                data = None
+            if isinstance(data, list):
+                lists.append(data)
+                used.append(ep.profile)
+        if not lists:
+            answer = Answer(502, "", [("content-type", "application/json")],
+                            error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
+            return Result(attempts, answer=answer, counted=[False] * len(attempts))
+        data = profiles.union_models(lists, used)
+        body = json.dumps({"data": data, "has_more": False,
+                           "first_id": data[0]["id"] if data else None,
+                           "last_id": data[-1]["id"] if data else None}).encode()
+        return Result(attempts, answer=Answer(200, "OK", [("content-type", "application/json")], body),
+                      counted=[False] * len(attempts))
+
     # -- one attempt ---------------------------------------------------------------------
 
     async def _try(self, ep: Endpoint, req: Request, settings: Settings, left: float,
                    secrets: Sequence[str] = ()) -> _Tried:
         wait = settings.stream_timeout if req.streaming else settings.headers_timeout
         timeouts = Timeouts(connect=min(settings.connect_timeout, left), headers=min(wait, left))
+        profile = ep.profile
         headers = [h for h in ep.request_headers(req.headers) if h[0].lower() != "accept-encoding"]
         headers.append(_IDENTITY)
+        body = req.body
+        if profile.rewrites:
+            headers = profiles.request_headers(headers, profile)
+            body = profiles.request_body(body, req.json, profile)
         try:
-            resp = await self.upstream.send(ep, req.method, req.path, headers, req.body, timeouts)
+            resp = await self.upstream.send(ep, req.method, req.path, headers, body, timeouts)
         except UpstreamError as e:
             if e.kind == "unsendable":
                 return _Tried(None, Attempt(ep.name, "unsendable", e.detail))
@@ -203,11 +301,19 @@ class Routing:
                 return self._transport_failure(ep, "redirect", f"answered HTTP {resp.status} (a redirect)",
                                                settings)
             if resp.status >= 400:
-                return await self._error_answer(ep, resp, settings, secrets)
+                return await self._error_answer(ep, resp, settings, secrets, req.model)
             async with asyncio.timeout(left):
                 if resp.is_event_stream:
-                    return await self._stream_start(ep, resp, settings)
+                    tried = await self._stream_start(ep, resp, settings)
+                    if tried.winner is not None and (m := req.model) and (up := profile.upstream_model(m)) != m:
+                        w = tried.winner
+                        opening = profiles.answer_stream_opening(w.prefix, up, m)
+                        w.rewritten, w.prefix = opening != w.prefix, opening
+                    return tried
                 prefix, complete = await resp.read(BUFFER_LIMIT)
+                if (complete and (m := req.model) and (up := profile.upstream_model(m)) != m
+                        and not decoding.encoding_of(resp.headers)):
+                    prefix = profiles.answer_json(prefix, up, m)
         except UpstreamError as e:
             resp.close()
             return self._transport_failure(ep, e.kind, e.detail, settings)
@@ -228,7 +334,7 @@ class Routing:
         return _Tried(policy.classify(settings.rules, transport=kind), Attempt(ep.name, kind, detail))
 
     async def _error_answer(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings,
-                            secrets: Sequence[str]) -> _Tried:
+                            secrets: Sequence[str], model: str | None = None) -> _Tried:
         try:
             body, complete = await resp.read(ERROR_BODY_LIMIT)
         except UpstreamError:
@@ -244,19 +350,27 @@ class Routing:
                 headers = [(k, v) for k, v in headers if k.lower() != "content-encoding"]
         if secrets:
             body = scrub(body, secrets)
-        etype = policy.error_type_of(body)
+        etype, message = policy.error_of(body)
         answer = Answer(resp.status, resp.reason, headers, body, ep)
         verdict = policy.classify(settings.rules, status=resp.status, error_type=etype,
                                   own_credentials=ep.own_credentials)
+        outcome = str(resp.status)
+        if (verdict is Verdict.CLIENT and not ep.profile.models
+                and policy.names_unknown_model(resp.status, etype, message, model)):
+            # An endpoint without a models list that does not have this model: its limitation,
+            # not the client's fault and not a failure; the next endpoint may have it.
+            verdict, outcome = Verdict.SKIP, "model_not_found"
         hint = 0.0
         if resp.status in _BACKOFF_STATUSES and verdict is Verdict.COUNT:
             hint = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
         return _Tried(
             verdict,
-            Attempt(ep.name, str(resp.status), f"HTTP {resp.status}" + (f" {etype}" if etype else "")),
+            Attempt(ep.name, outcome, f"HTTP {resp.status}" + (f" {etype}" if etype else "")),
             answer=answer,
             hint=hint,
             kind=(resp.status, etype),
+            family_wide=resp.status in (429, 529) and model is not None,
+            message=message,
         )
 
     async def _stream_start(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings) -> _Tried:
@@ -288,8 +402,9 @@ class Routing:
 
     # -- answers when nothing worked ---------------------------------------------------------
 
-    async def _all_cooling(self, endpoints: Sequence[Endpoint], store: HealthStore) -> Answer:
-        wait = policy.seconds_until_usable(endpoints, await store.view(), self.clock())
+    async def _all_cooling(self, endpoints: Sequence[Endpoint], store: HealthStore,
+                           view: Mapping[str, Health]) -> Answer:
+        wait = policy.seconds_until_usable(endpoints, view, self.clock())
         retry = policy.retry_after_value(wait)
         message = f"every endpoint is cooling down after failures; retry in {retry} s"
         return Answer(529, "", [("content-type", "application/json"), ("retry-after", retry)],
@@ -299,6 +414,9 @@ class Routing:
                      attempts: list[Attempt], last: _Tried | None) -> Answer:
         if last is not None and last.verdict in (Verdict.CLIENT, Verdict.RETURN):
             return last.answer  # the request's own answer: as the upstream sent it
+        if last is not None and last.attempt.outcome == "model_not_found" and all(
+                a.outcome in ("model_not_found", "skipped:model") for a in attempts):
+            return last.answer  # nobody has the model: the client is told so, as sent
         wait = policy.seconds_until_usable(endpoints, await store.view(), self.clock())
         if last is not None:
             answer = last.answer
@@ -312,6 +430,19 @@ class Routing:
                               if k.lower() not in ("retry-after", "retry-after-ms")]
             answer.headers.append(("retry-after", policy.retry_after_value(max(wait, min(upstream_says, 60)))))
         return answer
+
+
+def _signature_rejected(tried: _Tried) -> bool:
+    a = tried.answer
+    return (a is not None and tried.verdict is not None
+            and profiles.is_signature_rejection(a.status, tried.kind[1] if len(tried.kind) > 1 else None,
+                                                tried.message))
+
+
+def _no_model(model: str | None) -> Answer:
+    message = f"model: {model} is not served by any endpoint of this router"
+    return Answer(404, "", [("content-type", "application/json")],
+                  error_body(404, message, "not_found_error"))
 
 
 def _unsendable(detail: str) -> Answer:

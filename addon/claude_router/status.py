@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from .endpoints import Endpoint
 from .health import HEALTHY, Health, Phase, phase
 from .policy import Attempt
+from .profiles import FAMILIES
 from .usage import Usage
 
 
@@ -18,6 +19,7 @@ class EndpointStats:
     failures: int = 0  # attempts (and streams broken after they started) that counted against it
     last_error: str = ""
     client_stalls: int = 0  # streams that broke after their client stopped reading: not counted
+    rewrite_cost: float = 0.0  # USD spent re-writing conversations' prompt caches after moves
     usage: Usage = field(default_factory=Usage)
     cost: float = 0.0
 
@@ -39,6 +41,10 @@ class Stats:
         self.m_client_stalls = Counter("claude_router_client_stalls", "Streams that broke after "
                                        "their client stopped reading (not counted against the "
                                        "endpoint)", ["endpoint"], registry=r)
+        self.m_moves = Counter("claude_router_session_moves", "Conversations that moved to this "
+                               "endpoint from another", ["endpoint"], registry=r)
+        self.m_rewrite = Counter("claude_router_rewrite_cost_usd", "Estimated USD spent re-writing "
+                                 "prompt caches after conversations moved", ["endpoint"], registry=r)
         self.m_trips = Counter("claude_router_cooldown_trips", "Times an endpoint was put in cooldown",
                                ["endpoint"], registry=r)
         self.m_ttfb = Histogram("claude_router_time_to_first_byte_seconds", "From the client's "
@@ -67,6 +73,13 @@ class Stats:
         ep.failures += 1
         ep.last_error = detail
         self.m_stream_failures.labels(name, kind).inc()
+
+    def rewrite(self, name: str, usd: float) -> None:
+        """A conversation moved here and re-wrote its prompt cache, costing ``usd``."""
+        self._ep(name).rewrite_cost += usd
+        self.m_moves.labels(name).inc()
+        if usd:
+            self.m_rewrite.labels(name).inc(usd)
 
     def client_stalled(self, name: str) -> None:
         self._ep(name).client_stalls += 1
@@ -98,14 +111,35 @@ class Stats:
         return generate_latest(self.registry)
 
     def document(self, endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float,
-                 disabled: set[str], store: str) -> dict:
-        return {
+                 disabled: set[str], store: str, affinity=None) -> dict:
+        doc = {
             "store": store,
-            "endpoints": [self._endpoint_doc(ep, view.get(ep.name, HEALTHY), now, ep.name in disabled)
+            "endpoints": [self._endpoint_doc(ep, view, now, ep.name in disabled)
                           for ep in endpoints],
         }
+        if affinity is not None:
+            pinned = affinity.pinned()
+            learned = affinity.learned
+            for e in doc["endpoints"]:
+                name = e["name"]
+                t = e["tokens"]
+                prompt = t["input_tokens"] + t["cache_creation_input_tokens"] + t["cache_read_input_tokens"]
+                lr = learned.get(name)
+                e["sessions_pinned"] = pinned.get(name, 0)
+                e["caches"] = "unknown" if lr is None or not lr.expected else lr.caches
+                e["cache_read_ratio"] = round(t["cache_read_input_tokens"] / prompt, 3) if prompt else None
+                e["rewrite_cost_usd"] = round(self.endpoints.get(name, EndpointStats()).rewrite_cost, 6)
+            doc["sessions"] = {
+                "count": len(affinity),
+                "recent": [{"session": sid[:48], "endpoint": sess.endpoint, "turns": sess.turns,
+                            "prompt_tokens": sess.prompt_tokens, "warm": sess.warm(now),
+                            "moved_from": sess.moved_from, "why": sess.why}
+                           for sid, sess in affinity.recent(20)],
+            }
+        return doc
 
-    def _endpoint_doc(self, ep: Endpoint, h: Health, now: float, disabled: bool) -> dict:
+    def _endpoint_doc(self, ep: Endpoint, view: Mapping[str, Health], now: float, disabled: bool) -> dict:
+        h = view.get(ep.name, HEALTHY)
         p = phase(h, now)
         st = self.endpoints.get(ep.name, EndpointStats())
         doc = {
@@ -114,6 +148,7 @@ class Stats:
             "origin": ep.origin,
             "has_key": ep.key is not None,
             "state": "disabled" if disabled else p.value,
+            "models": list(ep.profile.models) or ["*"],
             "consecutive_failures": h.failures,
             "ejections": h.ejections,
             "cooldown_seconds_left": round(max(0.0, h.ejected_until - now), 1) if p is Phase.COOLING else 0,
@@ -125,6 +160,14 @@ class Stats:
                        "cache_creation_input_tokens", "cache_read_input_tokens")},
             "cost_usd": round(st.cost, 6),
         }
+        families = {}
+        for fam in FAMILIES:  # a family's rate limit cools that family only
+            fh = view.get(f"{ep.name}~{fam}")
+            if fh is not None and (fp := phase(fh, now)) is Phase.COOLING:
+                families[fam] = {"state": fp.value,
+                                 "cooldown_seconds_left": round(max(0.0, fh.ejected_until - now), 1)}
+        if families:
+            doc["families"] = families
         return doc
 
 

@@ -1,0 +1,317 @@
+"""Endpoint profiles: which models an endpoint serves, under which ids, and which request
+features it rejects; and the request and answer rewrites that follow from them.
+
+Pure functions over bytes and parsed JSON. A request body is changed only where a profile
+says so, and then as little as possible: a model id is replaced in place (every other byte
+stays, so prompt caching still works); features an endpoint rejects are removed for that
+endpoint only.
+"""
+
+import fnmatch
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+FAMILIES = ("opus", "sonnet", "haiku")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What an endpoint serves and rejects (all optional; the default serves everything)."""
+
+    models: tuple[str, ...] = ()  # glob patterns of client model ids; empty: every model
+    model_map: tuple[tuple[str, str], ...] = ()  # client id -> the endpoint's id
+    drop_betas: tuple[str, ...] = ()  # anthropic-beta values removed for this endpoint
+    cache_ttl: bool = True  # False: cache_control.ttl (1-hour caches) is removed
+
+    def serves(self, model: str | None) -> bool:
+        if not self.models or model is None:
+            return True
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def upstream_model(self, model: str) -> str:
+        for client, upstream in self.model_map:
+            if client == model:
+                return upstream
+        return model
+
+    def client_model(self, upstream: str) -> str | None:
+        """The client id an endpoint id stands for (None when it is not mapped)."""
+        for client, up in self.model_map:
+            if up == upstream:
+                return client
+        return None
+
+    @property
+    def rewrites(self) -> bool:
+        return bool(self.model_map or self.drop_betas or not self.cache_ttl)
+
+
+DEFAULT = Profile()
+
+
+def family(model: str | None) -> str | None:
+    """The model family whose rate limits a model shares (Anthropic limits per family)."""
+    if not model:
+        return None
+    lowered = model.lower()
+    for name in FAMILIES:
+        if name in lowered:
+            return name
+    return None
+
+
+# -- the request for one endpoint ------------------------------------------------------------
+
+
+def request_body(body: bytes, doc: dict | None, profile: Profile) -> bytes:
+    """The body this endpoint gets: the model id mapped (in place), and 1-hour cache TTLs
+    removed if it does not support them. Unchanged when nothing applies."""
+    if doc is None or not profile.rewrites:
+        return body
+    if not profile.cache_ttl and _has_ttl(doc):
+        doc = _without_ttl(doc)
+        model = doc.get("model")
+        if isinstance(model, str):
+            doc = {**doc, "model": profile.upstream_model(model)}
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    model = doc.get("model")
+    if isinstance(model, str) and (mapped := profile.upstream_model(model)) != model:
+        return replace_top_level_string(body, "model", mapped) or body
+    return body
+
+
+def request_headers(headers: list[tuple[str, str]], profile: Profile) -> list[tuple[str, str]]:
+    """Drop the anthropic-beta values this endpoint rejects (the header goes if none remain)."""
+    if not profile.drop_betas:
+        return headers
+    drop = {b.lower() for b in profile.drop_betas}
+    out = []
+    for k, v in headers:
+        if k.lower() == "anthropic-beta":
+            kept = [b.strip() for b in v.split(",") if b.strip() and b.strip().lower() not in drop]
+            if not kept:
+                continue
+            v = ",".join(kept)
+        out.append((k, v))
+    return out
+
+
+def _has_ttl(node) -> bool:
+    if isinstance(node, dict):
+        cc = node.get("cache_control")
+        if isinstance(cc, dict) and "ttl" in cc:
+            return True
+        return any(_has_ttl(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_ttl(v) for v in node)
+    return False
+
+
+def _without_ttl(node):
+    if isinstance(node, dict):
+        out = {k: _without_ttl(v) for k, v in node.items()}
+        cc = out.get("cache_control")
+        if isinstance(cc, dict) and "ttl" in cc:
+            out["cache_control"] = {k: v for k, v in cc.items() if k != "ttl"}
+        return out
+    if isinstance(node, list):
+        return [_without_ttl(v) for v in node]
+    return node
+
+
+# -- thinking signatures ---------------------------------------------------------------------
+
+_SIGNATURE = re.compile(r"signature", re.I)
+_THINKING = re.compile(r"thinking", re.I)
+
+
+def is_signature_rejection(status: int, error_type: str | None, message: str) -> bool:
+    """A 400 saying a thinking block's signature is not valid here (another relay signed it)."""
+    return (status == 400 and error_type in (None, "invalid_request_error")
+            and bool(_SIGNATURE.search(message)) and bool(_THINKING.search(message)))
+
+
+def without_thinking(doc: dict) -> dict | None:
+    """The request with ``thinking``/``redacted_thinking`` blocks removed from earlier
+    assistant turns, and thinking turned off if the last assistant turn would then open with
+    ``tool_use`` (the API requires a thinking block there); None if there is nothing to strip."""
+    messages = doc.get("messages")
+    if not isinstance(messages, list):
+        return None
+    stripped, changed, last_assistant = [], False, None
+    for msg in messages:
+        if isinstance(msg, dict) and msg.get("role") == "assistant" and isinstance(msg.get("content"), list):
+            kept = [b for b in msg["content"]
+                    if not (isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking"))]
+            if len(kept) != len(msg["content"]):
+                changed = True
+                msg = {**msg, "content": kept}
+            last_assistant = msg
+        stripped.append(msg)
+    if not changed:
+        return None
+    out = {**doc, "messages": stripped}
+    content = last_assistant.get("content") if last_assistant else None
+    if (isinstance(out.get("thinking"), dict) and out["thinking"].get("type") != "disabled"
+            and isinstance(content, list) and content
+            and isinstance(content[0], dict) and content[0].get("type") == "tool_use"):
+        out.pop("thinking")
+    return out
+
+
+# -- answers: the client's model id back -----------------------------------------------------
+
+
+def answer_json(body: bytes, upstream: str, client: str) -> bytes:
+    """A JSON answer with the endpoint's model id replaced by the one the client asked for."""
+    if upstream == client or b'"model"' not in body:
+        return body
+    return replace_top_level_string(body, "model", client, only_if=upstream) or body
+
+
+def answer_stream_opening(held: bytes, upstream: str, client: str) -> bytes:
+    """The held opening of a stream with the model id in ``message_start`` replaced."""
+    if upstream == client:
+        return held
+    start = held.find(b"message_start")
+    if start < 0:
+        return held
+    end = held.find(b"\n\n", start)
+    end = len(held) if end < 0 else end
+    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(upstream).encode()))
+    block, n = pattern.subn(lambda m: m.group(1) + json.dumps(client).encode(), held[start:end], count=1)
+    return held[:start] + block + held[end:] if n else held
+
+
+# -- byte-exact edits of a top-level JSON string value ---------------------------------------
+
+
+def replace_top_level_string(body: bytes, key: str, value: str, only_if: str | None = None) -> bytes | None:
+    """``body`` with the string value of top-level ``key`` replaced, every other byte as it
+    was; None when the body is not an object with such a string value."""
+    span = top_level_span(body, key)
+    if span is None:
+        return None
+    start, end = span
+    if body[start:start + 1] != b'"':
+        return None
+    if only_if is not None:
+        try:
+            if json.loads(body[start:end]) != only_if:
+                return None
+        except ValueError:
+            return None
+    return body[:start] + json.dumps(value, ensure_ascii=False).encode() + body[end:]
+
+
+_WS = b" \t\r\n"
+
+
+def top_level_span(body: bytes, key: str) -> tuple[int, int] | None:
+    """Byte span of the value of ``key`` in a top-level JSON object, without parsing values
+    (a small scanner: strings with escapes, nesting by brackets)."""
+    n, i = len(body), 0
+    while i < n and body[i] in _WS:
+        i += 1
+    if i >= n or body[i] != 0x7B:  # {
+        return None
+    i += 1
+    want = key.encode()
+    while i < n:
+        while i < n and body[i] in _WS or (i < n and body[i] == 0x2C):  # whitespace and commas
+            i += 1
+        if i >= n or body[i] == 0x7D:  # }
+            return None
+        if body[i] != 0x22:
+            return None
+        kend = _string_end(body, i)
+        if kend < 0:
+            return None
+        name = body[i + 1:kend - 1]
+        i = kend
+        while i < n and body[i] in _WS:
+            i += 1
+        if i >= n or body[i] != 0x3A:  # :
+            return None
+        i += 1
+        while i < n and body[i] in _WS:
+            i += 1
+        vstart = i
+        vend = _value_end(body, i)
+        if vend < 0:
+            return None
+        if name == want or (b"\\" in name and _unescape(name) == key):
+            return vstart, vend
+        i = vend
+    return None
+
+
+def _string_end(body: bytes, i: int) -> int:
+    """Index just past the string starting at ``body[i] == '"'``; -1 if unterminated."""
+    j = i + 1
+    while True:
+        q = body.find(b'"', j)
+        if q < 0:
+            return -1
+        k, slashes = q - 1, 0
+        while k > i and body[k] == 0x5C:
+            slashes += 1
+            k -= 1
+        if slashes % 2 == 0:
+            return q + 1
+        j = q + 1
+
+
+def _value_end(body: bytes, i: int) -> int:
+    n = len(body)
+    if i >= n:
+        return -1
+    c = body[i]
+    if c == 0x22:
+        return _string_end(body, i)
+    if c in (0x7B, 0x5B):  # { [
+        depth, j = 0, i
+        while j < n:
+            c = body[j]
+            if c == 0x22:
+                j = _string_end(body, j)
+                if j < 0:
+                    return -1
+                continue
+            if c in (0x7B, 0x5B):
+                depth += 1
+            elif c in (0x7D, 0x5D):
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+        return -1
+    j = i
+    while j < n and body[j] not in b",}" and body[j] not in _WS:
+        j += 1
+    return j
+
+
+def _unescape(raw: bytes) -> str | None:
+    try:
+        return json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+
+
+def union_models(lists: Iterable[Sequence[dict]], profiles: Sequence[Profile]) -> list[dict]:
+    """The models list a client gets: what each endpoint reports, in client ids, limited to
+    what its profile serves, without duplicates, in endpoint order."""
+    seen, out = set(), []
+    for models, profile in zip(lists, profiles):
+        for m in models:
+            if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+                continue
+            cid = profile.client_model(m["id"]) or m["id"]
+            if not profile.serves(cid) or cid in seen:
+                continue
+            seen.add(cid)
+            out.append({**m, "id": cid})
+    return out

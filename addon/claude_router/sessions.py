@@ -1,0 +1,156 @@
+"""Conversations: which requests belong together, and what the router knows of each.
+
+Claude Code re-sends the whole conversation every turn, and most of its input is read from the
+prompt cache of the endpoint that served the last turn. Each endpoint is its own cache, so
+where a conversation goes next is a question of money (see `cost`). This module identifies a
+conversation and keeps what it showed on its last turn. Pure: no I/O, times passed in.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, replace
+
+DEFAULT_TTL = 300.0  # "cache_control": {"type": "ephemeral"}
+LONG_TTL = 3600.0  # "ttl": "1h"
+_USER_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,64})$")
+
+
+def session_id(headers: list[tuple[str, str]], doc: dict | None) -> str | None:
+    """A conversation's identity: Claude Code's ``X-Claude-Code-Session-Id`` (with its agent
+    id: a sub-agent has a prompt of its own), else the ``session_id`` in
+    ``metadata.user_id`` (``user_..._session_<uuid>`` or a JSON string), else a hash of the
+    cacheable prefix (tools, system and the first message). None when nothing identifies it."""
+    session = agent = None
+    for k, v in headers:
+        lk = k.lower()
+        if lk == "x-claude-code-session-id" and v.strip():
+            session = v.strip()[:128]
+        elif lk == "x-claude-code-agent-id" and v.strip():
+            agent = v.strip()[:128]
+    if session:
+        return f"cc:{session}/{agent}" if agent else f"cc:{session}"
+    if not isinstance(doc, dict):
+        return None
+    meta = doc.get("metadata")
+    uid = meta.get("user_id") if isinstance(meta, dict) else None
+    if isinstance(uid, str):
+        if m := _USER_SESSION.search(uid):
+            return f"u:{m.group(1)}"
+        if uid.startswith("{"):
+            try:
+                sid = json.loads(uid).get("session_id")
+            except (ValueError, AttributeError, RecursionError):
+                sid = None
+            if isinstance(sid, str) and sid:
+                return f"u:{sid[:128]}"
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    try:
+        basis = json.dumps([doc.get("tools"), doc.get("system"), messages[0]], sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return "p:" + hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def cache_ttl(doc: dict | None) -> float:
+    """The cache TTL a request asks for: 1 h if any breakpoint says so, else 5 min; 0 when it
+    marks no breakpoint (nothing is cached, so nothing is lost by moving)."""
+    found = _ttls(doc)
+    if not found:
+        return 0.0
+    return LONG_TTL if "1h" in found else DEFAULT_TTL
+
+
+def _ttls(node, depth: int = 0) -> set[str]:
+    if depth > 8:
+        return set()
+    found: set[str] = set()
+    if isinstance(node, dict):
+        cc = node.get("cache_control")
+        if isinstance(cc, dict):
+            found.add(str(cc.get("ttl", "5m")))
+        for k in ("tools", "system", "messages", "content"):
+            if k in node:
+                found |= _ttls(node[k], depth + 1)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _ttls(item, depth + 1)
+    return found
+
+
+@dataclass(frozen=True)
+class Session:
+    """What one conversation showed on its last answered turn."""
+
+    endpoint: str  # where its cache is warm
+    prompt_tokens: int  # the last turn's whole prompt (fresh + written + read)
+    output_tokens: float  # average output per turn
+    ttl: float  # its cache TTL (seconds)
+    last: float  # wall-clock end of the last turn
+    turns: int = 1
+    moved_from: str = ""  # the endpoint it left on its last move (for status)
+    why: str = ""  # why it is where it is
+
+    def warm(self, now: float) -> bool:
+        return self.ttl > 0 and now - self.last < self.ttl
+
+    def to_dict(self) -> dict:
+        return {"e": self.endpoint, "p": self.prompt_tokens, "o": round(self.output_tokens, 1),
+                "t": self.ttl, "l": round(self.last, 3), "n": self.turns, "m": self.moved_from,
+                "w": self.why}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Session":
+        return cls(str(d["e"]), int(d["p"]), float(d["o"]), float(d["t"]), float(d["l"]),
+                   int(d.get("n", 1)), str(d.get("m", "")), str(d.get("w", "")))
+
+
+def after_turn(prev: Session | None, endpoint: str, prompt_tokens: int, output_tokens: int,
+               ttl: float, now: float, why: str = "") -> Session:
+    """The session once a turn was answered by ``endpoint``."""
+    if prev is None:
+        return Session(endpoint, prompt_tokens, float(output_tokens), ttl, now, 1, "", why)
+    n = prev.turns + 1
+    avg = prev.output_tokens + (output_tokens - prev.output_tokens) / n
+    moved = prev.endpoint if prev.endpoint != endpoint else prev.moved_from
+    return replace(prev, endpoint=endpoint, prompt_tokens=prompt_tokens, output_tokens=avg,
+                   ttl=ttl or prev.ttl, last=now, turns=n, moved_from=moved, why=why)
+
+
+# -- what an endpoint showed about its prompt cache ------------------------------------------
+
+MIN_CACHEABLE = 1024  # tokens: a shorter prefix is never cached, so no read is expected
+MISSES_TO_LEARN = 2  # consecutive expected reads that did not happen: it does not cache
+
+
+@dataclass(frozen=True)
+class Learned:
+    """An endpoint's measured prompt-cache behaviour (optimistic until shown otherwise)."""
+
+    hits: int = 0
+    misses: int = 0  # consecutive
+    expected: int = 0
+
+    @property
+    def caches(self) -> bool:
+        return self.misses < MISSES_TO_LEARN
+
+
+UNKNOWN = Learned()
+
+
+def expects_read(prev: Session | None, endpoint: str, ttl: float, now: float) -> bool:
+    """Should this turn read its prefix from ``endpoint``'s cache? (Same endpoint as the last
+    turn, within its TTL, a cacheable prefix, and breakpoints asked for.)"""
+    return (prev is not None and prev.endpoint == endpoint and ttl > 0 and prev.warm(now)
+            and prev.prompt_tokens >= MIN_CACHEABLE)
+
+
+def observe(learned: Learned, cache_read_tokens: int) -> Learned:
+    """An expected read happened (or did not)."""
+    if cache_read_tokens > 0:
+        return Learned(learned.hits + 1, 0, learned.expected + 1)
+    return Learned(learned.hits, learned.misses + 1, learned.expected + 1)
