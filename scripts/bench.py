@@ -1125,6 +1125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds (3)")
     p.add_argument("--json", default=str(ROOT / "bench-results.json"), help="results file")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    p.add_argument("--affinity", action="store_true",
+                   help="only the in-process session placement and memory measurement")
     p.add_argument("--max-seconds", type=float, default=1800, help="abort after this long (1800)")
     p.add_argument("--profile", type=int, metavar="SECONDS",
                    help="instead: py-spy the router under concurrency-16 load for SECONDS")
@@ -1143,8 +1145,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def affinity_bench(sessions_n: int = 100_000, samples: int = 20_000) -> dict[str, Any]:
+    """In-process cost of placing a request whose conversation is already placed (identity,
+    local lookup, the cost rule), and the memory of ``sessions_n`` sessions in the local LRU."""
+    import gc
+    import tracemalloc
+
+    sys.path.insert(0, str(ROOT / "addon"))
+    from claude_router import cost, sessions
+    from claude_router.affinity import MemoryAffinity
+    from claude_router.usage import Price
+
+    now = time.time()
+    gc.collect()
+    tracemalloc.start()
+    store = MemoryAffinity(clock=lambda: now, max_sessions=sessions_n)
+    for i in range(sessions_n):
+        store.put(f"cc:{i:08d}-0000-0000-0000-000000000000",
+                  sessions.Session("aws", 80_000 + i % 1000, 400.0, 300.0, now - 10, 5, "", "warm cache"))
+    mem, _peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    candidates = [("aws", Price(input=3.0, output=15.0)), ("droid", Price(input=2.5, output=12.5))]
+    headers = [("x-claude-code-session-id", "00001234-0000-0000-0000-000000000000"),
+               ("anthropic-version", "2023-06-01"), ("content-type", "application/json")]
+    doc = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
+    times = []
+    clock = time.perf_counter
+    for i in range(samples):
+        t0 = clock()
+        sid = sessions.session_id(headers, doc)
+        prev = store.local(sid)
+        cost.choose(candidates, store.learned, prev, prev.prompt_tokens, prev.output_tokens, 300.0,
+                    now, 8)
+        times.append(clock() - t0)
+    times.sort()
+    return {"sessions": sessions_n, "memory_mib": mem / 2**20, "bytes_per_session": mem / sessions_n,
+            "placement_p50_ms": 1000 * times[len(times) // 2],
+            "placement_p99_ms": 1000 * times[int(len(times) * 0.99)]}
+
+
+def render_affinity(a: dict[str, Any]) -> str:
+    return ("\n| affinity (in process) | value |\n|---|---|\n"
+            f"| placement of a placed session, p50 | {a['placement_p50_ms']:.4f} ms |\n"
+            f"| placement, p99 | {a['placement_p99_ms']:.4f} ms |\n"
+            f"| {a['sessions']:,} sessions in the local LRU | {a['memory_mib']:.1f} MiB "
+            f"({a['bytes_per_session']:.0f} B each) |\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.affinity:
+        a = affinity_bench()
+        print(render_affinity(a))
+        return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt
     tmp = Path(tempfile.mkdtemp(prefix="claude-router-bench-"))
     procs = Procs(tmp)
@@ -1189,7 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.duration:g}s per throughput cell, {args.rounds} interleaved rounds")
     results["command"] = " ".join(["./scripts/bench", *(argv if argv is not None else sys.argv[1:])])
     results["wall_seconds"] = time.monotonic() - started
-    table = render(results, args)
+    results["affinity"] = affinity_bench()
+    table = render(results, args) + render_affinity(results["affinity"])
     results["table_markdown"] = table
     Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table)

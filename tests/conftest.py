@@ -69,6 +69,20 @@ class MockRelay:
     def fault(self, endpoint: str, **fault) -> None:
         self._call("PUT", f"/_mock/faults/{endpoint}", fault)
 
+    def profile(self, endpoint: str, **fields) -> None:
+        """Replace the endpoint's profile (no fields: back to a plain relay)."""
+        self._call("PUT", f"/_mock/profiles/{endpoint}", fields)
+
+    def profiles(self) -> dict:
+        return self._call("GET", "/_mock/profiles")
+
+    def cache(self, endpoint: str) -> list[dict]:
+        """Live prompt-cache entries of an endpoint: key, tokens, ttl, expires_in."""
+        return self._call("GET", f"/_mock/cache/{endpoint}")
+
+    def clear_cache(self, endpoint: str | None = None) -> None:
+        self._call("DELETE", "/_mock/cache" + (f"/{endpoint}" if endpoint else ""))
+
     def requests(self, endpoint: str | None = None) -> list[dict]:
         q = f"?endpoint={endpoint}" if endpoint else ""
         return self._call("GET", f"/_mock/requests{q}")

@@ -21,6 +21,8 @@ class _Call:
 
     def __init__(self, input_tokens: int) -> None:
         self._n = input_tokens
+        self.fault: dict = {}
+        self.profile: dict = {}
 
     def input_tokens(self) -> int:
         return self._n

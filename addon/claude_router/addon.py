@@ -21,7 +21,6 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-from mitmproxy.utils import human
 
 from . import config, cost, decoding, options, policy, sessions, usage
 from .affinity import MemoryAffinity, RedisAffinity
@@ -45,7 +44,6 @@ request_log = logging.getLogger("claude_router.requests")
 
 ADMIN_PREFIX = "/_router/"
 RELOAD_EVERY = 0.5  # seconds between checks of the config file
-BODY_LIMIT = "32m"  # mitmproxy's body_size_limit unless set: the Messages API's request limit
 # A stream that breaks right after its client held it up this long is not blamed on the
 # endpoint: relays give up on clients that stop reading.
 CLIENT_STALL = 1.0
@@ -72,6 +70,7 @@ class RouteInfo:
     ttl: float = 0.0
     asked_at: float = 0.0  # wall clock when the request came
     reason: str = ""
+    error: str = ""  # what broke a stream after it reached the client
 
 
 class Router:
@@ -93,10 +92,12 @@ class Router:
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
         self.heads = HeadDeadlines()
-        self.body_limit: int | None = None
+        self.body_limit: int = 32_000_000
+        self._refused: set[str] = set()  # flows answered from requestheaders, body dropped
         self.affinity: MemoryAffinity = MemoryAffinity(clock)
         self.strategy = "cost"
         self.horizon = 8
+        self.cache_ttl = 0.0  # router_cache_ttl: 0 = as the request's cache_control says
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -136,6 +137,8 @@ class Router:
             self.strategy = opts.router_strategy
         if "router_session_horizon" in updated:
             self.horizon = opts.router_session_horizon
+        if "router_cache_ttl" in updated:
+            self.cache_ttl = float(opts.router_cache_ttl)
         if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url",
@@ -145,12 +148,8 @@ class Router:
             self._refuse_open_keys(self.endpoints, self.client_keys)
         if "router_head_timeout" in updated:
             self.heads.timeout = float(opts.router_head_timeout)
-        if "body_size_limit" in updated:
-            if opts.body_size_limit is None:
-                # Bounds what a request (even one without a client key) can make the router
-                # buffer; mitmproxy answers 413 beyond it. --set body_size_limit=... to change.
-                opts.update(body_size_limit=BODY_LIMIT)
-            self.body_limit = human.parse_size(opts.body_size_limit)
+        if "router_max_body_mb" in updated:
+            self.body_limit = opts.router_max_body_mb * 1_000_000
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
@@ -353,15 +352,43 @@ class Router:
 
         self.heads.connected(client.id, close)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.heads.head_seen(flow.client_conn.id)
         if flow.response or flow.error or not flow.live or flow.is_replay:
             return
-        if self.client_keys and self.routes(flow) and not self._authorized(flow.request):
-            # Refused before the body is read into the flow (mitmproxy still takes it in, up
-            # to body_size_limit, then sends this answer).
-            self._reply(flow, 401, error_body(401, "a valid router client key is required "
-                                              "(x-api-key or Authorization: Bearer)"))
+        req = flow.request
+        if req.method == "HEAD" and self._is_base_url(req.path) or not self.routes(flow):
+            return  # (a reachability check is answered in `request`, key or not)
+        if self.client_keys and not self._authorized(req):
+            await self._refuse_early(flow, 401, error_body(
+                401, "a valid router client key is required (x-api-key or Authorization: Bearer)"))
+            return
+        length = req.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.body_limit:
+            await self._refuse_early(flow, 413, error_body(
+                413, f"the request body ({int(length):,} bytes) is over the router's limit of "
+                     f"{self.body_limit:,} bytes (router_max_body_mb)", "request_too_large"))
+
+    async def _refuse_early(self, flow: http.HTTPFlow, status: int, body: bytes) -> None:
+        """Answer from the request head, before the body is taken in: mitmproxy streams the
+        body into a sink that drops it as it arrives (so a 256 MiB upload costs no memory) and
+        fetches this answer from the handoff server. A client that sends its whole body before
+        it reads gets the answer once it has; none is left hanging."""
+        _redact_credentials(flow.request)
+
+        async def once() -> AsyncIterator[bytes]:
+            yield body
+
+        parked = Parked(status=status, reason="", headers=[("content-type", "application/json")],
+                        body=once(), close=lambda: None, length=len(body), client=flow.client_conn.id)
+        port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
+        self._refused.add(flow.id)
+        req = flow.request
+        req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
+        req.headers.pop("transfer-encoding", None)
+        req.headers["content-length"] = "0"
+        req.stream = _drop
+        flow.comment = f"answered {status} by the router from the request head; body dropped"
 
     def routes(self, flow: http.HTTPFlow) -> bool:
         if not self.endpoints:
@@ -376,6 +403,9 @@ class Router:
         return False
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self._refused:
+            self._refused.discard(flow.id)  # answered from its head; mitmproxy fetches it
+            return
         if flow.response or flow.error or not flow.live or not self.routes(flow):
             return
         try:
@@ -412,6 +442,19 @@ class Router:
             # The client's request, not any endpoint's doing: answered here, nobody tried.
             _redact_credentials(req)
             self._reply(flow, 400, error_body(400, f"the request cannot be forwarded: {problem}"))
+            return
+        if not isinstance(flow.client_conn.proxy_mode, ReverseMode) and not target.startswith("/v1/"):
+            # Regular mode: Claude Code also sends its own calls (settings, telemetry) to
+            # api.anthropic.com; they are not the API, and relays only 404 them.
+            _redact_credentials(req)
+            self._reply(flow, 404, error_body(404, f"the router routes only the API (/v1/...), "
+                                              f"not {target.split('?')[0][:100]}"))
+            return
+        if len(req.raw_content or b"") > self.body_limit:  # a chunked body, now read
+            _redact_credentials(req)
+            self._reply(flow, 413, error_body(413, f"the request body is over the router's limit of "
+                                              f"{self.body_limit:,} bytes (router_max_body_mb)",
+                                              "request_too_large"))
             return
         flow.metadata["router"] = {"client_url": req.url}  # what a replay must route again
         # Route in a task of its own, so that a client that leaves stops its upstream attempts
@@ -451,6 +494,7 @@ class Router:
         flow.response.stream = True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._refused.discard(flow.id)
         info = self._handed_off.pop(flow.id, None)
         if info is not None:
             self.handoff.discard(info.handoff_path)
@@ -458,8 +502,11 @@ class Router:
     # -- access ----------------------------------------------------------------------------
 
     def _is_base_url(self, path: str) -> bool:
-        """``/``, or a tier's base URL (``/droid``, ``/claude/droid``) as Claude Code checks it."""
+        """``/``, a tier's base URL (``/droid``, ``/claude/droid``), or either with
+        ``/api/hello``: Claude Code's reachability checks at start."""
         path = path.split("?")[0].rstrip("/")
+        if path.endswith("/api/hello"):
+            path = path[: -len("/api/hello")]
         if not path:
             return True
         names = {ep.name for ep in self.endpoints}
@@ -567,10 +614,8 @@ class Router:
 
     async def _stream(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> None:
         """Park the winning response with the handoff server and point the flow at it."""
-        delivery = Delivery()
+        delivery = Delivery(CLIENT_STALL)
         length = None if w.rewritten else w.resp.length
-        if length is not None and self.body_limit is not None and length > self.body_limit:
-            length = None  # sent chunked: mitmproxy's body_size_limit is for requests here
         parked = Parked(
             status=w.resp.status,
             reason=w.resp.reason,
@@ -623,8 +668,9 @@ class Router:
             if must_stop and not meter.stopped and not meter.errored and not (decoder and decoder.broken):
                 raise UpstreamError("reset", "stream ended before message_stop")
         except UpstreamError as e:
+            info.error = f"mid-stream: {e.detail}"
             if not counted:
-                if delivery.stalled_recently(time.monotonic(), CLIENT_STALL):
+                if delivery.stalled_recently(time.monotonic()):
                     self.stats.client_stalled(name)
                     log.info(f"router: {name}'s stream broke after its client stopped reading; "
                              "not counted against it")
@@ -668,6 +714,8 @@ class Router:
             return None, None, 0.0, None
         prev = await self.affinity.lookup(sid)
         ttl = sessions.cache_ttl(doc)
+        if ttl and self.cache_ttl:
+            ttl = self.cache_ttl * (12 if ttl >= sessions.LONG_TTL else 1)
         prompt = prev.prompt_tokens if prev else len(request.body) // 4
         output = prev.output_tokens if prev else 0.0
         now = self.clock()
@@ -739,6 +787,8 @@ class Router:
                 "cache_read_tokens": u.cache_read_input_tokens,
                 "cache_write_tokens": u.cache_creation_input_tokens,
                 "cost_usd": round(spent, 6),
+                **({"error": info.error} if info.error else {}),
+                **({"reason": info.reason} if info.reason else {}),
             })
         )
 
@@ -791,6 +841,11 @@ class Router:
             return
         raise exceptions.CommandError(
             f"no endpoint {name!r}; endpoints: {', '.join(ep.name for ep in self.endpoints)}")
+
+
+def _drop(chunk: bytes) -> list[bytes]:
+    """A request body stream that keeps nothing (an empty list: no chunk is sent on)."""
+    return []
 
 
 def _usage_of(answer: Answer) -> usage.Usage | None:

@@ -45,25 +45,30 @@ class HeadDeadlines:
 
 class Delivery:
     """How a client is taking a streamed answer: the handoff notes when the client stops
-    reading (its buffers are full), so a relay that gives up on it is not blamed."""
+    reading (its buffers are full), so a relay that gives up on it is not blamed. After a
+    long pause the bytes held on the way drain in many short pauses before the break shows,
+    so the last *long* pause is kept, not the last one."""
 
-    __slots__ = ("paused_at", "resumed_at", "longest")
+    __slots__ = ("paused_at", "stall", "stall_end", "threshold")
 
-    def __init__(self) -> None:
+    def __init__(self, threshold: float = 1.0) -> None:
+        self.threshold = threshold
         self.paused_at: float | None = None  # monotonic time the client stopped taking bytes
-        self.resumed_at = 0.0
-        self.longest = 0.0  # longest wait of the most recent pause
+        self.stall = 0.0  # the last pause of at least ``threshold`` seconds
+        self.stall_end = 0.0
 
     def pause(self, now: float) -> None:
         self.paused_at = now
 
     def resume(self, now: float) -> None:
         if self.paused_at is not None:
-            self.longest = now - self.paused_at
-            self.paused_at, self.resumed_at = None, now
+            if now - self.paused_at >= self.threshold:
+                self.stall, self.stall_end = now - self.paused_at, now
+            self.paused_at = None
 
-    def stalled_recently(self, now: float, threshold: float) -> bool:
-        """Is the client not reading now, or did it just end a pause of at least ``threshold``?"""
-        if self.paused_at is not None:
-            return now - self.paused_at >= threshold or self.longest >= threshold
-        return self.longest >= threshold and now - self.resumed_at < max(threshold, 5.0)
+    def stalled_recently(self, now: float, window: float = 10.0) -> bool:
+        """Is the client not reading now (for ``threshold`` or more), or did it end a pause
+        that long within ``window`` seconds?"""
+        if self.paused_at is not None and now - self.paused_at >= self.threshold:
+            return True
+        return self.stall > 0 and now - self.stall_end < window

@@ -44,6 +44,22 @@ INT_OPTIONS = {  # name: (default, minimum, help)
         sooner.
         """,
     ),
+    "router_cache_ttl": (
+        0, 0,
+        """
+        Cost strategy: seconds a conversation's prompt cache stays warm after its last turn
+        (0: as its cache_control says, 300 s or 3600 s for "ttl": "1h"). For simulations
+        against a relay with a compressed cache clock; 1-hour caches get 12 times this.
+        """,
+    ),
+    "router_max_body_mb": (
+        32, 1,
+        """
+        Largest request body in MB (10^6 bytes), as the Messages API's own limit. A request
+        that announces more (content-length) is answered 413 request_too_large from its
+        head, its body dropped unread; a chunked one once it is read.
+        """,
+    ),
     "router_head_timeout": (
         30, 0,
         """
