@@ -460,3 +460,20 @@ def test_models_list_skips_an_endpoint_that_fails(mock, start_router, tmp_path):
         {"name": "bedrock", "model_map": {SONNET: BEDROCK_SONNET}}, {"name": "vertex"}])
     assert [m.id for m in sdk(router).models.list().data] == [SONNET]
 
+
+
+def test_one_model_from_the_merged_list_can_be_retrieved_by_its_client_id(mock, start_router, tmp_path):
+    mock.profile("bedrock", models=["anthropic.claude-sonnet-4-5-v1:0"])
+    path = tmp_path / "one.yaml"
+    path.write_text(f"""
+endpoints:
+  - name: bedrock
+    url: {mock.url("bedrock")}
+    models: ["claude-sonnet-*"]
+    model_map: {{claude-sonnet-4-5: anthropic.claude-sonnet-4-5-v1:0}}
+""")
+    router = start_router([], options={"router_config": str(path)})
+    r = httpx.get(f"{router.base}/v1/models/claude-sonnet-4-5", timeout=10)
+    assert r.status_code == 200 and r.json()["id"] == "claude-sonnet-4-5"
+    r = httpx.get(f"{router.base}/v1/models/claude-opus-4-1", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

@@ -553,9 +553,13 @@ class Router:
         # The flow kept for mitmweb, -w files and replays never holds the client's key.
         _redact_credentials(req)
         sid, prev, ttl, choose = await self._placement(request, target)
-        if req.method == "GET" and target.split("?")[0] == "/v1/models" and any(
+        path = target.split("?")[0]
+        if req.method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")) and any(
                 ep.profile.models or ep.profile.model_map for ep in self.endpoints):
-            result = await self.routing.models(self.endpoints, self.store, self.settings, request)
+            # Answered from every endpoint's list, in client ids (one id too: it may be mapped).
+            listing = Request("GET", "/v1/models", request.headers, b"")
+            result = await self.routing.models(self.endpoints, self.store, self.settings, listing,
+                                               one=path[len("/v1/models/"):] or None)
         else:
             result = await self.routing.route(self.endpoints, self.store, self.settings, request,
                                               pinned, choose)

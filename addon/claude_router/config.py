@@ -32,6 +32,9 @@ OPTION_FIELDS = {
     ("policy", "deadline"): "router_deadline",
     ("policy", "all_cooling"): "router_all_cooling",
     ("policy", "rules"): "router_policy",
+    ("policy", "strategy"): "router_strategy",
+    ("policy", "session_horizon"): "router_session_horizon",
+    ("policy", "max_body_mb"): "router_max_body_mb",
 }
 _ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers",
                     "models", "model_map", "drop_betas", "cache_ttl"}
@@ -248,6 +251,10 @@ def _option_value(value: Any, where: str, option: str, source: str) -> Any:
     if option == "router_all_cooling":
         if value not in ("refuse", "try"):
             raise ConfigError(source, where, "must be refuse or try")
+        return value
+    if option == "router_strategy":
+        if value not in ("cost", "order"):
+            raise ConfigError(source, where, "must be cost or order")
         return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(source, where, f"must be a whole number, got {value!r}")

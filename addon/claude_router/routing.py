@@ -239,7 +239,7 @@ class Routing:
         return result
 
     async def models(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
-                     req: Request) -> Result:
+                     req: Request, one: str | None = None) -> Result:
         """``GET /v1/models`` when endpoints have profiles: what every usable endpoint lists,
         in the ids clients use, limited to what each serves, merged (in price order)."""
         view = await store.view()
@@ -269,6 +269,11 @@ class Routing:
                             error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
             return Result(attempts, answer=answer, counted=[False] * len(attempts))
         data = profiles.union_models(lists, used)
+        if one is not None:
+            found = next((m for m in data if m["id"] == one), None)
+            answer = (Answer(200, "OK", [("content-type", "application/json")], json.dumps(found).encode())
+                      if found else _no_model(one))
+            return Result(attempts, answer=answer, counted=[False] * len(attempts))
         body = json.dumps({"data": data, "has_more": False,
                            "first_id": data[0]["id"] if data else None,
                            "last_id": data[-1]["id"] if data else None}).encode()
