@@ -7,7 +7,7 @@ import anthropic
 import httpx
 import pytest
 
-SYSTEM = "You are a careful assistant. " + "Follow the project's conventions closely. " * 150  # ~1.6k tokens
+SYSTEM = "You are a careful assistant. " + "Follow the project's conventions closely. " * 450  # ~4.8k tokens
 
 
 def start(start_router, mock, tmp_path, cheap: float, dear: float = 3.0, name: str = "r", **options):
@@ -99,8 +99,8 @@ def test_a_session_moves_back_when_the_saving_pays_for_the_rewrite(mock, start_r
     cheap = doc["endpoints"][0]
     assert cheap["rewrite_cost_usd"] > 0  # the move re-wrote the prefix there, and it shows
     recent = {s["session"]: s for s in doc["sessions"]["recent"]}
-    assert recent["cc:sess-far-prices"]["endpoint"] == "cheap"
-    assert recent["cc:sess-far-prices"]["moved_from"] == "dear"
+    assert recent["cc:sess-far-prices#sonnet"]["endpoint"] == "cheap"
+    assert recent["cc:sess-far-prices#sonnet"]["moved_from"] == "dear"
 
 
 def test_a_cheap_endpoint_that_ignores_caching_is_learned_and_avoided(mock, start_router, tmp_path):
@@ -155,4 +155,4 @@ def test_affinity_is_shared_by_two_router_instances(mock, start_router, tmp_path
     move_to_dear(conv, a, mock)  # placed on dear by instance A
     h = conv.turn(b, "third, through B")
     assert h["x-used-endpoint"] == "dear" and "warm" in h["x-router-reason"]
-    assert redis_server.cli("EXISTS", "endpoint_health_|s|cc:sess-shared") == "1"
+    assert redis_server.cli("EXISTS", "endpoint_health_|s|cc:sess-shared#sonnet") == "1"

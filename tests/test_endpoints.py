@@ -71,8 +71,11 @@ def test_url_credentials_replace_both_of_the_clients_credentials():
 
 
 def test_url_credentials_are_the_endpoints_own_and_a_secret():
-    ep = parse_endpoint("a=https://user:pw-0123456789@r/a", 0)
-    assert ep.own_credentials and ep.holds_secrets and ep.secrets == ("pw-0123456789",)
+    import base64
+    ep = parse_endpoint("a=https://user:p%40ss-0123456789@r/a", 0)
+    basic = base64.b64encode(b"user:p@ss-0123456789").decode()
+    assert ep.own_credentials and ep.holds_secrets
+    assert ep.secrets == ("p%40ss-0123456789", "p@ss-0123456789", basic)
 
 
 def test_an_endpoint_without_credentials_uses_the_clients():

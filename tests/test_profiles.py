@@ -116,7 +116,8 @@ def test_signature_rejections_are_recognised():
 @pytest.mark.parametrize("status, etype, message, unknown", [
     (404, "not_found_error", "model: claude-opus-4-1", True),
     (400, "invalid_request_error", "The model claude-opus-4-1 does not exist", True),
-    (400, "invalid_request_error", "model_not_found", True),
+    (400, "invalid_request_error", "model_not_found: claude-opus-4-1", True),
+    (400, "invalid_request_error", "thinking is not supported for this model", False),
     (400, "invalid_request_error", "messages: field required", False),
     (404, "not_found_error", "file not found", False),
 ])
@@ -148,9 +149,37 @@ def test_a_cooling_family_cools_that_endpoint_for_that_family_only():
     assert policy.with_family(view, ["aws"], "haiku", now) is view
 
 
-def test_unified_reset_is_honoured_like_retry_after():
-    assert policy.cooldown_hint({"anthropic-ratelimit-unified-reset": "1300"}, 1000.0) == 300
-    assert policy.cooldown_hint({"anthropic-ratelimit-unified-reset": "1970-01-01T00:21:40Z"}, 1000.0) == 300
+def test_unified_reset_is_honoured_like_retry_after_when_the_window_is_closed():
+    closed = {"anthropic-ratelimit-unified-status": "rejected"}
+    assert policy.cooldown_hint({**closed, "anthropic-ratelimit-unified-reset": "1300"}, 1000.0) == 300
+    assert policy.cooldown_hint({**closed, "anthropic-ratelimit-unified-reset": "1970-01-01T00:21:40Z"},
+                                1000.0) == 300
+
+
+def test_unified_reset_of_an_open_window_is_no_hint():
+    # Subscription relays send it on every answer; "allowed" says nothing about a cooldown.
+    assert policy.cooldown_hint({"anthropic-ratelimit-unified-status": "allowed",
+                                 "anthropic-ratelimit-unified-reset": "99999"}, 1000.0) == 0
+
+
+def test_the_last_of_duplicate_model_keys_is_the_one_mapped():
+    body = b'{"model":"x","max_tokens":1,"model":"claude-sonnet-4-5"}'
+    out = profiles.request_body(body, json.loads(body), BEDROCK)
+    assert json.loads(out)["model"] == "anthropic.claude-sonnet-4-5-v1:0"
+
+
+def test_a_lone_surrogate_survives_a_rewrite():
+    doc = {"model": "m", "system": [{"type": "text", "text": "a\ud800b",
+                                     "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}
+    out = profiles.request_body(json.dumps(doc).encode(), doc, Profile(cache_ttl=False))
+    assert json.loads(out)["system"][0]["text"] == "a\ud800b"
+
+
+def test_a_ttl_inside_a_tool_input_is_user_data_not_a_breakpoint():
+    doc = {"model": "m", "messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "n", "input": {"cache_control": {"ttl": "1h"}}}]}]}
+    body = json.dumps(doc).encode()
+    assert profiles.request_body(body, doc, Profile(cache_ttl=False)) is body
 
 
 def _cfg(**fields):

@@ -76,6 +76,7 @@ def test_two_expected_reads_that_did_not_happen_mean_it_does_not_cache():
 
 def test_a_read_is_expected_only_on_the_same_endpoint_within_ttl_for_a_cacheable_prefix():
     s = sess(endpoint="a", prompt=5000, age=10)
+    assert not sessions.expects_read(sess(endpoint="a", prompt=3000, age=10), "a", 300, NOW)
     assert sessions.expects_read(s, "a", 300, NOW)
     assert not sessions.expects_read(s, "b", 300, NOW)
     assert not sessions.expects_read(sess(endpoint="a", age=400), "a", 300, NOW)
@@ -150,3 +151,11 @@ def test_a_turn_updates_the_session():
     s = sessions.after_turn(None, "a", 1000, 100, 300, NOW)
     s = sessions.after_turn(s, "b", 2000, 300, 300, NOW + 5, "failover")
     assert (s.endpoint, s.prompt_tokens, s.output_tokens, s.turns, s.moved_from) == ("b", 2000, 200.0, 2, "a")
+
+
+@pytest.mark.parametrize("field, value", [("p", 1e400), ("p", 10 ** 400), ("t", float("inf")),
+                                          ("l", float("nan")), ("n", 0)])
+def test_garbage_session_state_is_refused(field, value):
+    d = sess().to_dict() | {field: value}
+    with pytest.raises((ValueError, OverflowError)):
+        Session.from_dict(d)

@@ -22,7 +22,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, Upst
 from mitmproxy.tls import ClientHelloData
 
 
-from . import config, cost, decoding, options, policy, sessions, usage
+from . import config, cost, decoding, options, policy, profiles, sessions, usage
 from .affinity import MemoryAffinity, RedisAffinity
 from .connections import Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
@@ -93,7 +93,7 @@ class Router:
         self._watcher: asyncio.Task | None = None
         self.heads = HeadDeadlines()
         self.body_limit: int = 32_000_000
-        self._refused: set[str] = set()  # flows answered from requestheaders, body dropped
+        self._backstop: str | None = None  # the body_size_limit the router set
         self.affinity: MemoryAffinity = MemoryAffinity(clock)
         self.strategy = "cost"
         self.horizon = 8
@@ -128,8 +128,13 @@ class Router:
             self.store.breaker = self._breaker()
         if updated & {"router_redis_url", "router_key_prefix"}:
             self._replace_store(self._make_store())
-            self.affinity = (RedisAffinity(self.store.client, self.store.prefix, self.clock)
-                             if isinstance(self.store, RedisHealthStore) else MemoryAffinity(self.clock))
+            old, self.affinity = self.affinity, (
+                RedisAffinity(self.store.client, self.store.prefix, self.clock)
+                if isinstance(self.store, RedisHealthStore) else MemoryAffinity(self.clock))
+            try:
+                self._spawn(old.close())
+            except RuntimeError:  # no loop yet (start-up): nothing was started
+                pass
         if "router_strategy" in updated:
             if opts.router_strategy not in ("cost", "order"):
                 raise exceptions.OptionsError(
@@ -150,6 +155,12 @@ class Router:
             self.heads.timeout = float(opts.router_head_timeout)
         if "router_max_body_mb" in updated:
             self.body_limit = opts.router_max_body_mb * 1_000_000
+            # A backstop for chunked bodies (their size is known only as they arrive):
+            # mitmproxy's own limit at 4 x, unless the operator set one.
+            backstop = f"{4 * opts.router_max_body_mb}m"
+            if opts.body_size_limit in (None, self._backstop):
+                self._backstop = backstop
+                opts.update(body_size_limit=backstop)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
@@ -380,9 +391,10 @@ class Router:
             yield body
 
         parked = Parked(status=status, reason="", headers=[("content-type", "application/json")],
-                        body=once(), close=lambda: None, length=len(body), client=flow.client_conn.id)
+                        body=once(), close=lambda: None, length=len(body), client=flow.client_conn.id,
+                        keep_open=True)
         port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
-        self._refused.add(flow.id)
+        flow.metadata["router_refused"] = status  # the request hook leaves it to mitmproxy
         req = flow.request
         req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
         req.headers.pop("transfer-encoding", None)
@@ -403,9 +415,8 @@ class Router:
         return False
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.id in self._refused:
-            self._refused.discard(flow.id)  # answered from its head; mitmproxy fetches it
-            return
+        if flow.metadata.get("router_refused"):
+            return  # answered from its head; mitmproxy fetches the answer from the handoff
         if flow.response or flow.error or not flow.live or not self.routes(flow):
             return
         try:
@@ -494,7 +505,6 @@ class Router:
         flow.response.stream = True
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._refused.discard(flow.id)
         info = self._handed_off.pop(flow.id, None)
         if info is not None:
             self.handoff.discard(info.handoff_path)
@@ -620,6 +630,8 @@ class Router:
         """Park the winning response with the handoff server and point the flow at it."""
         delivery = Delivery(CLIENT_STALL)
         length = None if w.rewritten else w.resp.length
+        if length is not None and length > 4 * self.body_limit:
+            length = None  # sent chunked: mitmproxy's body_size_limit backstop is for requests
         parked = Parked(
             status=w.resp.status,
             reason=w.resp.reason,
@@ -716,6 +728,9 @@ class Router:
         sid = sessions.session_id(request.headers, doc)
         if sid is None:
             return None, None, 0.0, None
+        # One conversation per model family: Claude Code's haiku side-calls share the session
+        # id, but not its prompt or its cache.
+        sid = f"{sid}#{profiles.family(request.model) or 'other'}"
         prev = await self.affinity.lookup(sid)
         ttl = sessions.cache_ttl(doc)
         if ttl and self.cache_ttl:
@@ -747,7 +762,8 @@ class Router:
             write = cost.rates(ep.price, info.ttl)[1]
             self.stats.rewrite(ep.name, u.cache_creation_input_tokens * write)
         prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
-        why = info.reason or ("failover" if len(info.attempts) > 1 else
+        tried = [a for a in info.attempts if a.outcome not in ("skipped:model", "thinking_signature")]
+        why = info.reason or ("failover" if len(tried) > 1 else
                               "warm cache" if prev is not None and prev.endpoint == ep.name else "cheapest")
         self.affinity.put(info.session_id, sessions.after_turn(
             prev, ep.name, prompt, u.output_tokens, info.ttl, self.clock(), why))
@@ -774,7 +790,10 @@ class Router:
             spent = usage.cost(u, ep.price) if ep.price else 0.0
             self.stats.used(ep.name, u, spent)
             if info.session_id and status < 300:
-                self._record_turn(info, ep, u)
+                try:
+                    self._record_turn(info, ep, u)
+                except Exception:  # noqa: BLE001 - what a turn teaches must never fail its answer
+                    log.exception("router: could not record a conversation's turn")
         if not any(h.level <= logging.INFO for h in request_log.handlers or logging.getLogger().handlers):
             return  # nobody shows info lines: do not build one
         request_log.info(

@@ -129,7 +129,7 @@ class RedisAffinity(MemoryAffinity):
             return local
         try:
             remote = Session.from_dict(json.loads(raw))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
             return local  # garbage under our key: the local view answers
         if local is None or remote.last >= local.last:
             super().put(sid, remote)

@@ -1,8 +1,9 @@
 """Endpoints: the upstreams a request may go to, cheapest first."""
 
+import base64
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .profiles import DEFAULT, Profile
 
@@ -52,7 +53,10 @@ class Endpoint:
         found = [self.key] if self.key else []
         parts = urlsplit(self.url)
         if parts.password:
-            found.append(parts.password)
+            # as written in the URL, as sent, and as Basic auth carries it
+            plain = unquote(parts.password)
+            basic = base64.b64encode(f"{unquote(parts.username or '')}:{plain}".encode()).decode()
+            found += [parts.password, plain, basic]
         found += [v for _, v in self.headers if len(v) >= 8]
         return tuple(found)
 

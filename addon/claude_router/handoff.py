@@ -36,6 +36,7 @@ PER_PORT = 4  # below mitmproxy's limit of 5, so a slot freed late never stalls 
 MAX_PORTS = 64
 CLAIM_TIMEOUT = 30.0  # a parked response nobody fetched is dropped after this
 IDLE_TIMEOUT = 30.0  # a connection that sends no complete request head within this is closed
+UPLOAD_TIMEOUT = 600.0  # after an answer given from the request head (mitmproxy's tcp_timeout)
 LINGER = 2.0  # after refusing a request: seconds to drain (and drop) what the peer still sends
 _MAX_HEAD = 64 * 1024
 
@@ -61,6 +62,9 @@ class Parked:
     port: int = 0
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
     delivery: Delivery | None = None  # told when the client stops and starts reading again
+    # An answer given from the request head while the client may still be uploading a body
+    # that mitmproxy drops: the connection must outlive the upload, not the idle timeout.
+    keep_open: bool = False
 
 
 class HandoffServer:
@@ -156,6 +160,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: HandoffServer) -> None:
         self.server = server
+        self.idle = IDLE_TIMEOUT
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
@@ -220,10 +225,11 @@ class _Connection(asyncio.Protocol):
                         return
                     continue
                 self._resume()
+                self.idle = IDLE_TIMEOUT
                 if not await self._serve(*request):
                     self.transport.close()
                     return
-                deadline = loop.time() + IDLE_TIMEOUT
+                deadline = loop.time() + self.idle
         except asyncio.CancelledError:
             pass
 
@@ -283,6 +289,8 @@ class _Connection(asyncio.Protocol):
         if parked is None:
             self._write_gone()
             return True
+        if parked.keep_open:
+            self.idle = UPLOAD_TIMEOUT
         try:
             await self._write_response(parked, head_only=method == "HEAD")
         except _Cut:

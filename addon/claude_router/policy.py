@@ -233,7 +233,8 @@ def names_unknown_model(status: int, error_type: str | None, message: str, model
         return False
     if status == 404 and error_type in (None, "not_found_error"):
         return True
-    return any(p in text for p in _UNKNOWN_MODEL)
+    # A 400 must name the model it was asked for, and say it is unknown here.
+    return bool(model) and model.lower() in text and any(p in text for p in _UNKNOWN_MODEL)
 
 
 # -- back-off hints from the upstream --------------------------------------------------------
@@ -247,7 +248,8 @@ def cooldown_hint(headers: Mapping[str, str], now: float) -> float:
         hints.append(_number(ms) / 1000)
     if (ra := headers.get("retry-after")) is not None:
         hints.append(_retry_after(ra, now))
-    if (unified := headers.get("anthropic-ratelimit-unified-reset")) is not None:
+    unified = headers.get("anthropic-ratelimit-unified-reset")
+    if unified is not None and headers.get("anthropic-ratelimit-unified-status", "").lower() == "rejected":
         # Subscription-backed relays: when the 5-hour window reopens (epoch seconds or RFC 3339).
         hints.append((_number(unified) if unified.strip().isdigit() else _rfc3339(unified)) - now)
     for name, value in headers.items():

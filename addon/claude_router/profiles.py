@@ -75,7 +75,7 @@ def request_body(body: bytes, doc: dict | None, profile: Profile) -> bytes:
         model = doc.get("model")
         if isinstance(model, str):
             doc = {**doc, "model": profile.upstream_model(model)}
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(doc, separators=(",", ":")).encode()  # ASCII: lone surrogates stay escaped
     model = doc.get("model")
     if isinstance(model, str) and (mapped := profile.upstream_model(model)) != model:
         return replace_top_level_string(body, "model", mapped) or body
@@ -98,27 +98,38 @@ def request_headers(headers: list[tuple[str, str]], profile: Profile) -> list[tu
     return out
 
 
-def _has_ttl(node) -> bool:
-    if isinstance(node, dict):
-        cc = node.get("cache_control")
-        if isinstance(cc, dict) and "ttl" in cc:
-            return True
-        return any(_has_ttl(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_ttl(v) for v in node)
-    return False
+def _blocks(doc: dict):
+    """The blocks that may carry ``cache_control``: tools, system blocks, message content
+    blocks (never what is inside them, such as a tool's input)."""
+    for key in ("tools", "system"):
+        if isinstance(doc.get(key), list):
+            yield from (b for b in doc[key] if isinstance(b, dict))
+    for m in doc.get("messages") or []:
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            yield from (b for b in m["content"] if isinstance(b, dict))
 
 
-def _without_ttl(node):
-    if isinstance(node, dict):
-        out = {k: _without_ttl(v) for k, v in node.items()}
-        cc = out.get("cache_control")
+def _has_ttl(doc: dict) -> bool:
+    return any(isinstance(cc := b.get("cache_control"), dict) and "ttl" in cc for b in _blocks(doc))
+
+
+def _without_ttl(doc: dict) -> dict:
+    def strip(b: dict) -> dict:
+        cc = b.get("cache_control")
         if isinstance(cc, dict) and "ttl" in cc:
-            out["cache_control"] = {k: v for k, v in cc.items() if k != "ttl"}
-        return out
-    if isinstance(node, list):
-        return [_without_ttl(v) for v in node]
-    return node
+            return {**b, "cache_control": {k: v for k, v in cc.items() if k != "ttl"}}
+        return b
+
+    out = dict(doc)
+    for key in ("tools", "system"):
+        if isinstance(out.get(key), list):
+            out[key] = [strip(b) if isinstance(b, dict) else b for b in out[key]]
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [
+            {**m, "content": [strip(b) if isinstance(b, dict) else b for b in m["content"]]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+            for m in out["messages"]]
+    return out
 
 
 # -- thinking signatures ---------------------------------------------------------------------
@@ -219,11 +230,12 @@ def top_level_span(body: bytes, key: str) -> tuple[int, int] | None:
         return None
     i += 1
     want = key.encode()
+    found = None
     while i < n:
         while i < n and body[i] in _WS or (i < n and body[i] == 0x2C):  # whitespace and commas
             i += 1
         if i >= n or body[i] == 0x7D:  # }
-            return None
+            return found
         if body[i] != 0x22:
             return None
         kend = _string_end(body, i)
@@ -243,9 +255,9 @@ def top_level_span(body: bytes, key: str) -> tuple[int, int] | None:
         if vend < 0:
             return None
         if name == want or (b"\\" in name and _unescape(name) == key):
-            return vstart, vend
+            found = (vstart, vend)  # keep looking: with duplicate keys the last one counts
         i = vend
-    return None
+    return found
 
 
 def _string_end(body: bytes, i: int) -> int:

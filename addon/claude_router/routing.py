@@ -73,7 +73,7 @@ class Request:
         stripped = profiles.without_thinking(doc) if doc is not None else None
         if stripped is None:
             return None
-        body = json.dumps(stripped, ensure_ascii=False, separators=(",", ":")).encode()
+        body = json.dumps(stripped, separators=(",", ":")).encode()  # ASCII: lone surrogates stay escaped
         return Request(self.method, self.path, self.headers, body)
 
 
@@ -216,7 +216,11 @@ class Routing:
                 if fam and (fs := policy.family_subject(ep.name, fam)) in view:
                     await store.record_success(fs)
                 result.winner = tried.winner
+                if attempts and attempts[0].endpoint != ep.name:
+                    result.reason = ""  # the chosen endpoint failed over: price order took over
                 return result
+            if tried.verdict is Verdict.COUNT and subject is not None:
+                await store.record_success(ep.name)  # the endpoint answered: only the family is out
             if tried.verdict is Verdict.COUNT:
                 name = subject or ep.name  # a family's rate limit cools that family only
                 before = phase(view.get(name, HEALTHY), self.clock())
@@ -247,7 +251,8 @@ class Routing:
         usable = [s.endpoint for s in policy.plan([ep for ep in endpoints if ep.name not in disabled],
                                                    view, self.clock()) if not s.probe]
         wait = min(settings.deadline, settings.headers_timeout, 30.0)
-        tried = await asyncio.gather(*(self._try(ep, req, settings, wait) for ep in usable))
+        secrets = tuple(s for ep in endpoints for s in ep.secrets)
+        tried = await asyncio.gather(*(self._try(ep, req, settings, wait, secrets) for ep in usable))
         lists, used, attempts = [], [], []
         for ep, t in zip(usable, tried):
             attempts.append(t.attempt)
@@ -305,11 +310,11 @@ class Routing:
                 resp.close()  # a client would follow it and re-send the key and prompt there
                 return self._transport_failure(ep, "redirect", f"answered HTTP {resp.status} (a redirect)",
                                                settings)
-            if resp.status >= 400:
-                return await self._error_answer(ep, resp, settings, secrets, req.model)
             async with asyncio.timeout(left):
+                if resp.status >= 400:
+                    return await self._error_answer(ep, resp, settings, secrets, req.model)
                 if resp.is_event_stream:
-                    tried = await self._stream_start(ep, resp, settings)
+                    tried = await self._stream_start(ep, resp, settings, secrets)
                     if tried.winner is not None and (m := req.model) and (up := profile.upstream_model(m)) != m:
                         w = tried.winner
                         opening = profiles.answer_stream_opening(w.prefix, up, m)
@@ -350,9 +355,12 @@ class Routing:
         if coding := decoding.encoding_of(headers):
             # Read (and relay) it decoded: the error type and any echoed key must be visible.
             plain = decoding.decoded(body, coding, ERROR_BODY_LIMIT * 4)
-            if plain is not None:
+            if plain is None:  # unreadable: never relay bytes the router could not check
+                body = error_body(resp.status, f"HTTP {resp.status} from {ep.name} (its error body "
+                                  f"was {coding}-encoded and is not relayed)")
+            else:
                 body = plain
-                headers = [(k, v) for k, v in headers if k.lower() != "content-encoding"]
+            headers = [(k, v) for k, v in headers if k.lower() != "content-encoding"]
         if secrets:
             body = scrub(body, secrets)
         etype, message = policy.error_of(body)
@@ -378,7 +386,8 @@ class Routing:
             message=message,
         )
 
-    async def _stream_start(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings) -> _Tried:
+    async def _stream_start(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings,
+                            secrets: Sequence[str] = ()) -> _Tried:
         """Hold a 200 stream until its first content event; a bad start is a failure."""
         held: list[bytes] = []
         size = 0
@@ -391,7 +400,8 @@ class Routing:
             if start.error_type:
                 resp.close()
                 status = 529 if start.error_type == "overloaded_error" else 502
-                message = start.error_message or f"the stream opened with {start.error_type}"
+                message = scrub(start.error_message.encode(), secrets).decode("utf-8", "replace") \
+                    if start.error_message else f"the stream opened with {start.error_type}"
                 # Known types name the outcome; anything else stays one label (bounded metrics).
                 outcome = start.error_type if start.error_type in KNOWN_ERROR_TYPES else "stream_error"
                 return _Tried(

@@ -30,6 +30,10 @@ def session_id(headers: list[tuple[str, str]], doc: dict | None) -> str | None:
             agent = v.strip()[:128]
     if session:
         return f"cc:{session}/{agent}" if agent else f"cc:{session}"
+    return _from_body(doc)
+
+
+def _from_body(doc: dict | None) -> str | None:
     if not isinstance(doc, dict):
         return None
     meta = doc.get("metadata")
@@ -104,8 +108,14 @@ class Session:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Session":
-        return cls(str(d["e"]), int(d["p"]), float(d["o"]), float(d["t"]), float(d["l"]),
-                   int(d.get("n", 1)), str(d.get("m", "")), str(d.get("w", "")))
+        """From what a store holds; ValueError for anything out of range (garbage)."""
+        s = cls(str(d["e"]), int(d["p"]), float(d["o"]), float(d["t"]), float(d["l"]),
+                int(d.get("n", 1)), str(d.get("m", "")), str(d.get("w", "")))
+        if not (0 <= s.prompt_tokens < 1 << 40 and 0 <= s.output_tokens < 1e12
+                and 0 <= s.ttl <= 86400 and 0 <= s.last < 1e11 and 0 < s.turns < 1 << 31
+                and len(s.endpoint) <= 64):
+            raise ValueError("session state out of range")
+        return s
 
 
 def after_turn(prev: Session | None, endpoint: str, prompt_tokens: int, output_tokens: int,
@@ -122,7 +132,9 @@ def after_turn(prev: Session | None, endpoint: str, prompt_tokens: int, output_t
 
 # -- what an endpoint showed about its prompt cache ------------------------------------------
 
-MIN_CACHEABLE = 1024  # tokens: a shorter prefix is never cached, so no read is expected
+# Tokens: a shorter prompt is not expected to have been cached (1,024 is the API's minimum for
+# most models, 4,096 for some), so no read is expected and no miss is learned below it.
+MIN_CACHEABLE = 4096
 MISSES_TO_LEARN = 2  # consecutive expected reads that did not happen: it does not cache
 
 

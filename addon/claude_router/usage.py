@@ -264,7 +264,8 @@ def _loads(body: Any) -> Any:
 
 
 def _counts(usage: Any) -> dict[str, int]:
-    """The well-formed counts of a ``usage`` object: non-negative integers (not bools)."""
+    """The well-formed counts of a ``usage`` object: non-negative integers (not bools), below
+    2^40 (a relay's absurd count must not overflow a price computation)."""
     if not isinstance(usage, dict):
         return {}
-    return {k: v for k in FIELDS if type(v := usage.get(k)) is int and v >= 0}
+    return {k: v for k in FIELDS if type(v := usage.get(k)) is int and 0 <= v < 1 << 40}
