@@ -314,7 +314,8 @@ def test_family_rate_limit_cools_that_family_only(mock, start_router, tmp_path):
 
 def test_unified_reset_header_cools_the_family_until_then(mock, start_router, tmp_path):
     reset = int(time.time()) + 40
-    mock.fault("aws", status=429, times=1, headers={"anthropic-ratelimit-unified-reset": str(reset)})
+    mock.fault("aws", status=429, times=1, headers={"anthropic-ratelimit-unified-reset": str(reset),
+                                                    "anthropic-ratelimit-unified-status": "rejected"})
     router = configured(start_router, mock, tmp_path, KEYED)
     client = sdk(router)
     raw = client.messages.with_raw_response.create(model=OPUS, max_tokens=16, messages=HI)

@@ -1,6 +1,7 @@
 """Conversations placed by what they cost: through a real mitmdump, the mock relay's prompt-cache
 model and the anthropic SDK (and a real redis-server for two instances)."""
 
+import time
 from pathlib import Path
 
 import anthropic
@@ -63,12 +64,15 @@ def status(router) -> dict:
     return httpx.get(f"{router.base}/_router/status", timeout=10).json()
 
 
-def caching(mock, cheap="true", dear="true"):
+TTL = 2  # seconds: the cache clock of these tests (router_cache_ttl, and the mock's scaled 5 min)
+
+
+def caching(mock, cheap="true", dear="true", scale: float = 1.0):
     for name, mode in (("cheap", cheap), ("dear", dear)):
-        mock.profile(name, cache=True if mode == "true" else mode)
+        mock.profile(name, cache=True if mode == "true" else mode, cache_ttl_scale=scale)
 
 
-def move_to_dear(conv, router, mock):
+def move_to_dear(conv, router, mock, other=None):
     """Turn 1 on cheap; cheap overloads; turn 2 fails over to dear and writes its cache there."""
     assert conv.turn(router, "hello")["x-used-endpoint"] == "cheap"
     mock.fault("cheap", status=529)
@@ -77,22 +81,34 @@ def move_to_dear(conv, router, mock):
     mock.fault("cheap")
 
 
+def outlast_cheaps_cache(conv, router, mock):
+    """Turn 1 on cheap; cheap is out for longer than the cache TTL while the conversation goes
+    on at dear: cheap's copy of the prefix expires, dear's stays warm."""
+    assert conv.turn(router, "hello")["x-used-endpoint"] == "cheap"
+    mock.fault("cheap", status=529)
+    for text in ("and now?", "still there?"):
+        h = conv.turn(router, text)
+        assert h["x-used-endpoint"] == "dear"
+        time.sleep(TTL * 0.6)
+    mock.fault("cheap")
+
+
 def test_a_session_stays_on_its_warm_endpoint_when_moving_back_does_not_pay(mock, start_router, tmp_path):
-    caching(mock)
-    router = start(start_router, mock, tmp_path, cheap=2.8)
+    caching(mock, scale=TTL / 300)
+    router = start(start_router, mock, tmp_path, cheap=2.8, router_cache_ttl=TTL)
     conv = Conversation("sess-close-prices")
-    move_to_dear(conv, router, mock)
-    h = conv.turn(router, "third")  # cheap is back, but only 7 % cheaper: re-writing costs more
+    outlast_cheaps_cache(conv, router, mock)
+    h = conv.turn(router, "third")  # cheap is back, cold, and only 7 % cheaper: re-writing costs more
     assert h["x-used-endpoint"] == "dear"
     assert "warm" in h["x-router-reason"]
     assert mock.requests("dear")[-1]["usage"]["cache_read_input_tokens"] > 1000
 
 
 def test_a_session_moves_back_when_the_saving_pays_for_the_rewrite(mock, start_router, tmp_path):
-    caching(mock)
-    router = start(start_router, mock, tmp_path, cheap=0.2)
+    caching(mock, scale=TTL / 300)
+    router = start(start_router, mock, tmp_path, cheap=0.2, router_cache_ttl=TTL)
     conv = Conversation("sess-far-prices")
-    move_to_dear(conv, router, mock)
+    outlast_cheaps_cache(conv, router, mock)
     h = conv.turn(router, "third")
     assert h["x-used-endpoint"] == "cheap" and "x-router-reason" not in h
     doc = status(router)
@@ -103,13 +119,24 @@ def test_a_session_moves_back_when_the_saving_pays_for_the_rewrite(mock, start_r
     assert recent["cc:sess-far-prices#sonnet"]["moved_from"] == "dear"
 
 
+def test_a_returning_session_goes_back_to_the_endpoint_that_still_holds_its_prefix(
+        mock, start_router, tmp_path):
+    caching(mock)
+    router = start(start_router, mock, tmp_path, cheap=2.8)
+    conv = Conversation("sess-return")
+    move_to_dear(conv, router, mock)  # cheap was out for a moment only: it still holds the prefix
+    h = conv.turn(router, "third")
+    assert h["x-used-endpoint"] == "cheap"
+    assert mock.requests("cheap")[-1]["usage"]["cache_read_input_tokens"] > 4000
+
+
 def test_a_cheap_endpoint_that_ignores_caching_is_learned_and_avoided(mock, start_router, tmp_path):
     caching(mock, cheap="ignore")
     router = start(start_router, mock, tmp_path, cheap=2.25)  # 25 % cheaper per token
     conv = Conversation("sess-learn")
-    used = [conv.turn(router, f"turn {i}")["x-used-endpoint"] for i in range(5)]
-    # Optimistic at first; two expected cache reads that did not happen teach it.
-    assert used[:3] == ["cheap"] * 3 and used[3:] == ["dear", "dear"]
+    used = [conv.turn(router, f"turn {i}")["x-used-endpoint"] for i in range(4)]
+    # Optimistic at first; two turns with neither a cache write nor a read teach it.
+    assert used == ["cheap", "cheap", "dear", "dear"]
     doc = status(router)
     assert doc["endpoints"][0]["caches"] is False and doc["endpoints"][1]["caches"] is not False
     h = Conversation("sess-new").turn(router, "hi")  # a new conversation goes to dear at once
@@ -117,10 +144,10 @@ def test_a_cheap_endpoint_that_ignores_caching_is_learned_and_avoided(mock, star
 
 
 def test_order_strategy_keeps_the_original_order(mock, start_router, tmp_path):
-    caching(mock)
-    router = start(start_router, mock, tmp_path, cheap=2.8, router_strategy="order")
+    caching(mock, scale=TTL / 300)
+    router = start(start_router, mock, tmp_path, cheap=2.8, router_strategy="order", router_cache_ttl=TTL)
     conv = Conversation("sess-order")
-    move_to_dear(conv, router, mock)
+    outlast_cheaps_cache(conv, router, mock)
     assert conv.turn(router, "third")["x-used-endpoint"] == "cheap"
 
 
@@ -146,13 +173,14 @@ def test_a_failing_session_endpoint_fails_over_with_the_stream_intact(mock, star
 
 
 def test_affinity_is_shared_by_two_router_instances(mock, start_router, tmp_path, redis_server):
-    caching(mock)
-    a = start(start_router, mock, tmp_path, cheap=2.8, name="a", router_redis_url=redis_server.url)
-    b = start(start_router, mock, tmp_path, cheap=2.8, name="b", router_redis_url=redis_server.url)
+    caching(mock, scale=TTL / 300)
+    shared = {"router_redis_url": redis_server.url, "router_cache_ttl": TTL}
+    a = start(start_router, mock, tmp_path, cheap=2.8, name="a", **shared)
+    b = start(start_router, mock, tmp_path, cheap=2.8, name="b", **shared)
     a.wait_log("(connected)")
     b.wait_log("(connected)")
     conv = Conversation("sess-shared")
-    move_to_dear(conv, a, mock)  # placed on dear by instance A
+    outlast_cheaps_cache(conv, a, mock)  # placed on dear by instance A
     h = conv.turn(b, "third, through B")
     assert h["x-used-endpoint"] == "dear" and "warm" in h["x-router-reason"]
     assert redis_server.cli("EXISTS", "endpoint_health_|s|cc:sess-shared#sonnet") == "1"

@@ -64,24 +64,27 @@ def test_cache_ttl_from_the_breakpoints(doc, ttl):
 
 # -- learning --------------------------------------------------------------------------------
 
-def test_two_expected_reads_that_did_not_happen_mean_it_does_not_cache():
+def test_two_turns_without_cache_activity_mean_it_does_not_cache():
     l = sessions.UNKNOWN
     assert l.caches
     l = sessions.observe(l, 0)
     assert l.caches
     l = sessions.observe(l, 0)
     assert not l.caches
-    assert sessions.observe(l, 5000).caches  # a read again: it caches after all
+    assert sessions.observe(l, 5000).caches  # a read or write again: it caches after all
 
 
-def test_a_read_is_expected_only_on_the_same_endpoint_within_ttl_for_a_cacheable_prefix():
-    s = sess(endpoint="a", prompt=5000, age=10)
-    assert not sessions.expects_read(sess(endpoint="a", prompt=3000, age=10), "a", 300, NOW)
-    assert sessions.expects_read(s, "a", 300, NOW)
-    assert not sessions.expects_read(s, "b", 300, NOW)
-    assert not sessions.expects_read(sess(endpoint="a", age=400), "a", 300, NOW)
-    assert not sessions.expects_read(sess(endpoint="a", prompt=500), "a", 300, NOW)
-    assert not sessions.expects_read(s, "a", 0, NOW)  # no breakpoints: nothing was cached
+def test_cache_activity_is_expected_only_for_a_cacheable_prompt_with_breakpoints():
+    assert sessions.expects_cache(300, 5000)
+    assert not sessions.expects_cache(300, 3000)  # under some models' minimum
+    assert not sessions.expects_cache(0, 50_000)  # no breakpoints: nothing to cache
+
+
+def test_what_an_endpoint_may_still_hold_of_a_conversation():
+    s = sessions.after_turn(None, "a", 8000, 100, 300, NOW - 100)
+    s = sessions.after_turn(s, "b", 9000, 100, 300, NOW - 10)  # moved: a still holds 8000
+    assert s.cached_at("b", NOW) == 9000 and s.cached_at("a", NOW) == 8000
+    assert s.cached_at("a", NOW + 250) == 0 and s.cached_at("c", NOW) == 0
 
 
 # -- the rule --------------------------------------------------------------------------------
@@ -100,6 +103,9 @@ CASES = [
     ("cheap does not cache: avoided for a cached conversation",
      [("cheap", Price(input=2.25, output=15.0)), ("dear", DEAR)], None,
      {"cheap": Learned(0, 2, 2)}, "dear"),
+    ("back on cheap: the endpoint it left still holds most of its prefix",
+     [("cheap", Price(input=2.4, output=12.0)), ("dear", DEAR)],
+     Session("dear", 8078, 400.0, 300.0, NOW - 1, 6, "cheap", "", NOW - 3, 7700), {}, "cheap"),
     ("no breakpoints asked: list price only",
      [("cheap", CHEAP), ("dear", DEAR)], sess("dear", ttl=0.0), {}, "cheap"),
 ]
@@ -126,7 +132,7 @@ def test_a_one_hour_write_costs_twice_the_input():
 
 def test_the_horizon_bounds_the_turns_assumed():
     assert cost.turns_to_come(sess(turns=50), 300, 8) == 8
-    assert cost.turns_to_come(None, 300, 8) == 2
+    assert cost.turns_to_come(None, 300, 8) == 4
     assert cost.turns_to_come(sess(turns=50), 0, 8) == 1
 
 

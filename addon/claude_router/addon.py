@@ -750,18 +750,18 @@ class Router:
         """What this turn showed: the conversation's new place and size, and whether the
         endpoint read the prefix it should have had cached."""
         prev = info.session
-        if sessions.expects_read(prev, ep.name, info.ttl, info.asked_at):
+        prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+        if sessions.expects_cache(info.ttl, prompt):
             learned = sessions.observe(self.affinity.learned.get(ep.name, sessions.UNKNOWN),
-                                       u.cache_read_input_tokens)
+                                       u.cache_read_input_tokens + u.cache_creation_input_tokens)
             was = self.affinity.learned.get(ep.name, sessions.UNKNOWN).caches
             self.affinity.put_learned(ep.name, learned)
             if was and not learned.caches:
                 log.warning(f"router: endpoint {ep.name} does not seem to cache prompts "
-                            "(expected cache reads did not happen); pricing it accordingly")
+                            "(no cache read or write where one was due); pricing it accordingly")
         if prev is not None and prev.endpoint != ep.name and ep.price is not None:
             write = cost.rates(ep.price, info.ttl)[1]
             self.stats.rewrite(ep.name, u.cache_creation_input_tokens * write)
-        prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
         tried = [a for a in info.attempts if a.outcome not in ("skipped:model", "thinking_signature")]
         why = info.reason or ("failover" if len(tried) > 1 else
                               "warm cache" if prev is not None and prev.endpoint == ep.name else "cheapest")

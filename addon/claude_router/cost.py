@@ -2,16 +2,19 @@
 
 The rule (pure; prices in USD per million tokens, times in seconds):
 
-- A turn on endpoint E costs its prompt ``P`` (tokens, from the session's last turn) at one of
-  three rates, plus its output ``O`` (the session's average) at E's output price:
-  - E holds the session's warm cache (its last turn, within the TTL) and caches: ``P x read``;
-  - E caches but is cold for it: ``P x write`` (1.25 x input, 2 x for 1-hour caches);
+- A turn on endpoint E costs its prompt ``P`` (tokens, from the session's last turn), plus
+  its output ``O`` (the session's average) at E's output price:
+  - E caches and may still hold ``C`` tokens of the conversation (its last turn there was
+    within the TTL: the endpoint it is on, or the one it left on its last move):
+    ``C x read + (P - C) x write`` (write: 1.25 x input, 2 x for 1-hour caches);
+  - E caches but is cold for it: ``P x write``;
   - E does not cache (learned from its usage reports): ``P x input``, every turn.
 - Later turns on E cost ``P x read`` if E caches, else ``P x input`` (plus output).
 - Over the turns still to come, ``N``, an endpoint's total is its next turn plus ``N - 1``
   later turns. ``N`` is estimated as the turns the session has had so far (a conversation that
-  has gone on for k turns tends to go on for about as many), at least 2 for a session that
-  asked for caching, at most ``horizon`` (the knob, ``router_session_horizon``).
+  has gone on for k turns tends to go on for about as many), at least 4 for a session that
+  asked for caching (Claude Code conversations are long), at most ``horizon`` (the knob,
+  ``router_session_horizon``).
 - The session goes to the endpoint with the lowest total; it stays where it is unless another
   endpoint's total is lower, i.e. unless the saving over the turns to come exceeds the cost of
   re-writing its prefix there. Ties go to price order.
@@ -26,6 +29,7 @@ from .sessions import LONG_TTL, Learned, Session, UNKNOWN
 from .usage import CACHE_READ_FACTOR, CACHE_WRITE_FACTOR, Price
 
 LONG_WRITE_FACTOR = 2.0
+MIN_TURNS = 4  # turns still to come assumed for a young conversation that asked for caching
 
 
 @dataclass(frozen=True)
@@ -47,18 +51,20 @@ def turns_to_come(session: Session | None, ttl: float, horizon: int) -> int:
     if ttl <= 0:
         return 1  # no caching asked for: each turn stands alone
     seen = session.turns if session is not None else 1
-    return max(2, min(horizon, seen))
+    return min(horizon, max(MIN_TURNS, seen))
 
 
-def total(price: Price, learned: Learned, warm: bool, prompt: int, output: float, ttl: float,
+def total(price: Price, learned: Learned, cached: int, prompt: int, output: float, ttl: float,
           turns: int) -> float:
-    """What ``turns`` turns of this session cost on an endpoint, starting now."""
+    """What ``turns`` turns of this session cost on an endpoint that may hold ``cached`` of its
+    ``prompt`` tokens, starting now."""
     inp, write, read = rates(price, ttl)
     out = output * price.output / 1e6
     caches = learned.caches and ttl > 0
     if not caches:
         return turns * (prompt * inp + out)
-    first = prompt * (read if warm else write) + out
+    cached = min(cached, prompt)
+    first = cached * read + (prompt - cached) * write + out
     return first + (turns - 1) * (prompt * read + out)
 
 
@@ -70,14 +76,17 @@ def choose(candidates: Sequence[tuple[str, Price | None]], learned: dict[str, Le
     if not candidates or any(p is None for _, p in candidates):
         return None
     turns = turns_to_come(session, ttl, horizon)
-    warm_at = session.endpoint if session is not None and session.warm(now) else None
-    costs = [(total(p, learned.get(name, UNKNOWN), name == warm_at, prompt, output, ttl, turns), i, name)
+
+    def held(name: str) -> int:
+        return session.cached_at(name, now) if session is not None else 0
+
+    costs = [(total(p, learned.get(name, UNKNOWN), held(name), prompt, output, ttl, turns), i, name)
              for i, (name, p) in enumerate(candidates)]
     best_cost, _, best = min(costs)
     first_cost, _, first = costs[0]
     if best == first:
         return Choice(best, "", 0.0)
-    if best == warm_at:
+    if held(best):
         reason = f"session cache warm here (saves ${first_cost - best_cost:.4f} over {turns} turns)"
     elif not learned.get(first, UNKNOWN).caches:
         reason = f"{first} does not cache prompts (saves ${first_cost - best_cost:.4f} over {turns} turns)"

@@ -341,6 +341,9 @@ class Routing:
         return _Tried(None, Attempt(ep.name, str(resp.status)), winner=Winner(ep, resp, prefix, complete))
 
     def _transport_failure(self, ep: Endpoint, kind: str, detail: str, settings: Settings) -> _Tried:
+        if kind not in settings.rules:  # never silently counted, never silently ignored
+            log.warning(f"router: {ep.name}: an outcome no rule names ({kind}: {detail}); "
+                        "failing over without blame")
         return _Tried(policy.classify(settings.rules, transport=kind), Attempt(ep.name, kind, detail))
 
     async def _error_answer(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings,

@@ -95,23 +95,37 @@ class Session:
     ttl: float  # its cache TTL (seconds)
     last: float  # wall-clock end of the last turn
     turns: int = 1
-    moved_from: str = ""  # the endpoint it left on its last move (for status)
+    moved_from: str = ""  # the endpoint it left on its last move: it may still hold its prefix
     why: str = ""  # why it is where it is
+    left_at: float = 0.0  # when it last used ``moved_from`` (its cache there ages from then)
+    left_prompt: int = 0  # its prompt then: what ``moved_from`` may still hold
 
     def warm(self, now: float) -> bool:
         return self.ttl > 0 and now - self.last < self.ttl
 
+    def cached_at(self, endpoint: str, now: float) -> int:
+        """Prompt tokens ``endpoint`` may still hold for this conversation (0: cold)."""
+        if self.ttl <= 0:
+            return 0
+        if endpoint == self.endpoint and now - self.last < self.ttl:
+            return self.prompt_tokens
+        if endpoint == self.moved_from and now - self.left_at < self.ttl:
+            return self.left_prompt
+        return 0
+
     def to_dict(self) -> dict:
         return {"e": self.endpoint, "p": self.prompt_tokens, "o": round(self.output_tokens, 1),
                 "t": self.ttl, "l": round(self.last, 3), "n": self.turns, "m": self.moved_from,
-                "w": self.why}
+                "w": self.why, "la": round(self.left_at, 3), "lp": self.left_prompt}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Session":
         """From what a store holds; ValueError for anything out of range (garbage)."""
         s = cls(str(d["e"]), int(d["p"]), float(d["o"]), float(d["t"]), float(d["l"]),
-                int(d.get("n", 1)), str(d.get("m", "")), str(d.get("w", "")))
+                int(d.get("n", 1)), str(d.get("m", "")), str(d.get("w", "")),
+                float(d.get("la", 0.0)), int(d.get("lp", 0)))
         if not (0 <= s.prompt_tokens < 1 << 40 and 0 <= s.output_tokens < 1e12
+                and 0 <= s.left_prompt < 1 << 40 and 0 <= s.left_at < 1e11
                 and 0 <= s.ttl <= 86400 and 0 <= s.last < 1e11 and 0 < s.turns < 1 << 31
                 and len(s.endpoint) <= 64):
             raise ValueError("session state out of range")
@@ -125,9 +139,12 @@ def after_turn(prev: Session | None, endpoint: str, prompt_tokens: int, output_t
         return Session(endpoint, prompt_tokens, float(output_tokens), ttl, now, 1, "", why)
     n = prev.turns + 1
     avg = prev.output_tokens + (output_tokens - prev.output_tokens) / n
-    moved = prev.endpoint if prev.endpoint != endpoint else prev.moved_from
-    return replace(prev, endpoint=endpoint, prompt_tokens=prompt_tokens, output_tokens=avg,
-                   ttl=ttl or prev.ttl, last=now, turns=n, moved_from=moved, why=why)
+    if prev.endpoint != endpoint:  # it moved: the endpoint it left keeps its prefix a while
+        return replace(prev, endpoint=endpoint, prompt_tokens=prompt_tokens, output_tokens=avg,
+                       ttl=ttl or prev.ttl, last=now, turns=n, moved_from=prev.endpoint, why=why,
+                       left_at=prev.last, left_prompt=prev.prompt_tokens)
+    return replace(prev, prompt_tokens=prompt_tokens, output_tokens=avg, ttl=ttl or prev.ttl,
+                   last=now, turns=n, why=why)
 
 
 # -- what an endpoint showed about its prompt cache ------------------------------------------
@@ -154,15 +171,15 @@ class Learned:
 UNKNOWN = Learned()
 
 
-def expects_read(prev: Session | None, endpoint: str, ttl: float, now: float) -> bool:
-    """Should this turn read its prefix from ``endpoint``'s cache? (Same endpoint as the last
-    turn, within its TTL, a cacheable prefix, and breakpoints asked for.)"""
-    return (prev is not None and prev.endpoint == endpoint and ttl > 0 and prev.warm(now)
-            and prev.prompt_tokens >= MIN_CACHEABLE)
+def expects_cache(ttl: float, prompt_tokens: int) -> bool:
+    """Should an endpoint that caches show cache activity for this turn? With breakpoints on a
+    prompt of a cacheable size, it either reads the prefix (warm) or writes it (cold); a relay
+    that ignores ``cache_control`` does neither."""
+    return ttl > 0 and prompt_tokens >= MIN_CACHEABLE
 
 
-def observe(learned: Learned, cache_read_tokens: int) -> Learned:
-    """An expected read happened (or did not)."""
-    if cache_read_tokens > 0:
+def observe(learned: Learned, cache_tokens: int) -> Learned:
+    """An expected cache read or write happened (or did not)."""
+    if cache_tokens > 0:
         return Learned(learned.hits + 1, 0, learned.expected + 1)
     return Learned(learned.hits, learned.misses + 1, learned.expected + 1)
