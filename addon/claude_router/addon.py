@@ -723,8 +723,9 @@ class Router:
         Messages request."""
         doc = request.json
         if (self.strategy != "cost" or doc is None or request.method != "POST"
-                or target.split("?")[0] != "/v1/messages"):
-            return None, None, 0.0, None
+                or target.split("?")[0] != "/v1/messages"
+                or any(ep.price is None for ep in self.endpoints)):
+            return None, None, 0.0, None  # (without prices nothing can be weighed: no sessions)
         sid = sessions.session_id(request.headers, doc)
         if sid is None:
             return None, None, 0.0, None
