@@ -478,3 +478,17 @@ endpoints:
     assert r.status_code == 200 and r.json()["id"] == "claude-sonnet-4-5"
     r = httpx.get(f"{router.base}/v1/models/claude-opus-4-1", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_the_models_list_passes_on_the_clients_own_credential_answer(mock, start_router, tmp_path):
+    path = tmp_path / "keyless.yaml"
+    path.write_text(f"""
+endpoints:
+  - name: bedrock
+    url: {mock.url("bedrock")}
+    models: ["claude-sonnet-*"]
+""")
+    router = start_router([], options={"router_config": str(path)})
+    mock.fault("bedrock", status=401)  # keyless: the client's own key was refused
+    r = httpx.get(f"{router.base}/v1/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

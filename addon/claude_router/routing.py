@@ -270,8 +270,11 @@ class Routing:
                 lists.append(data)
                 used.append(ep.profile)
         if not lists:
-            answer = Answer(502, "", [("content-type", "application/json")],
-                            error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
+            # The client's own answer (its key refused, ...) as sent; else what went wrong.
+            own = next((t.answer for t in tried if t.answer is not None
+                        and t.verdict in (Verdict.CLIENT, Verdict.RETURN)), None)
+            answer = own or Answer(502, "", [("content-type", "application/json")],
+                                   error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
             return Result(attempts, answer=answer, counted=[False] * len(attempts))
         data = profiles.union_models(lists, used)
         if one is not None:
