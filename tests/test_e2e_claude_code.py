@@ -5,9 +5,8 @@ The CLI is found through CLAUDE_CODE_BIN, or as `claude` on PATH; without it the
 skipped (`npm install @anthropic-ai/claude-code`, then CLAUDE_CODE_BIN=.../node_modules/.bin/claude).
 Each run gets an empty HOME and working directory, and an environment built from scratch: no
 proxy variables, no real ~/.claude, and no traffic beyond the router (telemetry, error reports,
-auto-update and other non-essential calls are switched off). CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC
-also stops the `HEAD <base URL>/api/hello` pre-connect of Claude Code 2.1.332, which the router
-does not answer itself: it would reach the mock (the cheapest tier first, even under `/droid`).
+auto-update and other non-essential calls are switched off). (The `HEAD <base URL>/api/hello`
+pre-connect of Claude Code 2.1.332 is answered by the router itself: test_e2e_claims.py.)
 """
 
 import json

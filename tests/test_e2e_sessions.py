@@ -11,7 +11,8 @@ import pytest
 SYSTEM = "You are a careful assistant. " + "Follow the project's conventions closely. " * 450  # ~4.8k tokens
 
 
-def start(start_router, mock, tmp_path, cheap: float, dear: float = 3.0, name: str = "r", **options):
+def start(start_router, mock, tmp_path, cheap: float, dear: float = 3.0, name: str = "r",
+          tool: str = "mitmdump", **options):
     """A router with endpoints cheap and dear (their own keys: the mock ignores them), priced."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""
@@ -25,7 +26,7 @@ endpoints:
     key: sk-dear-relay-0000
     price: {{input: {dear}, output: {dear * 5}}}
 """)
-    return start_router([], options={"router_config": str(path), **options})
+    return start_router([], options={"router_config": str(path), **options}, tool=tool)
 
 
 class Conversation:

@@ -18,7 +18,7 @@ from .sessions import Learned, Session
 
 log = logging.getLogger("claude_router")
 
-MAX_SESSIONS = 100_000  # about 30 MB of local state at most (measured in scripts/bench)
+MAX_SESSIONS = 100_000  # about 35 MiB of local state at most (./scripts/bench --affinity)
 OP_TIMEOUT = 0.1
 
 
