@@ -595,3 +595,23 @@ def test_replayed_flow_reaches_the_endpoint_at_its_own_path(mock, start_router, 
     # The saved request is replayed once, to /aws/v1/messages (not /aws/aws/v1/messages).
     assert [(r["endpoint"], r["path"]) for r in records] == [("aws", "/v1/messages")], (
         records, replay.log()[-2000:])
+
+
+def test_a_replay_needs_no_client_key_and_a_refused_client_key_blames_nobody(mock, start_router, tmp_path):
+    saved = tmp_path / "flows"
+    save_one_flow(mock, start_router, saved)
+    mock.reset()
+    mock.fault("aws", status=401)  # keyless aws: it needed the client's key, which was redacted
+    replay = start_router(tiers(mock, "aws", "droid"),
+                          options={"client_replay": str(saved), "keepserving": "true",
+                                   "router_client_keys": ["s3cret-client-key"]})
+    deadline = time.monotonic() + 10
+    while not mock.requests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    assert [r["endpoint"] for r in mock.requests()] == ["aws"]  # replayed without a key
+    assert mock.count("droid") == 0  # the client's 401 went back, no failover
+    assert "s3cret-client-key" not in json.dumps(mock.requests())
+    aws = httpx.get(f"{replay.base}/_router/status", headers={"x-api-key": "s3cret-client-key"},
+                    timeout=10).json()["endpoints"][0]
+    assert (aws["state"], aws["failures"]) == ("healthy", 0)
