@@ -81,7 +81,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import ctypes
 import importlib.util
 import itertools
 import json
@@ -90,7 +89,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -101,6 +99,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402 - the benchmark's process handling, shared
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -332,35 +333,9 @@ def check_append_only(trace: SessionTrace) -> None:
 
 # ------------------------------------------------------------------------------ processes
 
-def _child_setup() -> None:
-    """In the child: die with the simulator even if it is SIGKILLed (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Procs:
-    """Every subprocess we start, each in its own process group."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.items: list[tuple[str, subprocess.Popen]] = []
-        self.env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-
-    def spawn(self, name: str, argv: list[str], stdout_pipe: bool = False) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE if stdout_pipe else log,
-                                stderr=log if stdout_pipe else subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_child_setup)
-        log.close()
-        self.items.append((name, proc))
-        return proc
+class Procs(bench.Procs):
+    """The benchmark's subprocess bookkeeping (own process groups, die with the parent), plus
+    reading a whole log and stopping one process early."""
 
     def log(self, name: str) -> str:
         try:
@@ -381,9 +356,8 @@ class Procs:
         if proc.stdout:
             proc.stdout.close()
 
-    def stop_all(self) -> None:
-        for _, p in reversed(self.items):
-            self.stop(p)
+
+free_port = bench.free_port
 
 
 def start_mock(procs: Procs) -> str:

@@ -534,9 +534,12 @@ def head_timeout_router(mock, start_router):
     assert router.proc.poll() is None, "the router exited"
 
 
-def test_connection_that_never_finishes_its_request_head_is_closed(head_timeout_router):
+@pytest.mark.parametrize("opening", [b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n",
+                                     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],  # half a ClientHello
+                         ids=["http", "tls"])
+def test_connection_that_never_finishes_its_request_head_is_closed(head_timeout_router, opening):
     with socket.create_connection(("127.0.0.1", head_timeout_router.port)) as s:
-        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(opening)
         started = time.monotonic()
         s.settimeout(10)
         try:

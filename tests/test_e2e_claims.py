@@ -135,3 +135,17 @@ def test_learned_caching_is_shared_and_can_be_forgotten(mock, start_router, tmp_
     time.sleep(0.3)
     assert redis_server.cli("EXISTS", "endpoint_health_|learned") == "0"
     assert Conversation("sess-after").turn(b, "hi")["x-used-endpoint"] == "cheap"
+
+
+def test_garbage_in_the_shared_session_state_fails_no_turn(mock, start_router, tmp_path, redis_server):
+    caching(mock)
+    redis_server.cli("SET", "endpoint_health_|s|cc:sess-garbage#sonnet", '{"e": "cheap", "p": 1e400}')
+    redis_server.cli("HSET", "endpoint_health_|learned", "cheap", "not:a:count", "dear", "x")
+    redis_server.cli("LPUSH", "endpoint_health_|s|cc:sess-wrongtype#sonnet", "not a session")
+    router = priced(start_router, mock, tmp_path, cheap=2.8, router_redis_url=redis_server.url)
+    router.wait_log("(connected)")
+    for sid in ("sess-garbage", "sess-wrongtype"):
+        conv = Conversation(sid)
+        assert conv.turn(router, "hello")["x-used-endpoint"] == "cheap"
+        assert conv.turn(router, "again", stream=True)["x-used-endpoint"] == "cheap"
+    assert "Traceback" not in router.log()

@@ -39,9 +39,6 @@ class HeadDeadlines:
                      f"within {self.timeout:g} s")
             close()
 
-    def pending(self) -> int:
-        return len(self._timers)
-
 
 class Delivery:
     """How a client is taking a streamed answer: the handoff notes when the client stops

@@ -36,7 +36,6 @@ MIN_TURNS = 4  # turns still to come assumed for a young conversation that asked
 class Choice:
     endpoint: str
     reason: str  # "" when it is simply the cheapest healthy endpoint
-    saving: float  # USD over the horizon against the first candidate in price order
 
 
 def rates(price: Price, ttl: float) -> tuple[float, float, float]:
@@ -85,17 +84,12 @@ def choose(candidates: Sequence[tuple[str, Price | None]], learned: dict[str, Le
     best_cost, _, best = min(costs)
     first_cost, _, first = costs[0]
     if best == first:
-        return Choice(best, "", 0.0)
+        return Choice(best, "")
     if held(best):
         reason = f"session cache warm here (saves ${first_cost - best_cost:.4f} over {turns} turns)"
     elif not learned.get(first, UNKNOWN).caches:
         reason = f"{first} does not cache prompts (saves ${first_cost - best_cost:.4f} over {turns} turns)"
     else:
         reason = f"cheaper over {turns} turns (saves ${first_cost - best_cost:.4f})"
-    return Choice(best, reason, first_cost - best_cost)
+    return Choice(best, reason)
 
-
-def move_cost(price: Price, prompt: int, ttl: float) -> float:
-    """What re-writing a prefix at an endpoint costs beyond reading it (for the metrics)."""
-    inp, write, read = rates(price, ttl)
-    return prompt * (write - read)

@@ -3,6 +3,7 @@
 import base64
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from urllib.parse import unquote, urlsplit
 
 from .profiles import DEFAULT, Profile
@@ -32,7 +33,8 @@ class Endpoint:
     price: object | None = None  # usage.Price, USD per million tokens
     profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
 
-    @property
+    # Derived once per endpoint (the spec is frozen), not on every request.
+    @cached_property
     def own_credentials(self) -> bool:
         """True when the endpoint authenticates with credentials of its own (a key, a
         user:password in its URL, or a credential-named extra header); False when it receives
@@ -41,13 +43,13 @@ class Endpoint:
             k.lower() in CREDENTIAL_HEADERS or any(w in k.lower() for w in _CREDENTIAL_WORDS)
             for k, _ in self.headers)
 
-    @property
+    @cached_property
     def holds_secrets(self) -> bool:
         """Anything of the operator's that a stranger could spend: a key, URL credentials or
         extra headers (which may carry tokens)."""
         return self.key is not None or self._url_credentials or bool(self.headers)
 
-    @property
+    @cached_property
     def secrets(self) -> tuple[str, ...]:
         """The strings that must never reach a client (a relay may echo what it received)."""
         found = [self.key] if self.key else []
@@ -60,7 +62,7 @@ class Endpoint:
         found += [v for _, v in self.headers if len(v) >= 8]
         return tuple(found)
 
-    @property
+    @cached_property
     def _url_credentials(self) -> bool:
         return "@" in urlsplit(self.url).netloc
 

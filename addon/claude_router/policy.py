@@ -203,11 +203,6 @@ def classify(rules: Mapping[str, Verdict], status: int | None = None,
     return Verdict.COUNT
 
 
-def error_type_of(body: bytes) -> str | None:
-    """The Anthropic ``error.type`` of an error body, if it has one."""
-    return error_of(body)[0]
-
-
 def error_of(body: bytes) -> tuple[str | None, str]:
     """The Anthropic ``error.type`` and ``error.message`` of an error body (None, "" if absent)."""
     try:
