@@ -1,6 +1,8 @@
 """SSE through the router after failover: events reach the client as the upstream sends them."""
 
 import asyncio
+import json
+import os
 import time
 
 import anthropic
@@ -78,3 +80,41 @@ def test_mid_stream_upstream_failure_ends_with_error_event(mock, start_router):
     last_event = r.text.strip().split("\n\n")[-1]
     assert last_event.startswith("event: error\ndata: ")
     assert '"type": "api_error"' in last_event
+
+
+def test_a_held_stream_costs_the_router_two_file_descriptors(mock, start_router):
+    """The handoff to mitmproxy is in memory: a stream holds its client's connection and its
+    upstream connection, and no loopback pair."""
+    mock.fault("aws", event_gap_ms=200, words=15)
+    router = start_router([f"aws={mock.url('aws')}"])
+    fds = lambda: len(os.listdir(f"/proc/{router.proc.pid}/fd"))  # noqa: E731
+    body = json.dumps({**STREAM_MSG, "model": "claude-sonnet-4-5"}).encode()
+    head = (f"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+
+    async def run():
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        writer.write(head + body)  # a first stream sets up what every stream shares
+        while b"message_stop" not in await asyncio.wait_for(reader.readline(), 10):
+            pass
+        writer.close()
+        await asyncio.sleep(0.2)
+        before = fds()
+        conns = []
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+            writer.write(head + body)
+            conns.append((reader, writer))
+        for reader, _ in conns:  # every stream is past its opening and held
+            while b"content_block_delta" not in await asyncio.wait_for(reader.readline(), 10):
+                pass
+        held = fds() - before
+        for reader, writer in conns:  # and every one ends complete
+            while b"message_stop" not in await asyncio.wait_for(reader.readline(), 10):
+                pass
+            writer.close()
+        return held
+
+    held = asyncio.run(run())
+    print(f"\n20 held streams: {held} more file descriptors in the router")
+    assert held <= 2 * 20 + 4

@@ -12,6 +12,13 @@ spreads an HTTP/2 client's concurrent responses over them, opening another port 
 connection has filled one. (Closing from this side as well races mitmproxy's own close and
 leaves sockets in CLOSE_WAIT.)
 
+mitmproxy opens its connections with ``asyncio.open_connection``, that is through the event
+loop's ``create_connection``. The server wraps that method on its own loop (the instance, not
+the class) so that a connection to one of its listeners from inside this process is an
+in-memory pair (``pipes``) instead of loopback TCP: no file descriptors, no connect or accept,
+no system calls per chunk. Every other connection goes to the loop's own method untouched, and
+where the wrap is impossible (another loop type) the listeners serve over TCP as before.
+
 The listeners accept only what mitmproxy sends them: a request head for ``/handoff/<token>``
 with no body. Anything else gets a 400 and the connection is closed; a body is never read.
 """
@@ -26,6 +33,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from . import pipes
 from .connections import Delivery
 from .errors import error_body, sse_error_event
 from .upstream import UpstreamError
@@ -77,6 +85,8 @@ class HandoffServer:
         self._parked: dict[str, Parked] = {}
         self._inflight: defaultdict[tuple[str, int], int] = defaultdict(int)
         self._grow_lock = asyncio.Lock()
+        self._wrapped: asyncio.AbstractEventLoop | None = None
+        self.in_memory_connections = 0  # connections served without a socket, for tests and stats
 
     async def _listen(self) -> int:
         loop = asyncio.get_running_loop()
@@ -84,7 +94,48 @@ class HandoffServer:
         port = server.sockets[0].getsockname()[1]
         self._servers.append(server)
         self._ports.append(port)
+        self._wrap(loop)
         return port
+
+    def _wrap(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve this process's own connections to the listeners in memory (see above)."""
+        if self._wrapped is loop:
+            return
+        original = loop.create_connection
+        ports = self._ports
+
+        async def create_connection(protocol_factory, host=None, port=None, *args, **kwargs):
+            if (host == self.host and port in ports and not args
+                    and not kwargs.get("ssl") and not kwargs.get("sock")):
+                # Suspend once, as a real connect does: mitmproxy starts its connection
+                # tasks eagerly and registers the connection only after that first suspension.
+                await asyncio.sleep(0)
+                return self._connect_in_memory(loop, protocol_factory, port)
+            return await original(protocol_factory, host, port, *args, **kwargs)
+
+        try:
+            loop.create_connection = create_connection
+        except (AttributeError, TypeError):  # a loop whose methods cannot be replaced: TCP
+            log.info("handoff: this event loop cannot be wrapped; serving over loopback TCP")
+            return
+        self._wrapped = loop
+
+    def _connect_in_memory(self, loop, protocol_factory, port: int):
+        client = protocol_factory()
+        here, there = (self.host, port), (self.host, 0)
+        transport, _ = pipes.pair(loop, client, _Connection(self),
+                                  {"peername": here, "sockname": there},
+                                  {"peername": there, "sockname": here})
+        self.in_memory_connections += 1
+        return transport, client
+
+    def _unwrap(self) -> None:
+        loop, self._wrapped = self._wrapped, None
+        if loop is not None:
+            try:
+                del loop.create_connection  # the class's method again
+            except AttributeError:
+                pass
 
     async def _port_for(self, client: str, multiplexed: bool) -> int:
         if not multiplexed:  # HTTP/1.1 clients send one request at a time per connection
@@ -139,6 +190,7 @@ class HandoffServer:
     async def close(self) -> None:
         for token in list(self._parked):
             self._expire(token)
+        self._unwrap()
         for server in self._servers:
             server.close()
         self._servers.clear()
