@@ -60,6 +60,8 @@ from typing import Any, Callable
 
 import aiohttp
 
+import bench_streams
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
@@ -1132,6 +1134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: py-spy the router under concurrency-16 load for SECONDS")
     p.add_argument("--profile-svg", default="/tmp/router-profile.svg",
                    help="flame graph path for --profile (-json/-sse suffixes are added)")
+    p.add_argument("--streams", metavar="N,N", help="only the streams phase (scripts/"
+                   "bench_streams.py), at these levels (default, also in the full run: 1000,2000)")
+    p.add_argument("--no-streams", action="store_true", help="leave the streams phase out")
+    p.add_argument("--stream-events", type=int, default=40, help="events per stream (40)")
+    p.add_argument("--stream-gap-ms", type=int, help="mock gap between events (250; quick: 100)")
+    p.add_argument("--stream-rate", type=float, default=200, help="streams opened per second (200)")
+    p.add_argument("--stream-targets", default="direct,mitmdump+stream,router",
+                   help="streams phase targets (direct,mitmdump+stream,router)")
     a = p.parse_args(argv)
     quick = {"duration": 0.6, "requests": 60, "rss_requests": 500, "sse_streams": 4, "rounds": 2}
     full = {"duration": 3.0, "requests": 500, "rss_requests": 10000, "sse_streams": 30, "rounds": 3}
@@ -1139,6 +1149,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.concurrency = [int(c) for c in a.concurrency.split(",") if c.strip()]
+    a.streams_only = a.streams is not None
+    a.stream_levels = [] if a.no_streams and not a.streams_only else [
+        int(n) for n in (a.streams or ("100" if a.quick else "1000,2000")).split(",") if n.strip()]
+    a.stream_targets = [t.strip() for t in a.stream_targets.split(",") if t.strip()]
+    a.stream_gap_ms = a.stream_gap_ms if a.stream_gap_ms is not None else 100 if a.quick else 250
+    if (a.streams_only and not a.stream_levels) or min(a.stream_levels, default=1) < 1 \
+            or a.stream_events < 7 or a.stream_gap_ms < 0 or a.stream_rate <= 0 \
+            or not set(a.stream_targets) <= set(bench_streams.TARGETS):
+        p.error(f"streams: levels must be positive, at least 7 events, a positive rate, "
+                f"targets among {','.join(bench_streams.TARGETS)}")
     if (not a.concurrency or min(a.concurrency) < 1 or max(a.concurrency) > 1024 or a.rounds < 1
             or a.requests < 1 or a.duration <= 0 or a.rss_requests < 1 or a.sse_streams < 1):
         p.error("counts must be positive (concurrency 1..1024)")
@@ -1208,6 +1228,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 await profile(args, procs, tmp)
                 return None
+            if args.streams_only:
+                return {"streams": await bench_streams.run(args, procs, tmp)}
             b = Bench(args, procs, tmp)
             try:
                 await b.start()
@@ -1217,6 +1239,9 @@ def main(argv: list[str] | None = None) -> int:
                     if t.proc is not None and t.proc.poll() is not None and t.ok:
                         t.fail(f"failed: exited with {t.proc.returncode}")
             b.results["notes"] = b.notes
+            if args.stream_levels:
+                procs.stop_all()  # the main phase's servers: the streams phase runs alone
+                b.results["streams"] = await bench_streams.run(args, procs, tmp)
             return b.results
 
     try:
@@ -1233,6 +1258,15 @@ def main(argv: list[str] | None = None) -> int:
     if results is None:
         return 0
     results["machine"] = machine()
+    results["command"] = " ".join(["./scripts/bench", *(argv if argv is not None else sys.argv[1:])])
+    if args.streams_only:
+        results["wall_seconds"] = time.monotonic() - started
+        table = bench_streams.render(results["streams"], results["machine"])
+        results["table_markdown"] = table
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(table)
+        note(f"done in {results['wall_seconds']:.0f}s; full results in {args.json}")
+        return 0
     settings = {k: getattr(args, k) for k in ("duration", "requests", "concurrency", "rss_requests",
                                               "sse_streams", "sse_gap_ms", "sse_words", "rounds",
                                               "quick")}
@@ -1240,10 +1274,11 @@ def main(argv: list[str] | None = None) -> int:
     results["settings_text"] = (
         f"{args.requests} sequential requests per target, {args.sse_streams} SSE streams, "
         f"{args.duration:g}s per throughput cell, {args.rounds} interleaved rounds")
-    results["command"] = " ".join(["./scripts/bench", *(argv if argv is not None else sys.argv[1:])])
     results["wall_seconds"] = time.monotonic() - started
     results["affinity"] = affinity_bench()
     table = render(results, args) + render_affinity(results["affinity"])
+    if "streams" in results:
+        table += "\n" + bench_streams.render(results["streams"])
     results["table_markdown"] = table
     Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table)
@@ -1252,4 +1287,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules["bench"] = sys.modules[__name__]  # one module for scripts/bench_streams.py
     sys.exit(main())

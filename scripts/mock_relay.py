@@ -46,6 +46,9 @@ Fault injection (per endpoint; all keys optional)::
     write_timeout_ms              -> give up on a client that stops reading: when one write
                                      of a stream blocks this long, close the connection
                                      (outcome "write_timeout")
+    stamp_events: true            -> each SSE event's data gets a last key "mock_t": the mock's
+                                     time.monotonic() (CLOCK_MONOTONIC, system-wide on Linux)
+                                     just before the event is written, for event delays
     times                         -> only the next N requests, then cleared
 
 Profiles (per endpoint; what a relay *is*, persistently; all keys optional, none
@@ -202,9 +205,11 @@ ERROR_STATUS["api_error"] = 500
 FAULT_KEYS = frozenset(
     "status error_type message retry_after headers delay_ms event_gap_ms reset "
     "reset_after_events stream_error stream_error_after stall_ms "
-    "stall_after_events words times end_after_events event_bytes write_timeout_ms".split()
+    "stall_after_events words times end_after_events event_bytes write_timeout_ms "
+    "stamp_events".split()
 )
-INT_KEYS = FAULT_KEYS - {"error_type", "message", "retry_after", "headers", "reset", "stream_error"}
+INT_KEYS = FAULT_KEYS - {"error_type", "message", "retry_after", "headers", "reset", "stream_error",
+                         "stamp_events"}
 RESET_MODES = ("before_headers", "after_headers", "mid_stream")
 JSON_CT = "application/json"
 _ID_CHARS = string.ascii_letters + string.digits
@@ -259,6 +264,8 @@ def validate_fault(fault: Any) -> dict[str, Any]:
         raise ValueError(f"reset must be one of {RESET_MODES}")
     if "headers" in fault and not isinstance(fault["headers"], dict):
         raise ValueError("headers must be an object")
+    if "stamp_events" in fault and not isinstance(fault["stamp_events"], bool):
+        raise ValueError("stamp_events must be true or false")
     return dict(fault)
 
 
@@ -972,6 +979,7 @@ class MockRelay:
         error_at = min(fault.get("stream_error_after", 0), n) if fault.get("stream_error") else None
         end_at = min(fault["end_after_events"], n) if "end_after_events" in fault else None
         write_timeout = fault.get("write_timeout_ms", 0) / 1000 or None
+        stamp = fault.get("stamp_events", False)
         for i in range(n + 1):
             if i == end_at:
                 return "ended"
@@ -989,9 +997,12 @@ class MockRelay:
                 break
             if i and gap:
                 await asyncio.sleep(gap)
+            event = events[i]
+            if stamp:  # '...}\n\n' -> '...,"mock_t":123.456789}\n\n'
+                event = b'%s,"mock_t":%.6f}\n\n' % (event[:-3], time.monotonic())
             try:
                 async with asyncio.timeout(write_timeout):
-                    await resp.write(events[i])
+                    await resp.write(event)
             except TimeoutError:  # the client stopped reading: give up on it, as relays do
                 self.give_up(call)
                 return "write_timeout"

@@ -321,3 +321,19 @@ def test_in_process_start_with_profiles():
             await relay.stop()
 
     assert asyncio.run(run()) == (429, 200)
+
+
+def test_stamp_events_puts_the_send_time_in_every_event_and_the_sdk_still_reads_it(mock):
+    mock.fault("s", stamp_events=True, event_gap_ms=20, words=3)
+    before = time.monotonic()
+    with httpx.stream("POST", f"{mock.url('s')}/v1/messages", timeout=10,
+                      json={"model": "m", "max_tokens": 64, "stream": True, "messages": HI}) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    stamps = [e["mock_t"] for e in events]
+    assert len(events) == 3 + 6 and stamps == sorted(stamps)
+    assert before < stamps[0] and stamps[-1] < time.monotonic()  # CLOCK_MONOTONIC, system-wide
+    assert stamps[-1] - stamps[0] >= 0.020 * 8
+    with sdk(mock, "s").messages.stream(model="m", max_tokens=64, messages=HI) as s:
+        assert s.get_final_message().content[0].text == "w1 w2 w3"
+    with pytest.raises(Exception, match="400"):
+        mock.fault("s", stamp_events=1)
