@@ -269,6 +269,8 @@ def test_flows_with_routes_can_be_saved_and_show_no_secret(mock, start_router, t
     with saved.open("rb") as f:
         flows = list(io.FlowReader(f).stream())
     assert len(flows) == 2 and flows[0].metadata["router"]["endpoint"] == "aws"
+    # Both the answered and the streamed (handed-off) flow show the upstream request.
+    assert [f.request.url for f in flows] == [mock.url("aws") + "/v1/messages"] * 2
     assert AWS_KEY.encode() not in saved.read_bytes()
 
 

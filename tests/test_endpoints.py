@@ -98,3 +98,9 @@ def test_redis_url_redaction_hides_both_password_forms():
     from claude_router.redis_store import redacted
     assert redacted("redis://:s3cret@h:6379/0") == "redis://***@h:6379/0"
     assert redacted("unix:///run/redis.sock?password=s3cret&db=1") == "unix:///run/redis.sock?***"
+
+
+def test_shown_parts_hold_no_credentials_and_keep_the_path_prefix():
+    ep = parse_endpoint("a=https://user:pw@relay.example:8443/claude/aws/", 0)
+    assert ep.shown_parts == ("https", "relay.example", 8443, "/claude/aws")
+    assert parse_endpoint("b=http://[::1]/x", 1).shown_parts == ("http", "::1", 80, "/x")

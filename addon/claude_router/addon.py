@@ -22,7 +22,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, Upst
 from mitmproxy.tls import ClientHelloData
 
 
-from . import config, cost, decoding, options, policy, profiles, sessions, usage
+from . import config, cost, decoding, options, policy, profiles, runtime, sessions, usage
 from .affinity import MemoryAffinity, RedisAffinity
 from .connections import Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
@@ -55,7 +55,7 @@ class RouteInfo:
     not in flow.metadata, which mitmproxy must be able to save (and which is shown)."""
 
     path: str  # the client's path, without the query
-    url: str
+    target: str  # the upstream path and query (after the endpoint's own path)
     content: bytes | None
     content_length: str | None
     endpoint: Endpoint | None
@@ -286,6 +286,7 @@ class Router:
     def running(self) -> None:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
         _quiet_request_log()
+        runtime.tune_gc()
         self._spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
             self._watcher = self._spawn(self._watch_config())
@@ -498,7 +499,7 @@ class Router:
             return
         # Show the real upstream request in mitmweb instead of the loopback hop.
         req = flow.request
-        req.url = info.url
+        _show_upstream(req, info)
         req.raw_content = info.content
         if info.content_length is not None:
             req.headers["content-length"] = info.content_length
@@ -580,7 +581,7 @@ class Router:
         ep = w.endpoint if w else result.answer.endpoint
         info = RouteInfo(
             path=req.path.split("?")[0],
-            url=ep.shown_url_for(target) if ep else req.url,
+            target=target,
             content=req.raw_content,
             content_length=req.headers.get("content-length"),
             endpoint=ep,
@@ -609,7 +610,7 @@ class Router:
                 head_length: int | None = None) -> None:
         """Set a complete response on the flow (mitmproxy sends it; no upstream connection)."""
         if info.endpoint is not None:
-            flow.request.url = info.url
+            _show_upstream(flow.request, info)
             if answer.status < 300 and len(answer.body) < 1 << 20:
                 info.tokens = _usage_of(answer)
         fields = [
@@ -885,6 +886,16 @@ def _redact_credentials(req: http.Request) -> None:
     for name in CREDENTIAL_HEADERS:
         if name in req.headers:
             req.headers[name] = REDACTED
+
+
+def _show_upstream(req: http.Request, info: RouteInfo) -> None:
+    """Point the flow at the upstream request as sent (without URL credentials), for mitmweb,
+    saved flows and logs."""
+    if info.endpoint is None:
+        return
+    scheme, host, port, prefix = info.endpoint.shown_parts
+    req.scheme, req.host, req.port = scheme, host, port
+    req.path = prefix + (info.target if info.target.startswith("/") else "/" + info.target)
 
 
 def _as_sent_by_client(flow: http.HTTPFlow) -> None:

@@ -67,11 +67,57 @@ class Timeouts:
     headers: float  # from sending the request to the response headers (and between body reads)
 
 
+class IdleWatch:
+    """Bounds every wait for the next bytes of a body with one periodic sweep.
+
+    aiohttp's own read timeout re-arms a timer for every chunk it receives: at a thousand
+    streams that is tens of thousands of timers a second. Instead a body notes when it starts
+    waiting and when the wait ends (two dictionary operations), and one task, awake only while
+    some body waits, closes those that waited longer than their limit (give or take SWEEP).
+    Time a body spends not reading (its client is slow) is not a wait on the upstream.
+    """
+
+    SWEEP = 0.25
+
+    def __init__(self) -> None:
+        self._waiting: dict["UpstreamResponse", float] = {}
+        self._task: asyncio.Task | None = None
+
+    def waiting(self, resp: "UpstreamResponse") -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting[resp] = loop.time()
+        if self._task is None:
+            self._task = loop.create_task(self._sweep())
+
+    def done(self, resp: "UpstreamResponse") -> None:
+        self._waiting.pop(resp, None)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                await asyncio.sleep(self.SWEEP)
+                now = loop.time()
+                for resp, since in list(self._waiting.items()):
+                    if now - since > resp.idle_timeout:
+                        del self._waiting[resp]
+                        resp.expire()
+        finally:
+            self._task = None
+
+
 class UpstreamResponse:
     """A response whose headers have arrived and whose body has not been read yet."""
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, idle_timeout: float = 0.0,
+                 watch: IdleWatch | None = None) -> None:
         self._resp = resp
+        self.idle_timeout = idle_timeout
+        self.timed_out = False
+        self._watch = watch
+        protocol = resp.connection.protocol if watch is not None and resp.connection else None
+        if protocol is not None:
+            protocol.read_timeout = None  # the watch bounds the body's reads from here on
         self.status = resp.status
         self.reason = _reason(resp.status, resp.reason or "")
         # Framing headers go too: whoever passes the body on frames it again.
@@ -94,14 +140,30 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The raw body as it arrives (content-encoding untouched)."""
         stream = self._resp.content
+        watch = self._watch
         while True:
-            try:  # aiohttp's sock_read timeout bounds each read
-                chunk = await stream.readany()
+            try:
+                if watch is None:  # aiohttp's sock_read timeout bounds each read
+                    chunk = await stream.readany()
+                else:
+                    watch.waiting(self)
+                    try:
+                        chunk = await stream.readany()
+                    finally:
+                        watch.done(self)
             except (aiohttp.ClientError, OSError) as e:
+                if self.timed_out:
+                    raise UpstreamError(
+                        "timeout", f"no data for {self.idle_timeout:g}s") from None
                 raise _classify(e) from None
             if not chunk:
                 return
             yield chunk
+
+    def expire(self) -> None:
+        """The idle watch gave up on this body: the pending read fails as a timeout."""
+        self.timed_out = True
+        self._resp.close()
 
     async def read(self, limit: int) -> tuple[bytes, bool]:
         """Read up to ``limit`` bytes of body; True when that was all of it."""
@@ -155,6 +217,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self.idle_watch = IdleWatch()
 
     def _ensure(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -211,7 +274,7 @@ class Upstream:
             raise UpstreamError("unsendable", f"the HTTP client refused it ({type(e).__name__})") from None
         except Exception as e:  # anything else: this attempt failed, cause unknown
             raise UpstreamError("error", f"request could not be sent ({type(e).__name__})") from None
-        return UpstreamResponse(resp)
+        return UpstreamResponse(resp, timeouts.headers, self.idle_watch)
 
     async def close(self) -> None:
         if self._session is not None:

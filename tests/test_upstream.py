@@ -1,0 +1,97 @@
+"""The pooled upstream client against a raw loopback server: how a body's silences end."""
+
+import asyncio
+import time
+
+import pytest
+
+from claude_router.endpoints import parse_endpoint
+from claude_router.upstream import IdleWatch, Timeouts, Upstream, UpstreamError
+
+HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n")
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def serve(script):
+    """A server that reads one request head, then runs ``script(writer)``."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            await script(writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def body_of(port: int, idle: float) -> tuple[list[bytes], UpstreamError | None, float]:
+    up = Upstream()
+    ep = parse_endpoint(f"a=http://127.0.0.1:{port}", 0)
+    resp = await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=idle))
+    got, err, t0 = [], None, time.monotonic()
+    try:
+        async for c in resp.chunks():
+            got.append(c)
+    except UpstreamError as e:
+        err = e
+    finally:
+        resp.close()
+        await up.close()
+    return got, err, time.monotonic() - t0
+
+
+@pytest.fixture(autouse=True)
+def quick_sweep(monkeypatch):
+    monkeypatch.setattr(IdleWatch, "SWEEP", 0.05)
+
+
+async def test_a_body_silent_longer_than_the_limit_fails_as_a_timeout():
+    async def script(w):
+        w.write(HEAD + chunk(b"data: 1\n\n"))
+        await asyncio.sleep(1.5)
+
+    server, port = await serve(script)
+    async with server:
+        got, err, took = await body_of(port, idle=0.5)
+    assert got == [b"data: 1\n\n"]
+    assert err is not None and err.kind == "timeout"
+    assert 0.4 < took < 2.0
+
+
+async def test_gaps_shorter_than_the_limit_never_add_up_to_one():
+    async def script(w):
+        w.write(HEAD)
+        for i in range(6):
+            w.write(chunk(b"data: %d\n\n" % i))
+            await asyncio.sleep(0.2)
+        w.write(b"0\r\n\r\n")
+
+    server, port = await serve(script)
+    async with server:
+        got, err, took = await body_of(port, idle=0.5)
+    assert err is None and len(b"".join(got).split(b"\n\n")) == 7
+    assert took > 1.0  # six gaps of 0.2 s: more than the limit in all
+
+
+async def test_a_reader_that_pauses_is_not_an_upstream_silence():
+    async def script(w):
+        w.write(HEAD + chunk(b"data: 1\n\n"))
+        await asyncio.sleep(0.1)
+        w.write(chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+
+    server, port = await serve(script)
+    async with server:
+        up = Upstream()
+        ep = parse_endpoint(f"a=http://127.0.0.1:{port}", 0)
+        resp = await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=0.3))
+        got = []
+        async for c in resp.chunks():
+            got.append(c)
+            await asyncio.sleep(0.8)  # the client is slow: longer than the limit
+        await up.close()
+    assert b"".join(got) == b"data: 1\n\ndata: 2\n\n"
