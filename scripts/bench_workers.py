@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""How --workers scales: requests per second and streams held, one router process against N
+workers behind HAProxy (scripts/workers.py), all on this machine.
+
+    .venv/py3.12/bin/python scripts/bench_workers.py [--workers 1 2] [--seconds 5]
+        [--concurrency 64] [--rounds 3] [--streams 400] [--json FILE]
+
+Targets, each in front of the same mock relay (scripts/mock_relay.py):
+
+    router     one plain mitmdump -s addon/router.py (memory store), no haproxy: the reference
+    workers=N  scripts/workers.py: N workers + haproxy + their own redis-server
+
+Throughput: keep-alive aiohttp clients (one connection each, like scripts/bench.py's), small
+non-streaming POST /v1/messages, --seconds per target per round, rounds interleaved so machine
+noise hits every target alike; the best and the median round are reported, with the CPU the
+router processes used meanwhile (cores) and requests per router CPU-second, which machine noise
+moves far less than req/s: equal values for N = 1 and N = 2 mean the workers scale with the
+cores they get (the machine's busy cores, everyone's, are shown too). Streams held:
+--streams concurrent SSE streams (10 words, 200 ms apart: ~2.5 s each) opened over --ramp s; how
+many complete, the time to their first event (the router holds a stream until its first
+content event, 2 mock gaps in), and how late their longest gap came. The client, the mock and
+every server share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workers  # noqa: E402  (scripts/workers.py)
+
+ROOT = workers.ROOT
+HEADERS = {"content-type": "application/json", "x-api-key": "bench", "anthropic-version": "2023-06-01"}
+BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+STREAM_BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+                          "messages": [{"role": "user", "content": "hi"}]}).encode()
+QUIET = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def start_mock(tmp: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "mock_relay.py"), "--port", "0",
+                             "--quiet", "--max-log", "1000",
+                             "--fault", 'slow={"event_gap_ms":200,"words":10}'],
+                            stdout=subprocess.PIPE, stderr=open(tmp / "mock.log", "wb"), text=True)
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+def start_router(tmp: Path, mock: str) -> tuple[subprocess.Popen, str]:
+    port = workers.free_port()
+    proc = subprocess.Popen([workers.MITMDUMP, "-s", workers.ROUTER_SCRIPT, "--mode", workers.REVERSE,
+                             "--listen-host", "127.0.0.1", "--listen-port", str(port),
+                             "--set", f"confdir={tmp / 'conf'}", *QUIET,
+                             "--set", f"router_endpoints=ok={mock}/ok",
+                             "--set", f"router_endpoints=slow={mock}/slow"],
+                            stdout=open(tmp / "router.log", "wb"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("the router did not start")
+
+
+async def throughput(url: str, conc: int, seconds: float, pids: list[int] = ()) -> dict:
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), trust_env=False,
+                                      timeout=aiohttp.ClientTimeout(total=30)) for _ in range(conc)]
+    done = errors = 0
+
+    async def post(s) -> bool:
+        try:
+            async with s.post(url + "/v1/messages", data=BODY, headers=HEADERS) as r:
+                await r.read()
+                return r.status == 200 and r.headers.get("x-used-endpoint") == "ok"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    try:
+        await asyncio.gather(*(post(s) for s in sessions))  # connect and warm up
+        cpu0, busy0 = cpu_seconds(pids), machine_busy()
+        deadline = time.perf_counter() + seconds
+
+        async def worker(s) -> None:
+            nonlocal done, errors
+            while time.perf_counter() < deadline:
+                ok = await post(s)
+                if time.perf_counter() > deadline:
+                    break
+                if ok:
+                    done += 1
+                else:
+                    errors += 1
+                    await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(worker(s) for s in sessions))
+        cpu, busy = cpu_seconds(pids) - cpu0, machine_busy() - busy0
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    await asyncio.sleep(0.2)
+    return {"rps": done / seconds, "errors": errors, "cpu": cpu, "busy": busy}
+
+
+async def streams_held(url: str, n: int, ramp: float = 1.0) -> dict:
+    """n concurrent streams, each on its own connection, opened evenly over ``ramp`` seconds
+    (a burst of thousands of connects at one instant measures the accept queue instead).
+    Each stream has 10 words 200 ms apart; lateness is how far the longest gap of a stream
+    exceeded those 200 ms."""
+    conn = aiohttp.TCPConnector(limit=0)
+    firsts: list[float] = []
+    late: list[float] = []
+    errors: collections.Counter = collections.Counter()
+    ok = 0
+    async with aiohttp.ClientSession(connector=conn, trust_env=False,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async def one(i: int) -> None:
+            nonlocal ok
+            await asyncio.sleep(ramp * i / n)
+            t0 = time.perf_counter()
+            try:
+                async with s.post(url + "/slow/v1/messages", data=STREAM_BODY, headers=HEADERS) as r:
+                    first = last = None
+                    gap = 0.0
+                    body = b""
+                    async for chunk in r.content.iter_any():
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now - t0
+                        elif b"content_block_delta" in chunk:
+                            gap = max(gap, now - last)
+                        last = now
+                        body += chunk
+                    if r.status == 200 and b"message_stop" in body:
+                        ok += 1
+                        firsts.append(first)
+                        late.append(max(0.0, gap - 0.2))
+                    else:
+                        errors[f"HTTP {r.status}" if r.status != 200 else "cut"] += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                errors[type(e).__name__] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    firsts.sort()
+    late.sort()
+
+    def pick(xs: list[float], q: float):
+        return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None
+
+    return {"ok": ok, "of": n, "first_event_p50_ms": pick(firsts, 0.5),
+            "first_event_p99_ms": pick(firsts, 0.99), "late_gap_p99_ms": pick(late, 0.99),
+            "wall_s": round(wall, 2), "errors": dict(errors)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=400, help="0: skip the streams test")
+    ap.add_argument("--ramp", type=float, default=1.0, help="seconds over which the streams open")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    procs: list[subprocess.Popen] = []
+    clusters: list[workers.Cluster] = []
+    ok = False
+    try:
+        mock_proc, mock = start_mock(tmp)
+        procs.append(mock_proc)
+        router_proc, router_url = start_router(tmp, mock)
+        procs.append(router_proc)
+        targets = {"router": router_url}
+        procs_of = {"router": lambda: [router_proc.pid]}
+        for n in args.workers:
+            (tmp / f"w{n}").mkdir()
+            c = workers.start_cluster(n, [f"ok={mock}/ok", f"slow={mock}/slow"], tmp=tmp / f"w{n}",
+                                      extra=["--set", f"confdir={tmp / 'conf'}", *QUIET])
+            clusters.append(c)
+            targets[f"workers={n}"] = c.url
+            procs_of[f"workers={n}"] = lambda c=c: [w["pid"] for w in c.refresh()["workers"]]
+        print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before; concurrency "
+              f"{args.concurrency}, {args.seconds:g} s x {args.rounds} rounds per target", flush=True)
+        rps: dict[str, list[float]] = {t: [] for t in targets}
+        errs: dict[str, int] = {t: 0 for t in targets}
+        router_cpu = {t: 0.0 for t in targets}  # CPU seconds of the router processes
+        busy = {t: 0.0 for t in targets}  # the machine's busy CPU seconds (everyone's)
+        names = list(targets)
+        for rnd in range(args.rounds):
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
+            for t in order:
+                res = asyncio.run(throughput(targets[t], args.concurrency, args.seconds, procs_of[t]()))
+                router_cpu[t] += res["cpu"]
+                busy[t] += res["busy"]
+                rps[t].append(res["rps"])
+                errs[t] += res["errors"]
+                print(f"round {rnd + 1}: {t:10} {res['rps']:7.0f} req/s  errors {res['errors']}", flush=True)
+        wall = args.rounds * args.seconds
+        held = {}
+        if args.streams:
+            for t in names:
+                held[t] = asyncio.run(streams_held(targets[t], args.streams, args.ramp))
+                print(f"streams: {t:10} {held[t]}", flush=True)
+        base = statistics.median(rps["router"])
+        one = statistics.median(rps["workers=1"]) if "workers=1" in rps else None
+        print("\n| target | req/s median | req/s best | vs router | vs workers=1 | errors | router "
+              "CPU cores | req per router CPU-s | machine busy cores |"
+              + (f" streams ok of {args.streams} | first event p50 / p99 ms | late gap p99 ms |"
+                 if held else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if held else ""))
+        for t in names:
+            med = statistics.median(rps[t])
+            served = sum(rps[t]) * args.seconds
+            row = (f"| {t} | {med:.0f} | {max(rps[t]):.0f} | {med / base:.2f}x | "
+                   f"{f'{med / one:.2f}x' if one else 'n/a'} | {errs[t]} | "
+                   f"{router_cpu[t] / wall:.2f} | {served / router_cpu[t]:.0f} | {busy[t] / wall:.2f} |")
+            if held:
+                h = held[t]
+                row += (f" {h['ok']} | {h['first_event_p50_ms']} / {h['first_event_p99_ms']} |"
+                        f" {h['late_gap_p99_ms']} |")
+            print(row)
+        if args.json:
+            args.json.write_text(json.dumps({"rps": rps, "errors": errs, "streams": held,
+                                             "router_cpu_s": router_cpu, "machine_busy_s": busy,
+                                             "args": {k: str(v) for k, v in vars(args).items()}},
+                                            indent=2))
+        ok = True
+    finally:
+        for c in clusters:
+            c.stop()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,872 @@
+#!/usr/bin/env python3
+"""Run N router processes behind one address: HAProxy in front, state shared through Redis.
+
+    ./scripts/run --workers 2                      (the usual way: picks the venv, installs
+    ./scripts/run --workers 2 --demo               haproxy with apt-get when it is missing)
+    python scripts/workers.py --workers 2 [--port 8080] [--host 127.0.0.1] [--regular]
+        [--worker-base 8081] [--log-dir DIR] [--info-file FILE] [-- MITMDUMP ARGS...]
+
+What runs (every process is a child of this supervisor; Ctrl-C or SIGTERM stops them all):
+
+    redis-server  only when no router_redis_url is configured (neither in the arguments after
+                  --, nor in the confdir's config.yaml): on a unix socket in a private temp
+                  directory, no persistence; every worker gets --set router_redis_url for it
+    worker i      mitmdump -s addon/router.py, with the arguments plain ./scripts/run uses and
+                  everything after --, on 127.0.0.1:(worker base + i - 1); the worker base is
+                  --port + 1 unless --worker-base says otherwise (0: free ports)
+    haproxy       on --host:--port, mode tcp (HTTP/1.1, HTTP/2 and TLS pass through untouched),
+                  leastconn, a TCP health check of every worker port every 2 s, and a new
+                  connection that meets a dead worker retried on a live one; plus a stats page
+                  and HAProxy's own Prometheus metrics on a loopback port (--stats-port)
+
+A worker that exits is restarted (after 0.25 s, doubling up to 10 s while it keeps dying
+within 30 s of its start); so are haproxy and the supervisor's own redis-server. The moment a
+worker's process exits, haproxy is told (admin socket) to send it nothing new, and told again
+once the new process accepts connections. A worker that fails to start the first time stops
+the whole start-up with its message.
+
+Several machines: run ``./scripts/run --workers N --host 0.0.0.0`` on each (with one shared
+``--set router_redis_url=redis://...`` and, as the router requires behind a public address
+when endpoints hold keys, client keys), and put a front haproxy over them:
+``scripts/workers.py --front-config HOST1:8080 HOST2:8080 > haproxy.cfg``.
+
+Each worker keeps its own loopback port, so a Prometheus scrape of every worker's
+/_router/metrics adds up to the whole, and ./scripts/status --url W1 --url W2 shows one view.
+Commands reach every worker through Redis: ./scripts/status --redis URL --disable NAME (also
+--enable, --reset [NAME], --forget [NAME]).
+
+For benchmarks and tests, ``start_cluster(workers, endpoints, ...)`` starts this supervisor as
+a subprocess and returns a ``Cluster`` with the listen URL, the worker URLs and ``stop()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MITMDUMP = str(BIN / "mitmdump")
+ROUTER_SCRIPT = str(ROOT / "addon" / "router.py")
+MOCK_SCRIPT = str(ROOT / "scripts" / "mock_relay.py")
+REVERSE = "reverse:https://api.anthropic.com"  # what plain ./scripts/run uses
+
+RESTART_FIRST = 0.25  # seconds before the first restart of a child that exited
+RESTART_MAX = 10.0
+STABLE_AFTER = 30.0  # a child that ran this long starts its back-off afresh when it exits
+START_TIMEOUT = 60.0  # first start of every worker (a loaded 2-core machine is slow)
+STOP_GRACE = 5.0
+SETTLE = 0.5  # a first start counts once the worker still runs this long after opening its port
+
+# The balancer. mode tcp: the bytes pass untouched (HTTP/1.1, HTTP/2, TLS in regular mode), so
+# every router feature works as with one process. Timeouts are idle timeouts (a stream that
+# sends events never idles): longer than any silence the router itself allows (a non-streaming
+# answer may take router_headers_timeout = 600 s to start; router_deadline is 900 s).
+HAPROXY_CFG = """\
+# {header}
+global
+    maxconn {maxconn}
+    nbthread 1
+    log stdout format raw local0 info
+    stats socket {socket} mode 600 level admin
+    hard-stop-after 10s
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    option dontlognull
+    option dontlog-normal          # log only connections that ended badly (a worker died...)
+    # A worker whose accept queue overflows (a burst of new connections) drops SYNs: the
+    # kernel re-sends them after 1 s and 3 s, so a connect must outlast that. A refused connect
+    # is retried after min(this, 1 s) (haproxy 2.6 with leastconn), on another worker.
+    timeout connect {connect}
+    timeout client {idle}s
+    timeout server {idle}s
+    timeout tunnel {idle}s           # supersedes client/server once the connection is a tunnel
+    timeout check {connect}
+    retries 3
+    option redispatch 1            # every retry of a failed connect goes to another worker
+
+frontend router
+    bind {bind}
+    default_backend workers
+
+backend workers
+    balance leastconn
+    # A TCP check every 2 s (it waits up to 2 s for the connect, so a SYN dropped by a busy
+    # worker's full accept queue and re-sent after 1 s does not fail it); two failures mark a
+    # worker down, one success up again (checked every 250 ms while down). Three failed
+    # connects from real traffic mark it down at once (observe layer4). The supervisor also
+    # marks a worker down the moment its process exits.
+    default-server check inter 2s downinter 250ms fall 2 rise 1 observe layer4 error-limit 3 on-error mark-down
+{servers}
+    # Fail open: when every worker is marked down at once (all overloaded, checks timing out),
+    # connections still go to them, unchecked, instead of being refused.
+    option allbackups
+{backups}
+{stats}"""
+
+HAPROXY_STATS = """
+frontend stats
+    mode http
+    bind 127.0.0.1:{port}
+    timeout client 30s
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    stats enable
+    stats uri /
+    stats refresh 5s
+"""
+
+
+def _out(data: bytes) -> None:
+    """Write to our stdout; a closed or broken stdout (| head) loses the output, nothing else."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+def say(msg: str) -> None:
+    _out(f"workers | {msg}\n".encode())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def haproxy_command(sock: Path | str, command: str, timeout: float = 2.0) -> str:
+    """One command on haproxy's admin socket (show stat, show sess, set server ...)."""
+    async with asyncio.timeout(timeout):
+        r, w = await asyncio.open_unix_connection(str(sock))
+        try:
+            w.write(command.encode() + b"\n")
+            await w.drain()
+            return (await r.read()).decode(errors="replace")
+        finally:
+            w.close()
+
+
+def _child_setup() -> None:
+    """In the child: get SIGTERM if the supervisor dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def configured(extra: list[str], name: str) -> str | None:
+    """The value of mitmproxy option ``name`` as the workers will see it: the last
+    ``--set name=VALUE`` among the arguments, else the confdir's config.yaml, else None."""
+    value = None
+    for i, arg in enumerate(extra):
+        item = extra[i + 1] if arg == "--set" and i + 1 < len(extra) else (
+            arg[len("--set="):] if arg.startswith("--set=") else "")
+        if item.startswith(name + "="):
+            value = item.split("=", 1)[1]
+    if value is not None:
+        return value
+    if name == "confdir":
+        return None
+    confdir = Path(configured(extra, "confdir") or "~/.mitmproxy").expanduser()
+    try:
+        from ruamel.yaml import YAML  # mitmproxy's own YAML reader
+
+        path = next(p for p in (confdir / "config.yaml", confdir / "config.yml") if p.exists())
+        doc = YAML(typ="safe").load(path.read_text())
+    except Exception:  # noqa: BLE001 - no file, or one mitmproxy itself will complain about
+        return None
+    found = doc.get(name) if isinstance(doc, dict) else None
+    return None if found is None else str(found)
+
+
+def ensure_installed(tool: str, package: str) -> None:
+    """Install a Debian package with apt-get when its binary is missing, or explain and exit."""
+    if shutil.which(tool):
+        return
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        say(f"{tool} is not installed; installing the {package} package with apt-get ...")
+        ok = subprocess.run(["sh", "-c", f"apt-get update -qq && apt-get install -y -qq {package}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if ok.returncode == 0 and shutil.which(tool):
+            return
+        say(f"apt-get could not install {package}: {ok.stderr.strip()[-400:]}")
+    elif shutil.which("apt-get"):
+        say(f"{tool} is not installed, and installing it needs root: sudo apt-get install {package}")
+    sys.exit(f"workers: {tool} is needed for --workers. Install it (Debian/Ubuntu: apt-get install "
+             f"{package}; Fedora: dnf install {package}; macOS: brew install {package}) and run "
+             f"this again.")
+
+
+# ------------------------------------------------------------------------------------ plan
+
+@dataclass
+class Plan:
+    workers: int
+    host: str
+    port: int
+    worker_ports: list[int]
+    mode: str  # the mitmproxy mode of plain ./scripts/run: reverse:https://... or regular
+    extra: list[str]
+    run_dir: Path
+    log_dir: Path | None
+    stats_port: int | None
+    idle: int
+    redis_url: str | None  # given by the operator; None: we start one
+    demo: bool = False
+    mock_port: int | None = None
+    prefix: str = "endpoint_health_"
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.run_dir / "redis.sock"
+
+    @property
+    def shared_redis(self) -> str:
+        return self.redis_url or f"unix://{self.redis_socket}"
+
+    @property
+    def url(self) -> str:
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '[::]') else host}:{self.port}"
+
+    def worker_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.worker_ports[i]}"
+
+    def worker_argv(self, i: int) -> list[str]:
+        wport = self.worker_ports[i]
+        if is_loopback(self.host):
+            listen = ["--mode", self.mode, "--listen-host", "127.0.0.1", "--listen-port", str(wport)]
+        else:
+            # The worker listens on loopback (the mode's @host:port wins over --listen-host), but
+            # its listen_host is the public one clients reach through haproxy: so the router's
+            # own open-door guard (endpoint keys without client keys behind a public address)
+            # refuses to start exactly as a single public router would.
+            listen = ["--mode", f"{self.mode}@127.0.0.1:{wport}", "--listen-host", self.host,
+                      "--listen-port", str(self.port)]
+        argv = [MITMDUMP, "-s", ROUTER_SCRIPT, *listen]
+        if self.redis_url is None:
+            argv += ["--set", f"router_redis_url={self.shared_redis}"]
+        if self.demo:
+            for tier in ("aws", "droid", "ultra", "claude"):
+                argv += ["--set", f"router_endpoints={tier}=http://127.0.0.1:{self.mock_port}/{tier}"]
+        return argv + self.extra
+
+    def redis_argv(self) -> list[str]:
+        return ["redis-server", "--port", "0", "--unixsocket", str(self.redis_socket),
+                "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                "--dir", str(self.run_dir), "--loglevel", "warning"]
+
+    def mock_argv(self) -> list[str]:
+        # The demo of plain ./scripts/run: aws answers 529, droid resets, ultra and claude work.
+        return [sys.executable, MOCK_SCRIPT, "--port", str(self.mock_port), "--quiet",
+                "--fault", "aws=529", "--fault", 'droid={"reset":"before_headers"}',
+                "--fault", 'ultra={"event_gap_ms":200}']
+
+    @property
+    def haproxy_cfg(self) -> Path:
+        return self.run_dir / "haproxy.cfg"
+
+    @property
+    def haproxy_socket(self) -> Path:
+        return self.run_dir / "haproxy.sock"
+
+    def haproxy_config(self) -> str:
+        return haproxy_config(f"Written by scripts/workers.py for this run; haproxy -db -f {self.haproxy_cfg}",
+                              self.host, self.port,
+                              [(f"w{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(self.worker_ports)],
+                              self.haproxy_socket, self.idle, self.stats_port)
+
+    def haproxy_argv(self) -> list[str]:
+        # -db: foreground, no daemon. (Not -q: it silences the log on stdout too.)
+        return ["haproxy", "-db", "-f", str(self.haproxy_cfg)]
+
+
+def haproxy_config(header: str, host: str, port: int, servers: list[tuple[str, str]],
+                   sock: Path | str, idle: int, stats_port: int | None, connect: str = "5s") -> str:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    maxconn = max(256, min(50_000, (hard - 200) // 2))  # two descriptors per connection
+    bind = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
+    lines = "\n".join(f"    server {name} {addr}" for name, addr in servers)
+    backups = "\n".join(f"    server {name}-open {addr} backup no-check" for name, addr in servers)
+    stats = HAPROXY_STATS.format(port=stats_port) if stats_port else ""
+    return HAPROXY_CFG.format(header=header, maxconn=maxconn, socket=sock, idle=idle, bind=bind,
+                              servers=lines, backups=backups, stats=stats, connect=connect)
+
+
+def front_config(servers: list[str], host: str, port: int, idle: int) -> str:
+    """For several machines: a front haproxy over machines that each run
+    ./scripts/run --workers N --host 0.0.0.0 with one shared router_redis_url."""
+    named = [(f"m{i + 1}", addr) for i, addr in enumerate(servers)]
+    return haproxy_config("A front haproxy over machines running ./scripts/run --workers N "
+                          "(scripts/workers.py --front-config); haproxy -db -f THIS_FILE",
+                          host, port, named, "/run/haproxy-router.sock", idle, None)
+
+
+# ---------------------------------------------------------------------------------- children
+
+class Child:
+    """One supervised process: its output goes to a log file or, prefixed, to our stdout."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path | None, port: int | None = None,
+                 unix: Path | None = None, host: str = "127.0.0.1") -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name.replace(' ', '-')}.log" if log_dir else None
+        self.host = host
+        self.port = port  # ready when this port accepts
+        self.unix = unix  # ... or this unix socket
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.starts = 0
+        self.relay: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        # Own sessions: a Ctrl-C in the terminal reaches the supervisor only, which stops the
+        # children in order (and a child that exits is never mistaken for one to restart).
+        if self.log_path is not None:
+            with open(self.log_path, "ab") as log:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=ROOT, start_new_session=True, preexec_fn=_child_setup)
+        else:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                cwd=ROOT, start_new_session=True, preexec_fn=_child_setup)
+            self.relay = asyncio.get_running_loop().create_task(self._relay(self.proc.stdout))
+        self.started_at = time.monotonic()
+        self.starts += 1
+
+    async def _relay(self, stream: asyncio.StreamReader) -> None:
+        """Copy the child's output to ours, each line prefixed with its name. The pipe is read
+        to its end whatever happens to our stdout, so a child never blocks on a full pipe."""
+        prefix = f"{self.name} | ".encode()
+        pending = b""
+        while chunk := await stream.read(65536):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            if len(pending) > 65536:  # a very long line: pass it on in pieces
+                lines.append(pending)
+                pending = b""
+            _out(b"".join(prefix + ln + b"\n" for ln in lines))
+        if pending:
+            _out(prefix + pending + b"\n")
+
+    async def ready(self, timeout: float) -> str | None:
+        """None once the child accepts connections, else why not."""
+        deadline = time.monotonic() + timeout
+        proc = self.proc
+        while time.monotonic() < deadline:
+            if proc is None or proc.returncode is not None:
+                return f"exited with code {proc.returncode if proc else '?'}"
+            try:
+                if self.unix is not None:
+                    _, w = await asyncio.wait_for(asyncio.open_unix_connection(str(self.unix)), 1)
+                else:
+                    _, w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 1)
+                w.close()
+                return None
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
+        return f"did not accept connections within {timeout:g} s"
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        if self.relay is not None:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(self.relay, 1)
+
+    def kill_now(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+class StartError(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, plan: Plan, info_file: Path | None) -> None:
+        self.plan = plan
+        self.info_file = info_file
+        p = plan
+        self.redis = None if p.redis_url else Child("redis", p.redis_argv(), p.log_dir, unix=p.redis_socket)
+        self.mock = Child("mock", p.mock_argv(), p.log_dir, port=p.mock_port) if p.demo else None
+        self.workers = [Child(f"w{i + 1}", p.worker_argv(i), p.log_dir, port=port)
+                        for i, port in enumerate(p.worker_ports)]
+        self.haproxy = Child("haproxy", p.haproxy_argv(), p.log_dir, port=p.port,
+                             host="127.0.0.1" if p.host in ("", "0.0.0.0", "::") else p.host)
+        self.stopping = asyncio.Event()
+        self.running = False
+        self.watchers: list[asyncio.Task] = []
+        self.restarts = {c.name: 0 for c in self.children}
+
+    @property
+    def children(self) -> list[Child]:
+        return [c for c in (self.redis, self.mock, *self.workers, self.haproxy) if c is not None]
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:  # a second Ctrl-C: no more waiting
+                for c in self.children:
+                    c.kill_now()
+            self.stopping.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            try:
+                await self.start_all()
+            except StartError as e:
+                say(f"start-up failed: {e}")
+                return 1
+            if self.stopping.is_set():
+                return 0
+            self.running = True
+            self.banner()
+            self.write_info()
+            self.watchers = [loop.create_task(self.watch(c)) for c in self.children]
+            await self.stopping.wait()
+            say("stopping: haproxy, then the workers" + (", then redis" if self.redis else ""))
+            return 0
+        finally:
+            self.running = False
+            for t in self.watchers:
+                t.cancel()
+            await asyncio.gather(*self.watchers, return_exceptions=True)
+            await self.haproxy.stop()
+            await asyncio.gather(*(w.stop() for w in self.workers))
+            for c in (self.mock, self.redis):
+                if c is not None:
+                    await c.stop()
+            if self.info_file is not None:
+                with contextlib.suppress(OSError):
+                    self.info_file.unlink()
+
+    async def start_all(self) -> None:
+        p = self.plan
+        for c in (self.redis, self.mock):
+            if c is not None:
+                await c.start()
+                if why := await c.ready(15):
+                    raise StartError(f"{c.name} {why}" + self.tail(c))
+        # Workers share the confdir; the first one creates the mitmproxy CA when there is none
+        # yet, so the others must not race it (every worker must present the same CA).
+        confdir = Path(configured(p.extra, "confdir") or "~/.mitmproxy").expanduser()
+        first = [] if (confdir / "mitmproxy-ca.pem").exists() else self.workers[:1]
+        for group in (first, [w for w in self.workers if w not in first]):
+            for w in group:
+                await w.start()
+            whys = await asyncio.gather(*(w.ready(START_TIMEOUT) for w in group))
+            if group and not any(whys):
+                # mitmdump opens its port before it exits for an error logged during start-up
+                # (a bad option, say): give it the moment it takes to do so.
+                await asyncio.sleep(SETTLE)
+                whys = [f"exited with code {w.proc.returncode}" if w.proc.returncode is not None
+                        else None for w in group]
+            for w, why in zip(group, whys):
+                if why:
+                    raise StartError(f"worker {w.name} (port {w.port}) {why}" + self.tail(w))
+            if self.stopping.is_set():
+                return
+        p.haproxy_cfg.write_text(p.haproxy_config())
+        check = await asyncio.create_subprocess_exec(
+            "haproxy", "-c", "-q", "-f", str(p.haproxy_cfg), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        out, _ = await check.communicate()
+        if check.returncode != 0:
+            raise StartError(f"haproxy refused its configuration:\n{out.decode(errors='replace')}")
+        await self.haproxy.start()
+        if why := await self.haproxy.ready(15):
+            raise StartError(f"haproxy on {p.host}:{p.port} {why}" + self.tail(self.haproxy))
+
+    def tail(self, c: Child) -> str:
+        if c.log_path is None:
+            return ""  # its output was shown as it came
+        with contextlib.suppress(OSError):
+            lines = c.log_path.read_text(errors="replace").strip().splitlines()[-15:]
+            return "; its log ends:\n" + "\n".join(lines)
+        return ""
+
+    async def watch(self, c: Child) -> None:
+        """Restart the child whenever it exits, with a back-off while it keeps dying."""
+        quick = 0
+        while True:
+            proc = c.proc
+            code = await proc.wait()
+            if self.stopping.is_set() or not self.running:
+                return
+            ran = time.monotonic() - c.started_at
+            quick = 0 if ran >= STABLE_AFTER else quick + 1
+            delay = min(RESTART_MAX, RESTART_FIRST * 2 ** max(0, quick - 1))
+            if c in self.workers:
+                # Tell haproxy now rather than at its next check or at the next refused
+                # connection (which haproxy 2.6 retries only after `timeout connect`); its
+                # check marks the worker up again once the new process accepts connections.
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} health down")
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            say(f"{c.name} (pid {proc.pid}) {how} after {ran:.1f} s; restarting in {delay:g} s")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return
+            if c is self.haproxy:
+                self.plan.haproxy_cfg.write_text(self.plan.haproxy_config())
+            t0 = time.monotonic()
+            await c.start()
+            self.restarts[c.name] += 1
+            self.write_info()
+            why = await c.ready(START_TIMEOUT)
+            if why is None:
+                if c in self.workers:  # it accepts connections: no need to wait for the next check
+                    with contextlib.suppress(OSError, asyncio.TimeoutError):
+                        await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} health up")
+                say(f"{c.name} is back (pid {c.pid}), {time.monotonic() - t0:.1f} s after its restart")
+
+    def info(self) -> dict:
+        p = self.plan
+        return {
+            "url": p.url,
+            "host": p.host,
+            "port": p.port,
+            "mode": p.mode,
+            "supervisor_pid": os.getpid(),
+            "workers": [{"name": w.name, "port": w.port, "url": p.worker_url(i), "pid": w.pid,
+                         "restarts": self.restarts[w.name],
+                         "metrics": f"{p.worker_url(i)}/_router/metrics"}
+                        for i, w in enumerate(self.workers)],
+            "redis_url": p.shared_redis,
+            "redis_started": self.redis is not None,
+            "key_prefix": p.prefix,
+            "haproxy": {"pid": self.haproxy.pid, "config": str(p.haproxy_cfg),
+                        "socket": str(p.haproxy_socket),
+                        "stats": f"http://127.0.0.1:{p.stats_port}/" if p.stats_port else None},
+            "mock": f"http://127.0.0.1:{p.mock_port}" if p.demo else None,
+            "run_dir": str(p.run_dir),
+            "log_dir": str(p.log_dir) if p.log_dir else None,
+        }
+
+    def write_info(self) -> None:
+        if self.info_file is None:
+            return
+        tmp = self.info_file.with_name(self.info_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.info(), indent=2))
+        tmp.replace(self.info_file)
+
+    def banner(self) -> None:
+        p = self.plan
+        status = " ".join(f"--url {p.worker_url(i)}" for i in range(p.workers))
+        prefix = "" if p.prefix == "endpoint_health_" else f" --prefix {p.prefix}"
+        redis = (f"{p.shared_redis} (redis-server pid {self.redis.pid}, started for this run, no persistence)"
+                 if self.redis else f"{_redacted(p.shared_redis)} (router_redis_url)")
+        lines = [
+            f"{p.workers} router workers behind haproxy on {p.url}"
+            f" ({'regular' if p.mode == 'regular' else 'reverse'} mode; haproxy pid {self.haproxy.pid})",
+            *(f"  {w.name}: {p.worker_url(i)} (pid {w.pid}); metrics {p.worker_url(i)}/_router/metrics"
+              for i, w in enumerate(self.workers)),
+            f"  shared state: {redis}",
+        ]
+        if p.stats_port:
+            lines.append(f"  haproxy stats: http://127.0.0.1:{p.stats_port}/ (its Prometheus metrics: /metrics)")
+        if p.log_dir:
+            lines.append(f"  logs: {p.log_dir}/")
+        lines += [
+            "Health, cooldowns, disabled endpoints, conversations and learned caching are shared",
+            "through Redis. Commands that reach every worker:",
+            f"  ./scripts/status --redis {_redacted(p.shared_redis)}{prefix} --disable NAME   "
+            "(or --enable NAME, --reset [NAME], --forget [NAME])",
+            "One status view, counters summed over the workers:",
+            f"  ./scripts/status {status}",
+            "Prometheus: scrape every worker's /_router/metrics and sum over the instances.",
+            "A worker that exits is restarted; Ctrl-C stops everything.",
+        ]
+        if p.demo:
+            lines += ["", *demo_message(p)]
+        for line in lines:
+            say(line)
+
+
+def demo_message(p: Plan) -> list[str]:
+    return [
+        f"Demo: mock relay at http://127.0.0.1:{p.mock_port} with four tiers in price order: "
+        "aws (529), droid (reset), ultra, claude.",
+        "Try, in another terminal:",
+        f"  curl -si {p.url}/v1/messages -H 'x-api-key: demo' -H 'content-type: application/json' \\",
+        "    -d '{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":64,\"messages\":[{\"role\":\"user\","
+        "\"content\":\"hi\"}]}'",
+        f"  curl -sN {p.url}/v1/messages -H 'x-api-key: demo' -H 'content-type: application/json' \\",
+        "    -d '{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":64,\"stream\":true,\"messages\":"
+        "[{\"role\":\"user\",\"content\":\"hi\"}]}'",
+        "Look at X-Used-Endpoint and X-Router-Attempts; after 3 failures aws and droid cool down for "
+        "60 s on every worker.",
+        f"Or point Claude Code at it: ANTHROPIC_BASE_URL={p.url} ANTHROPIC_API_KEY=demo claude",
+    ]
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest.split("/", 1)[0]:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+def raise_fd_limit() -> None:
+    """Children inherit it: every stream costs a worker several descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=2, help="router processes (default 2)")
+    ap.add_argument("--port", type=int, default=8080, help="the one listen port (default 8080)")
+    ap.add_argument("--host", default="127.0.0.1", help="the listen address (default 127.0.0.1)")
+    ap.add_argument("--worker-base", type=int, default=None,
+                    help="first worker port on 127.0.0.1 (default: --port + 1; 0: free ports)")
+    ap.add_argument("--regular", action="store_true", help="regular proxy mode (HTTPS_PROXY)")
+    ap.add_argument("--demo", action="store_true", help="in front of the bundled mock relay")
+    ap.add_argument("--web", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--log-dir", type=Path, help="write each process's output to DIR/NAME.log "
+                    "instead of showing it prefixed with the process's name")
+    ap.add_argument("--info-file", type=Path, help="keep a JSON description of the running "
+                    "processes here (ports, pids, Redis URL), for scripts and tests")
+    ap.add_argument("--stats-port", type=int, default=0,
+                    help="haproxy's stats page and Prometheus metrics on this loopback port "
+                         "(default: a free port; -1: none)")
+    ap.add_argument("--idle-timeout", type=int, default=3600,
+                    help="seconds haproxy keeps a silent connection (default 3600)")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get a missing haproxy or redis-server")
+    ap.add_argument("--front-config", metavar="HOST:PORT", nargs="+",
+                    help="several machines: print a config for a front haproxy over these "
+                         "machines (each running --workers N --host 0.0.0.0 with one shared "
+                         "router_redis_url) listening on --host:--port, and exit")
+    args = ap.parse_args(argv)
+    if args.web:
+        ap.error("--web shows one process's flows; run mitmweb without --workers")
+    if not 1 <= args.workers <= 64:
+        ap.error("--workers must be between 1 and 64")
+    return args, extra
+
+
+def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
+    port = args.port or free_port()
+    base = port + 1 if args.worker_base is None else args.worker_base
+    ports = ([free_port() for _ in range(args.workers)] if base == 0
+             else list(range(base, base + args.workers)))
+    if len(set(ports + [port])) != len(ports) + 1:
+        sys.exit(f"workers: the listen port {port} is among the worker ports {ports}")
+    if not port_free(args.host, port):
+        sys.exit(f"workers: {args.host}:{port} is in use: choose another --port")
+    for i, p in enumerate(ports):
+        if not port_free("127.0.0.1", p):
+            sys.exit(f"workers: worker w{i + 1}'s port 127.0.0.1:{p} is in use: choose --worker-base "
+                     "(0 picks free ports)")
+    stats = None if args.stats_port < 0 else (args.stats_port or free_port())
+    redis_url = (configured(extra, "router_redis_url") or "").strip() or None
+    run_dir = Path(tempfile.mkdtemp(prefix="claude-router-"))
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    return Plan(workers=args.workers, host=args.host, port=port, worker_ports=ports,
+                mode="regular" if args.regular else REVERSE, extra=extra, run_dir=run_dir,
+                log_dir=args.log_dir.resolve() if args.log_dir else None, stats_port=stats,
+                idle=args.idle_timeout, redis_url=redis_url, demo=args.demo,
+                mock_port=free_port() if args.demo else None,
+                prefix=configured(extra, "router_key_prefix") or "endpoint_health_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.front_config:
+        print(front_config(args.front_config, args.host, args.port, args.idle_timeout), end="")
+        return 0
+    if not Path(MITMDUMP).exists():
+        sys.exit(f"workers: no mitmdump beside {sys.executable}; run this through ./scripts/run --workers N")
+    plan = make_plan(args, extra)
+    try:
+        for tool, package, needed in (("haproxy", "haproxy", True),
+                                      ("redis-server", "redis-server", plan.redis_url is None)):
+            if needed and not shutil.which(tool):
+                if args.no_install:
+                    sys.exit(f"workers: {tool} is not installed (apt-get install {package})")
+                ensure_installed(tool, package)
+        raise_fd_limit()
+        return asyncio.run(Supervisor(plan, args.info_file).run())
+    finally:
+        shutil.rmtree(plan.run_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------- for benchmarks and tests
+
+@dataclass
+class Cluster:
+    """A running supervisor (see start_cluster)."""
+    proc: subprocess.Popen
+    info: dict
+    info_file: Path
+    log_dir: Path | None
+    _own_tmp: Path | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.info["url"]
+
+    @property
+    def worker_urls(self) -> list[str]:
+        return [w["url"] for w in self.info["workers"]]
+
+    @property
+    def redis_url(self) -> str:
+        return self.info["redis_url"]
+
+    def refresh(self) -> dict:
+        """Re-read the info file (pids change when a worker is restarted)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.info = json.loads(self.info_file.read_text())
+        return self.info
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._own_tmp is not None:
+            shutil.rmtree(self._own_tmp, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def cluster_argv(workers: int, endpoints: list[str], info_file: Path, *, port: int = 0,
+                 log_dir: Path | None = None, extra: list[str] | tuple[str, ...] = (),
+                 python: str = sys.executable) -> list[str]:
+    """The supervisor's command line: N workers (free ports) in reverse mode in front of
+    ``endpoints`` (NAME=URL), every mitmdump also getting ``extra``."""
+    argv = [python, str(Path(__file__).resolve()), "--workers", str(workers),
+            "--port", str(port or free_port()), "--worker-base", "0", "--no-install",
+            "--info-file", str(info_file)]
+    if log_dir is not None:
+        argv += ["--log-dir", str(log_dir)]
+    argv.append("--")
+    for ep in endpoints:
+        argv += ["--set", f"router_endpoints={ep}"]
+    return argv + list(extra)
+
+
+def wait_ready(proc: subprocess.Popen, info_file: Path, timeout: float = 90.0) -> dict:
+    """The info document once the supervisor is serving; RuntimeError if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the workers' supervisor exited with code {proc.returncode}")
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(info_file.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(f"the workers were not ready within {timeout:g} s")
+
+
+def start_cluster(workers: int, endpoints: list[str], *, port: int = 0,
+                  extra: list[str] | tuple[str, ...] = (), tmp: Path | None = None,
+                  log_dir: Path | None = None, timeout: float = 90.0, **popen) -> Cluster:
+    """Start N router workers + haproxy + their own redis-server in front of ``endpoints``
+    (e.g. ``["ok=http://127.0.0.1:PORT/ok"]``) and return once the listen address serves.
+
+        with start_cluster(2, [f"ok={mock}/ok"], extra=["--set", "flow_detail=0"]) as c:
+            load(c.url + "/v1/messages")
+
+    Every process's output goes to a file in ``log_dir`` (default: ``tmp``; without ``tmp``,
+    a temp dir of its own that ``stop()`` removes). The supervisor gets SIGTERM if its caller
+    dies, and then stops everything it started."""
+    own = None
+    if tmp is None:
+        tmp = own = Path(tempfile.mkdtemp(prefix="claude-router-cluster-"))
+    log_dir = log_dir or tmp
+    info_file = tmp / "workers.json"
+    argv = cluster_argv(workers, endpoints, info_file, port=port, log_dir=log_dir, extra=extra)
+    popen = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
+             "cwd": ROOT, "preexec_fn": _child_setup, **popen}  # dies with its caller
+    proc = subprocess.Popen(argv, **popen)
+    try:
+        info = wait_ready(proc, info_file, timeout)
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
+        raise
+    return Cluster(proc, info, info_file, log_dir, own)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Several router processes behind one address (scripts/workers.py, `./scripts/run --workers N`):
+HAProxy in front, health and commands shared through Redis, a killed worker restarted while
+the clients of the other worker see nothing."""
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, free_port
+
+if shutil.which("haproxy") is None:
+    pytest.skip("haproxy is not installed (.ci/run installs it; or: apt-get install haproxy)",
+                allow_module_level=True)
+if shutil.which("redis-server") is None:
+    pytest.skip("redis-server is not installed (.ci/run installs it)", allow_module_level=True)
+
+_spec = importlib.util.spec_from_file_location("router_workers", ROOT / "scripts" / "workers.py")
+workers = sys.modules.setdefault("router_workers", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(workers)
+
+MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+STREAM = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
+          "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def cluster(mock_session, tmp_path_factory):
+    """Two workers, haproxy and their own redis-server, through the supervisor script."""
+    tmp = tmp_path_factory.mktemp("workers")
+    eps = [f"{n}={mock_session.url(n)}" for n in ("aws", "droid", "ultra")]
+    c = workers.start_cluster(2, eps, tmp=tmp, extra=[
+        "--set", f"confdir={tmp / 'conf'}", "--set", "termlog_verbosity=info"])
+    yield c
+    c.stop()
+    for w in c.refresh()["workers"]:
+        assert not _alive(w["pid"]), "a worker outlived the supervisor"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def status_cmd(c, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "status.py"), "--redis", c.redis_url,
+                          *args], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def requests_served(worker_url: str) -> float:
+    text = httpx.get(f"{worker_url}/_router/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r'^claude_router_requests_total\{[^}]*\} (\S+)$', text, re.M))
+
+
+def state_on(worker_url: str, name: str) -> str:
+    doc = httpx.get(f"{worker_url}/_router/status", timeout=10).json()
+    return next(e["state"] for e in doc["endpoints"] if e["name"] == name)
+
+
+def wait_for(check, timeout: float = 5.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return result
+
+
+async def haproxy(c, command: str) -> str:
+    return await workers.haproxy_command(c.info["haproxy"]["socket"], command)
+
+
+async def server_up(c, name: str) -> bool:
+    """haproxy sends the worker connections (operational state 2: running)."""
+    for line in (await haproxy(c, "show servers state workers")).splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[3] == name:
+            return fields[5] == "2"
+    return False
+
+
+def test_one_address_serves_and_every_worker_takes_a_share(cluster, mock):
+    before = [requests_served(u) for u in cluster.worker_urls]
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(f"{cluster.url}/v1/messages", json=MSG,
+                                                      headers={"connection": "close"})
+                                          for _ in range(16)))
+
+    answers = asyncio.run(burst())
+    assert [r.status_code for r in answers] == [200] * 16
+    assert {r.headers["x-used-endpoint"] for r in answers} == {"aws"}
+    gained = [requests_served(u) - b for u, b in zip(cluster.worker_urls, before)]
+    print(f"\nrequests per worker: {gained}")
+    assert sum(gained) == 16 and all(g > 0 for g in gained), gained
+    # One view: scripts/status over both workers sums their counters.
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "status.py"), "--json",
+                          *(a for u in cluster.worker_urls for a in ("--url", u))],
+                         capture_output=True, text=True, timeout=30)
+    doc = json.loads(out.stdout)
+    served = {e["name"]: e["served"] for e in doc["endpoints"]}
+    assert served["aws"] == sum(before) + 16 and doc["routers"]["answered"] == 2, doc
+
+
+def test_front_config_for_several_machines_is_valid_haproxy(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "workers.py"), "--front-config",
+                          "10.0.0.1:8080", "10.0.0.2:8080", "--host", "0.0.0.0", "--port", "8080"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "server m1 10.0.0.1:8080" in out and "balance leastconn" in out
+    cfg = tmp_path / "front.cfg"
+    cfg.write_text(out.replace("/run/haproxy-router.sock", str(tmp_path / "s.sock")))
+    check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_status_disable_takes_an_endpoint_out_on_every_worker(cluster, mock):
+    out = status_cmd(cluster, "--disable", "aws")
+    assert "aws disabled on every router" in out and re.search(r"aws\s+disabled", out)
+    try:
+        for url in cluster.worker_urls:
+            wait_for(lambda: state_on(url, "aws") == "disabled")
+            for _ in range(3):
+                r = httpx.post(f"{url}/v1/messages", json=MSG, timeout=30)
+                assert r.headers["x-router-attempts"] == "droid:200"
+        assert mock.count("aws") == 0
+    finally:
+        status_cmd(cluster, "--enable", "aws")
+    for url in cluster.worker_urls:
+        wait_for(lambda: state_on(url, "aws") == "healthy")
+        assert httpx.post(f"{url}/v1/messages", json=MSG, timeout=30).headers["x-used-endpoint"] == "aws"
+
+
+def test_failures_seen_by_one_worker_cool_the_endpoint_for_the_other(cluster, mock):
+    w1, w2 = cluster.worker_urls
+    mock.fault("aws", status=503)
+    try:
+        for _ in range(3):  # three failures, all on w1: aws cools
+            assert httpx.post(f"{w1}/v1/messages", json=MSG, timeout=30).headers[
+                "x-router-attempts"] == "aws:503, droid:200"
+        assert mock.count("aws") == 3
+        wait_for(lambda: state_on(w2, "aws") == "cooling")
+        for _ in range(3):  # w2 never saw aws fail, and skips it
+            assert httpx.post(f"{w2}/v1/messages", json=MSG, timeout=30).headers[
+                "x-router-attempts"] == "droid:200"
+        assert mock.count("aws") == 3
+        mock.reset()
+        out = status_cmd(cluster, "--reset", "aws")  # the operator's reset reaches both
+        assert "health reset for aws" in out
+        for url in (w1, w2):
+            wait_for(lambda: state_on(url, "aws") == "healthy")
+            assert httpx.post(f"{url}/v1/messages", json=MSG, timeout=30).headers[
+                "x-router-attempts"] == "aws:200"
+    finally:
+        mock.reset()
+        status_cmd(cluster, "--reset")
+
+
+# ------------------------------------------------------------------------------ the drill
+
+@dataclass
+class Req:
+    client: int
+    keepalive: bool
+    port: int  # the client's local port: haproxy's `show sess` says which worker it reached
+    start: float
+    opened: float = 0.0  # when its connection was opened (before `start` when kept alive)
+    end: float = 0.0
+    ok: bool = False
+    error: str = ""
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, server keeps the connection) of one HTTP/1.1 response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            body += await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    else:
+        body = await reader.read()
+        return status, body, False
+    return status, body, headers.get("connection", "").lower() != "close"
+
+
+def request_bytes(keepalive: bool) -> bytes:
+    body = json.dumps(STREAM).encode()
+    return (b"POST /v1/messages HTTP/1.1\r\nhost: router\r\ncontent-type: application/json\r\n"
+            b"x-api-key: drill\r\nanthropic-version: 2023-06-01\r\n"
+            + (b"" if keepalive else b"connection: close\r\n")
+            + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+
+async def client_loop(n: int, keepalive: bool, host: str, port: int, stop: asyncio.Event,
+                      log: list[Req]) -> None:
+    """One client: a stream after another, on a new connection each time (curl, a fresh SDK
+    client) or on one kept-alive connection (Claude Code's pool), reconnecting as a pool does
+    when the connection was closed."""
+    conn, opened = None, 0.0
+    while not stop.is_set():
+        if conn is None or conn[0].at_eof():
+            if conn is not None:
+                conn[1].close()
+            conn = None
+        req = Req(n, keepalive, 0, time.monotonic())
+        log.append(req)
+        try:
+            async with asyncio.timeout(15):
+                if conn is None:
+                    opened = time.monotonic()
+                    conn = await asyncio.open_connection(host, port)
+                req.opened = opened
+                reader, writer = conn
+                req.port = writer.get_extra_info("sockname")[1]
+                writer.write(request_bytes(keepalive))
+                await writer.drain()
+                status, body, keep = await read_response(reader)
+            req.ok = status == 200 and b"event: message_stop" in body
+            req.error = "" if req.ok else f"HTTP {status}, {len(body)} bytes"
+            if not (keepalive and keep):
+                writer.close()
+                conn = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
+                TimeoutError) as e:
+            req.error = type(e).__name__
+            if conn is not None:
+                conn[1].close()
+            conn = None
+        req.end = time.monotonic()
+        if not req.ok:
+            await asyncio.sleep(0.01)
+
+
+def sessions_by_port(show_sess: str) -> dict[int, str]:
+    """Client port -> worker, from haproxy's `show sess`."""
+    return {int(port): srv for port, srv in
+            re.findall(r"src=[\d.]+:(\d+) fe=router be=workers srv=(\w+)", show_sess)}
+
+
+def test_drill_kill_9_one_worker_under_load(cluster, mock):
+    """kill -9 one worker while 8 clients stream through the one address: only the requests
+    that worker was serving fail; the other worker's clients see nothing; every new connection
+    is served; the worker is back within seconds and serves again."""
+    mock.fault("aws", event_gap_ms=40)  # each stream lasts about half a second
+    host, port = "127.0.0.1", cluster.info["port"]
+    victim = cluster.refresh()["workers"][0]
+    survivor = cluster.info["workers"][1]
+
+    async def drill():
+        stop = asyncio.Event()
+        log: list[Req] = []
+        clients = [asyncio.create_task(client_loop(i, i % 2 == 1, host, port, stop, log))
+                   for i in range(8)]
+        await asyncio.sleep(1.5)
+        # Before any kill: streams complete through the one address, and none fails.
+        while sum(r.ok for r in log) < 16:
+            assert time.monotonic() - log[0].start < 10, f"streams do not complete before the kill: {log}"
+            await asyncio.sleep(0.1)
+        assert all(r.ok for r in log if r.end), [r for r in log if r.end and not r.ok]
+        where = sessions_by_port(await haproxy(cluster, "show sess"))
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        while _alive(victim["pid"]):
+            await asyncio.sleep(0.001)
+        dead = time.monotonic()
+        # Back: a new process listening, and haproxy sending it connections again.
+        while True:
+            info = cluster.refresh()["workers"][0]
+            if info["pid"] != victim["pid"] and await server_up(cluster, victim["name"]):
+                break
+            assert time.monotonic() - killed < 15, "the killed worker was not restarted"
+            await asyncio.sleep(0.05)
+        back = time.monotonic()
+        served_before = requests_served(victim["url"])
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        return log, where, killed, dead, back, served_before, info
+
+    log, where, killed, dead, back, served_before, info = asyncio.run(drill())
+    failed = [r for r in log if not r.ok]
+    in_flight = [r for r in log if r.start < killed < r.end]
+    on = lambda r: where.get(r.port, "?")  # noqa: E731
+    after = [r for r in log if r.start > dead]
+    print(f"\ndrill: {len(log)} streams by 8 clients (4 new-connection, 4 keep-alive); "
+          f"kill -9 of {victim['name']} with {len(in_flight)} in flight "
+          f"({sum(on(r) == victim['name'] for r in in_flight)} on it, "
+          f"{sum(on(r) == survivor['name'] for r in in_flight)} on {survivor['name']}); "
+          f"{len(failed)} failed: {[(r.client, on(r), r.error) for r in failed]}; "
+          f"{len(after)} started after the kill, {sum(r.ok for r in after)} ok "
+          f"(slowest {max((r.end - r.start for r in after), default=0):.2f} s); "
+          f"back in {back - killed:.2f} s, pid {victim['pid']} -> {info['pid']}")
+    # Only what the killed worker was serving failed: requests in flight on it at the kill (or,
+    # in a race with the close, sent on a kept-alive connection to it opened before the kill).
+    for r in failed:
+        assert on(r) in (victim["name"], "?") and r.opened < dead, r
+        assert r.start < dead or r.keepalive, r
+    # The other worker's clients saw nothing.
+    assert any(on(r) == survivor["name"] for r in in_flight)
+    assert all(r.ok for r in in_flight if on(r) == survivor["name"])
+    # Every connection opened after the death was served.
+    fresh = [r for r in log if r.opened > dead]
+    assert fresh and all(r.ok for r in fresh)
+    # Restarted within seconds, and serving again through the one address.
+    assert back - killed < 10
+    assert info["restarts"] == 1
+    assert requests_served(victim["url"]) > served_before
+
+
+def test_scripts_run_workers_demo_and_clean_stop(tmp_path):
+    """The real entry point: ./scripts/run --workers 2 --demo, then SIGTERM stops everything."""
+    info_file = tmp_path / "workers.json"
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ROOT / "scripts" / "run"), "--workers", "2", "--demo", "--port", str(port),
+         "--worker-base", "0", "--info-file", str(info_file), "--log-dir", str(tmp_path),
+         "--", "--set", f"confdir={tmp_path / 'conf'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        info = workers.wait_ready(proc, info_file, timeout=90)
+        r = httpx.post(f"{info['url']}/v1/messages", json=MSG, timeout=30)
+        assert r.status_code == 200
+        assert r.headers["x-router-attempts"] == "aws:529, droid:reset, ultra:200"
+        pids = [w["pid"] for w in info["workers"]] + [info["haproxy"]["pid"]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"2 router workers behind haproxy on http://127.0.0.1:{port}" in out
+    assert "--disable NAME" in out and "Demo: mock relay" in out
+    assert not any(_alive(p) for p in pids)
+    assert not Path(info["run_dir"]).exists()
