@@ -149,3 +149,41 @@ async def test_asyncio_streams_work_over_a_pair():
     assert await asyncio.wait_for(reader.read(), 1) == b"HTTP/1.1 200 OK\r\n\r\n"
     writer.close()
     await asyncio.wait_for(writer.wait_closed(), 1)
+
+
+async def test_eof_reaches_the_peer_once_after_a_half_close_and_a_close():
+    a, b, ta, tb = _pair(b_keep=True)
+    eofs = []
+    b.eof_received = lambda: eofs.append(1) or True
+    ta.write_eof()
+    await turns()
+    ta.close()
+    await turns()
+    assert eofs == [1]
+
+
+async def test_a_failing_protocol_is_reported_and_its_connection_reset():
+    loop = asyncio.get_running_loop()
+    reported = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["exception"]))
+    try:
+        a, b, ta, tb = _pair()
+
+        def broken(data):
+            raise ValueError("bug")
+
+        b.data_received = broken
+        ta.write(b"x")
+        await turns()
+        assert isinstance(reported[0], ValueError)
+        assert isinstance(a.lost[0], ConnectionResetError)
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_nothing_is_delivered_after_close():
+    a, b, ta, tb = _pair()
+    ta.write(b"late")
+    tb.close()  # before the flush: a socket would not read any more either
+    await turns()
+    assert b.data == b""

@@ -95,3 +95,25 @@ async def test_a_reader_that_pauses_is_not_an_upstream_silence():
             await asyncio.sleep(0.8)  # the client is slow: longer than the limit
         await up.close()
     assert b"".join(got) == b"data: 1\n\ndata: 2\n\n"
+
+
+async def test_closing_the_client_stops_the_idle_sweep():
+    async def script(w):
+        w.write(HEAD + chunk(b"data: 1\n\n"))
+        await asyncio.sleep(1.0)
+
+    server, port = await serve(script)
+    async with server:
+        up = Upstream()
+        ep = parse_endpoint(f"a=http://127.0.0.1:{port}", 0)
+        resp = await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=5))
+        body = resp.chunks()
+        await body.__anext__()
+        reading = asyncio.ensure_future(body.__anext__())  # waits: the sweep runs
+        await asyncio.sleep(0.1)
+        task = up.idle_watch._task
+        assert task is not None and not task.done()
+        reading.cancel()
+        resp.close()
+        await up.close()
+        assert task.done()

@@ -86,6 +86,7 @@ class HandoffServer:
         self._inflight: defaultdict[tuple[str, int], int] = defaultdict(int)
         self._grow_lock = asyncio.Lock()
         self._wrapped: asyncio.AbstractEventLoop | None = None
+        self._wrapper = None
         self.in_memory_connections = 0  # connections served without a socket, for tests and stats
 
     async def _listen(self) -> int:
@@ -115,6 +116,7 @@ class HandoffServer:
 
         try:
             loop.create_connection = create_connection
+            self._wrapper = create_connection
         except (AttributeError, TypeError):  # a loop whose methods cannot be replaced: TCP
             log.info("handoff: this event loop cannot be wrapped; serving over loopback TCP")
             return
@@ -131,11 +133,8 @@ class HandoffServer:
 
     def _unwrap(self) -> None:
         loop, self._wrapped = self._wrapped, None
-        if loop is not None:
-            try:
-                del loop.create_connection  # the class's method again
-            except AttributeError:
-                pass
+        if loop is not None and vars(loop).get("create_connection") is self._wrapper:
+            del loop.create_connection  # the class's method again (unless wrapped since)
 
     async def _port_for(self, client: str, multiplexed: bool) -> int:
         if not multiplexed:  # HTTP/1.1 clients send one request at a time per connection

@@ -135,8 +135,8 @@ class End(asyncio.Transport):
         if self._reset is not None:
             self._connection_lost(self._reset)
             return
-        if self._reading_paused:
-            return
+        if self._reading_paused or self._closing:
+            return  # like a socket transport: no reads after close() or abort()
         if self._inbox:
             data = bytes(self._inbox[:READ_SIZE])
             del self._inbox[:READ_SIZE]
@@ -173,19 +173,23 @@ class End(asyncio.Transport):
             self._protocol.resume_writing()
 
     def _fatal(self, exc: BaseException) -> None:
-        self.abort()
-        if not isinstance(exc, Exception):
+        """A protocol callback raised: report it as asyncio does, and reset the connection."""
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
             raise exc
+        self._loop.call_exception_handler({
+            "message": "Fatal error: protocol callback failed on an in-memory connection",
+            "exception": exc, "transport": self, "protocol": self._protocol})
+        self.abort()
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._lost:
             return
+        sent_eof = self._eof_out
         self._lost = self._closing = self._eof_out = True
         self._inbox.clear()
         peer = self._peer
-        if peer is not None and not peer._lost and not peer._eof_in and exc is None:
-            # We are gone: if we never sent EOF (a reset did that), the peer reads EOF now.
-            peer._eof_in = True
+        if peer is not None and not peer._lost and not sent_eof and exc is None:
+            peer._eof_in = True  # we are gone without having said so: the peer reads EOF
             peer._schedule_flush()
         if peer is not None and peer._writing_paused:
             peer._resume_writing()  # its next write finds us gone and breaks

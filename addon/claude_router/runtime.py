@@ -18,7 +18,15 @@ log = logging.getLogger("claude_router")
 GEN0_THRESHOLD = 10_000  # CPython's default is 700 (2,000 from 3.13 on some builds)
 
 
+_tuned = False
+
+
 def tune_gc() -> None:
+    """Once per process (a second router, or a reloaded script, must not freeze live flows)."""
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
     gc.collect()
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()

@@ -6,8 +6,10 @@ Transport failures become `UpstreamError` with a short kind ("refused", "timeout
 """
 
 import asyncio
+import contextlib
 import errno
 import http
+import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _SET_BY_CLIENT = frozenset({"host", "content-length"})
+
+log = logging.getLogger("claude_router")
 
 
 def end_to_end(fields: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -86,7 +90,7 @@ class IdleWatch:
     def waiting(self, resp: "UpstreamResponse") -> None:
         loop = asyncio.get_running_loop()
         self._waiting[resp] = loop.time()
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = loop.create_task(self._sweep())
 
     def done(self, resp: "UpstreamResponse") -> None:
@@ -101,9 +105,19 @@ class IdleWatch:
                 for resp, since in list(self._waiting.items()):
                     if now - since > resp.idle_timeout:
                         del self._waiting[resp]
-                        resp.expire()
+                        try:
+                            resp.expire()
+                        except Exception:  # noqa: BLE001 - the sweep must outlive one body
+                            log.exception("upstream: closing an idle body failed")
         finally:
             self._task = None
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class UpstreamResponse:
@@ -118,6 +132,7 @@ class UpstreamResponse:
         protocol = resp.connection.protocol if watch is not None and resp.connection else None
         if protocol is not None:
             protocol.read_timeout = None  # the watch bounds the body's reads from here on
+            protocol.start_timeout()  # re-arms with no timeout: cancels the one armed already
         self.status = resp.status
         self.reason = _reason(resp.status, resp.reason or "")
         # Framing headers go too: whoever passes the body on frames it again.
@@ -277,6 +292,7 @@ class Upstream:
         return UpstreamResponse(resp, timeouts.headers, self.idle_watch)
 
     async def close(self) -> None:
+        await self.idle_watch.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
