@@ -87,7 +87,6 @@ class HandoffServer:
         self._grow_lock = asyncio.Lock()
         self._wrapped: asyncio.AbstractEventLoop | None = None
         self._wrapper = None
-        self.in_memory_connections = 0  # connections served without a socket, for tests and stats
 
     async def _listen(self) -> int:
         loop = asyncio.get_running_loop()
@@ -128,7 +127,6 @@ class HandoffServer:
         transport, _ = pipes.pair(loop, client, _Connection(self),
                                   {"peername": here, "sockname": there},
                                   {"peername": there, "sockname": here})
-        self.in_memory_connections += 1
         return transport, client
 
     def _unwrap(self) -> None:
