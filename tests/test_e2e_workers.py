@@ -353,3 +353,16 @@ def test_scripts_run_workers_demo_and_clean_stop(tmp_path):
     assert "--disable NAME" in out and "Demo: mock relay" in out
     assert not any(_alive(p) for p in pids)
     assert not Path(info["run_dir"]).exists()
+
+
+def test_tls_and_http2_pass_through_the_balancer_untouched(cluster, mock):
+    """HAProxy runs in mode tcp: a client's TLS handshake and HTTP/2 reach a worker's own
+    mitmproxy, which streams as it does without the balancer."""
+    from streams import h2_streams
+    port = int(cluster.url.rsplit(":", 1)[1])
+    alpn, results = h2_streams(port, 3)
+    assert alpn == "h2"
+    for headers, types, _ in results:
+        assert headers[":status"] == "200" and headers["x-used-endpoint"] == "aws"
+        assert types[0] == "message_start" and types[-1] == "message_stop"
+        assert "content_block_delta" in types

@@ -1,9 +1,11 @@
-"""The loopback handoff listener, spoken to with raw sockets: it serves parked responses to what
-mitmproxy sends (a body-less request for /handoff/<token>) and refuses anything else at once,
-without reading or piling up what the peer sends."""
+"""The handoff listener: it serves parked responses to what mitmproxy sends (a body-less request
+for /handoff/<token>) and refuses anything else at once, without reading or piling up what the
+peer sends. Every test runs twice: over an in-memory connection (how mitmproxy in this process
+reaches it) and over a real loopback socket (how any other local process does)."""
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -11,6 +13,15 @@ from claude_router import handoff
 from claude_router.handoff import HandoffServer, Parked
 
 EOF_WITHIN = 2.0  # seconds: "closes at once", with room for a loaded machine
+
+
+@pytest.fixture(autouse=True, params=["memory", "tcp"])
+def via(request, monkeypatch):
+    monkeypatch.setattr(request.module, "VIA", request.param)
+    return request.param
+
+
+VIA = "memory"
 
 
 @pytest.fixture
@@ -49,7 +60,12 @@ def parked(*chunks: bytes, status=200, reason="OK", headers=None, length=None, g
 
 
 async def connect(port: int):
-    return await asyncio.open_connection("127.0.0.1", port)
+    if VIA == "memory":
+        return await asyncio.open_connection("127.0.0.1", port)
+    sock = socket.socket()  # a socket of its own: the in-memory path never takes those
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
 
 
 def request(path: str, method: str = "POST", extra: str = "content-length: 0\r\n") -> bytes:
@@ -314,3 +330,13 @@ async def test_odd_headers_are_dropped_or_replaced_never_breaking_the_response(s
     head = await fetch(server, parked(b"{}", headers=headers, length=2))
     assert head == (b"HTTP/1.1 200 OK\r\nx-ok: fine\r\nx-snow: snow ? ?\r\nx-latin: \xe9\r\n"
                     b"content-length: 2\r\n\r\n")
+
+
+async def test_each_variant_reaches_the_listener_its_own_way(server, conns, via):
+    from claude_router import pipes
+    port, path = await server.park(parked(b"{}", length=2), multiplexed=False)
+    reader, writer = await connect(port)
+    writer.write(request(path))
+    assert b"200 OK" in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), EOF_WITHIN)
+    assert isinstance(conns[0].transport, pipes.End) == (via == "memory")
+    writer.close()

@@ -29,10 +29,15 @@ async def serve(script):
     return server, server.sockets[0].getsockname()[1]
 
 
-async def body_of(port: int, idle: float) -> tuple[list[bytes], UpstreamError | None, float]:
+async def send(port: int, idle: float):
+    """A GET to the raw server through a new client; returns (client, response)."""
     up = Upstream()
     ep = parse_endpoint(f"a=http://127.0.0.1:{port}", 0)
-    resp = await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=idle))
+    return up, await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=idle))
+
+
+async def body_of(port: int, idle: float) -> tuple[list[bytes], UpstreamError | None, float]:
+    up, resp = await send(port, idle)
     got, err, t0 = [], None, time.monotonic()
     try:
         async for c in resp.chunks():
@@ -86,9 +91,7 @@ async def test_a_reader_that_pauses_is_not_an_upstream_silence():
 
     server, port = await serve(script)
     async with server:
-        up = Upstream()
-        ep = parse_endpoint(f"a=http://127.0.0.1:{port}", 0)
-        resp = await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=0.3))
+        up, resp = await send(port, idle=0.3)
         got = []
         async for c in resp.chunks():
             got.append(c)
@@ -104,9 +107,7 @@ async def test_closing_the_client_stops_the_idle_sweep():
 
     server, port = await serve(script)
     async with server:
-        up = Upstream()
-        ep = parse_endpoint(f"a=http://127.0.0.1:{port}", 0)
-        resp = await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=5))
+        up, resp = await send(port, idle=5)
         body = resp.chunks()
         await body.__anext__()
         reading = asyncio.ensure_future(body.__anext__())  # waits: the sweep runs
