@@ -14,7 +14,9 @@ python). Everything runs on 127.0.0.1, each server in its own process on a free 
 plus helpers that feed derived rows: ``direct-529`` (a 529 round trip to the mock's failing
 endpoint), ``router-failover`` (endpoints bad=529 then ok, every request fails over once),
 ``router-cooled`` (bad is cooled down after one request, so it is skipped), their nginx
-equivalents, and ``mitmdump+stream`` (plain mitmdump with ``stream_large_bodies=1``: plain
+equivalents, ``mitmdump+index`` (plain mitmdump with the router's hook index and nothing else,
+``scripts/hook_index.py``: the base that shows what the router's own work costs), and
+``mitmdump+stream`` (plain mitmdump with ``stream_large_bodies=1``: plain
 mitmdump buffers a whole SSE response, which makes it no baseline for SSE timing).
 
 Measurements are interleaved: each round gives every target its slice of every measurement
@@ -67,6 +69,7 @@ BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
 ROUTER_SCRIPT = str(ROOT / "addon" / "router.py")
 MOCK_SCRIPT = str(ROOT / "scripts" / "mock_relay.py")
+HOOK_INDEX_SCRIPT = str(ROOT / "scripts" / "hook_index.py")
 # The same logging flags for every mitmdump target: no per-flow output, warnings and errors only.
 MITM_COMMON = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
                "--set", "connection_strategy=lazy"]
@@ -77,7 +80,7 @@ MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 64,
 BODY = json.dumps(MESSAGE).encode()
 STREAM_BODY = json.dumps({**MESSAGE, "stream": True}).encode()
 REQUEST_TIMEOUT = 15.0
-MAIN_COLUMNS = ["direct", "mitmdump", "router", "router+redis", "nginx"]
+MAIN_COLUMNS = ["direct", "mitmdump", "mitmdump+index", "router", "router+redis", "nginx"]
 
 now = time.perf_counter
 
@@ -402,6 +405,9 @@ class Bench:
         self.spawn_proxy("mitmdump+stream", "mitmdump", lambda p: mitm_argv(
             p, self.confdir("mitmdump+stream"), "--mode", f"reverse:{self.mock}",
             "--set", "stream_large_bodies=1"), path="/ok/v1/messages")
+        self.spawn_proxy("mitmdump+index", "mitmdump", lambda p: mitm_argv(
+            p, self.confdir("mitmdump+index"), "--mode", f"reverse:{self.mock}",
+            "-s", HOOK_INDEX_SCRIPT), path="/ok/v1/messages")
         self.spawn_proxy("router", "router", lambda p: router_argv(
             p, self.confdir("router"), [ok_ep]), check=attempts_check(must="ok:200", must_not="bad"))
         self.spawn_proxy("router-failover", "router", lambda p: router_argv(
@@ -587,12 +593,12 @@ class Bench:
 
     async def run(self) -> None:
         a = self.args
-        lat_names = ["direct", "direct-529", "mitmdump", "router", "router+redis",
+        lat_names = ["direct", "direct-529", "mitmdump", "mitmdump+index", "router", "router+redis",
                      "router-failover", "router-cooled", "nginx", "direct-503", "nginx-failover",
                      "nginx-cooled"]
         sse_names = ["direct", "mitmdump", "mitmdump+stream", "router", "router+redis",
                      "router-failover", "nginx"]
-        tp_names = ["direct", "mitmdump", "router", "router+redis", "nginx"]
+        tp_names = ["direct", "mitmdump", "mitmdump+index", "router", "router+redis", "nginx"]
         rss_names = ["mitmdump", "router", "router+redis", "nginx"]
 
         note(f"RSS: {a.rss_requests} requests per proxy at concurrency 16")

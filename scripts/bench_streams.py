@@ -15,6 +15,8 @@ level), one target at a time, the order rotated from level to level:
 
     direct            the client straight to the mock relay: the floor
     mitmdump+stream   plain ``mitmdump --mode reverse:MOCK --set stream_large_bodies=1``
+    mitmdump+stream+index   the same plus the router's hook index (``scripts/hook_index.py``):
+                      the base that shows what the router's own work costs
     router            ``mitmdump -s addon/router.py`` with one endpoint ``ok=MOCK/ok`` (memory store)
 
 Both proxies also load ``scripts/loopmon.py`` (event-loop stall and gc timing; SIGUSR1 resets
@@ -74,7 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPMON = str(ROOT / "scripts" / "loopmon.py")
 PRELUDE = (b"message_start", b"ping")
 STAMP = re.compile(rb'"mock_t":([0-9.]+)')
-TARGETS = ["direct", "mitmdump+stream", "router"]
+TARGETS = ["direct", "mitmdump+stream", "mitmdump+stream+index", "router"]
 BASE = "mitmdump+stream"  # the column CPU is compared with
 CLIENTS = 2
 SAMPLE_S = 0.2
@@ -347,8 +349,9 @@ class StreamsPhase:
             argv = B.router_argv(port, conf, [f"ok={self.mock}/ok"], *mon)
             path = "/v1/messages"
         else:
+            index = ["-s", B.HOOK_INDEX_SCRIPT] if name.endswith("+index") else []
             argv = B.mitm_argv(port, conf, "--mode", f"reverse:{self.mock}",
-                               "--set", "stream_large_bodies=1", *mon)
+                               "--set", "stream_large_bodies=1", *index, *mon)
             path = "/ok/v1/messages"
         proc = self.procs.spawn(f"streams-{name}-{level}", argv)
         return port, path, proc, loopmon

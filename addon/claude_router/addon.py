@@ -22,7 +22,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, Upst
 from mitmproxy.tls import ClientHelloData
 
 
-from . import config, cost, decoding, options, policy, profiles, runtime, sessions, usage
+from . import config, cost, decoding, dispatch, options, policy, profiles, runtime, sessions, usage
 from .affinity import MemoryAffinity, RedisAffinity
 from .connections import Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
@@ -287,6 +287,7 @@ class Router:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
         _quiet_request_log()
         runtime.tune_gc()
+        dispatch.HookIndex.install(ctx.master.addons)
         self._spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
             self._watcher = self._spawn(self._watch_config())
