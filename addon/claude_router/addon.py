@@ -1,4 +1,6 @@
-"""The mitmproxy addon: options, hooks and commands, gluing the router's pieces together.
+"""The mitmproxy addon: its hooks and options, gluing the router's pieces together. Who may
+use it is in `access`, its pages and commands in `admin` (a sub-addon), the cost strategy's
+conversations in `conversations`, what the options make in `options`.
 
 Request path (all async, every wait bounded): the `request` hook checks the client's key, runs
 the attempt loop (`routing`), then either sets a complete `flow.response` or parks the
@@ -7,33 +9,31 @@ mitmproxy streams it to the client event by event (see `handoff`).
 """
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 
-from mitmproxy import command, ctx, exceptions, http
-from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode, ReverseMode, UpstreamMode
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-
-from . import config, cost, decoding, dispatch, options, policy, profiles, runtime, sessions, usage
+from . import access, admin, config, decoding, dispatch, options, policy, runtime, sessions, usage
+from .admin import Admin, reply
 from .affinity import MemoryAffinity, RedisAffinity
+from .conversations import Conversations
 from .connections import Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
 from .errors import error_body
 from .handoff import HandoffServer, Parked
 from .health import HEALTHY, Breaker, HealthStore, MemoryHealthStore, Phase, phase
 from .policy import Attempt
-from .redis_store import RedisHealthStore, redacted
+from .redis_store import RedisHealthStore
 from .requests import Refused, split_tier, unsendable, upstream_target
 from .routing import Answer, Request, Routing, Settings, Winner
-from .status import Stats, table
+from .status import Stats
 from .upstream import Upstream, UpstreamError, request_headers
 
 log = logging.getLogger("claude_router")
@@ -42,7 +42,6 @@ log = logging.getLogger("claude_router")
 # keeps the terminal and mitmweb's event log; see `_quiet_request_log`.
 request_log = logging.getLogger("claude_router.requests")
 
-ADMIN_PREFIX = "/_router/"
 RELOAD_EVERY = 0.5  # seconds between checks of the config file
 # A stream that breaks right after its client held it up this long is not blamed on the
 # endpoint: relays give up on clients that stop reading.
@@ -94,14 +93,17 @@ class Router:
         self.heads = HeadDeadlines()
         self.body_limit: int = 32_000_000
         self._backstop: str | None = None  # the body_size_limit the router set
-        self.affinity: MemoryAffinity = MemoryAffinity(clock)
-        self.strategy = "cost"
-        self.horizon = 8
-        self.cache_ttl = 0.0  # router_cache_ttl: 0 = as the request's cache_control says
+        self.conversations = Conversations(clock)
+        self.admin = Admin(self)
+        self.addons = [self.admin]  # its commands
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self.file.endpoints if self.file else self.option_endpoints
+
+    @property
+    def affinity(self) -> MemoryAffinity:
+        return self.conversations.affinity
 
     # -- options -------------------------------------------------------------------------
 
@@ -125,30 +127,31 @@ class Router:
         if updated & {"router_client_keys", "router_config"}:
             self.client_keys = self._client_keys(self.file)
         if updated & {"router_max_failures", "router_cooldown"}:
-            self.store.breaker = self._breaker()
+            self.store.breaker = options.breaker(ctx.options)
         if updated & {"router_redis_url", "router_key_prefix"}:
-            self._replace_store(self._make_store())
-            old, self.affinity = self.affinity, (
+            self._replace_store(options.store(ctx.options, self.clock))
+            c = self.conversations
+            old, c.affinity = c.affinity, (
                 RedisAffinity(self.store.client, self.store.prefix, self.clock)
                 if isinstance(self.store, RedisHealthStore) else MemoryAffinity(self.clock))
             try:
-                self._spawn(old.close())
+                self.spawn(old.close())
             except RuntimeError:  # no loop yet (start-up): nothing was started
                 pass
         if "router_strategy" in updated:
             if opts.router_strategy not in ("cost", "order"):
                 raise exceptions.OptionsError(
                     f"router_strategy must be cost or order, got {opts.router_strategy!r}")
-            self.strategy = opts.router_strategy
+            self.conversations.strategy = opts.router_strategy
         if "router_session_horizon" in updated:
-            self.horizon = opts.router_session_horizon
+            self.conversations.horizon = opts.router_session_horizon
         if "router_cache_ttl" in updated:
-            self.cache_ttl = float(opts.router_cache_ttl)
+            self.conversations.cache_ttl = float(opts.router_cache_ttl)
         if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
-            self.settings = self._settings()
+            self.settings = options.settings(ctx.options)
         if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host", "mode"}:
             self._refuse_open_keys(self.endpoints, self.client_keys)
         if "router_head_timeout" in updated:
@@ -186,98 +189,25 @@ class Router:
             ctx.options.update(**changed)
 
     def _client_keys(self, file: config.FileConfig | None) -> tuple[bytes, ...]:
-        keys = []
-        for i, ref in enumerate(ctx.options.router_client_keys):
-            if not ref.strip():
-                # An empty key would let in every client that sends none (an unset variable).
-                raise exceptions.OptionsError(f"router_client_keys[{i}] is empty")
-            if ref.startswith("env:"):
-                value = os.environ.get(ref[4:], "")
-                if not value:
-                    raise exceptions.OptionsError(
-                        f"router_client_keys[{i}]: environment variable {ref[4:]} is not set")
-                ref = value
-            if problem := config.value_problem(ref):
-                raise exceptions.OptionsError(f"router_client_keys[{i}]: {problem}")
-            keys.append(ref.encode())
-        if file:
-            keys += [k.encode() for k in file.client_keys]
-        return tuple(keys)
+        try:
+            return access.client_keys(ctx.options.router_client_keys,
+                                      file.client_keys if file else ())
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
 
     def _refuse_open_keys(self, endpoints: tuple[Endpoint, ...], client_keys: tuple[bytes, ...]) -> None:
-        """Upstream keys (also URL credentials and extra headers) behind an open door would let
-        anyone on the network spend them."""
-        if not any(ep.holds_secrets for ep in endpoints) or client_keys:
-            return
-        hosts = [getattr(ctx.options, "listen_host", "127.0.0.1")]
-        for spec in getattr(ctx.options, "mode", ()):  # e.g. reverse:https://x@0.0.0.0:8080
-            try:
-                hosts.append(ProxyMode.parse(spec).custom_listen_host or hosts[0])
-            except ValueError:
-                pass
-        host = next((h for h in hosts if not _is_loopback(h)), None)
+        host = access.open_door(endpoints, client_keys, getattr(ctx.options, "listen_host", "127.0.0.1"),
+                                getattr(ctx.options, "mode", ()))
         if host is not None:
             raise exceptions.OptionsError(
                 f"endpoints hold their own keys but no router_client_keys are set, and the router "
                 f"listens on {host or 'every interface'}: set router_client_keys (or client_keys "
                 f"in the config file), or listen on 127.0.0.1")
 
-    def _settings(self) -> Settings:
-        opts = ctx.options
-        if opts.router_all_cooling not in ("refuse", "try"):  # mitmproxy does not enforce choices
-            raise exceptions.OptionsError(
-                f"router_all_cooling must be refuse or try, got {opts.router_all_cooling!r}")
-        try:
-            rules = policy.parse_rules(opts.router_policy)
-        except ValueError as e:
-            raise exceptions.OptionsError(f"Cannot use router_policy: {e}") from None
-        return Settings(
-            connect_timeout=float(opts.router_connect_timeout),
-            headers_timeout=float(opts.router_headers_timeout),
-            stream_timeout=float(opts.router_stream_timeout),
-            max_attempts=opts.router_max_attempts,
-            deadline=float(opts.router_deadline),
-            try_all_when_cooling=opts.router_all_cooling == "try",
-            rules=rules,
-            max_hint=self._breaker().max_cooldown,
-        )
-
-    def _breaker(self) -> Breaker:
-        opts = ctx.options
-        return Breaker(
-            max_failures=opts.router_max_failures,
-            cooldown=float(opts.router_cooldown),
-            max_cooldown=float(max(opts.router_cooldown * 10, 600)),
-        )
-
-    def _make_store(self) -> HealthStore:
-        url = ctx.options.router_redis_url.strip()
-        if not url:
-            return MemoryHealthStore(self._breaker(), clock=self.clock)
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise exceptions.OptionsError(
-                f"router_redis_url must start with redis://, rediss:// or unix://, got {redacted(url)!r}"
-            )
-        db = urlsplit(url).path.strip("/")
-        if url.startswith("redis") and db and not db.isdigit():
-            # redis-py would quietly use database 0.
-            raise exceptions.OptionsError(
-                f"router_redis_url: the database must be a number, got {db!r} in {redacted(url)!r}")
-        prefix = ctx.options.router_key_prefix
-        if "|" in prefix:
-            raise exceptions.OptionsError(
-                f"router_key_prefix must not contain '|', which ends the prefix in every Redis key "
-                f"(got {prefix!r})")
-        try:
-            return RedisHealthStore(url, self._breaker(), prefix=prefix,
-                                    clock=self.clock)
-        except ValueError as e:
-            raise exceptions.OptionsError(f"Cannot use router_redis_url {redacted(url)!r}: {e}") from None
-
     def _replace_store(self, store: HealthStore) -> None:
         old, self.store = self.store, store
         try:
-            self._spawn(old.close())
+            self.spawn(old.close())
         except RuntimeError:  # no loop yet (start-up): nothing was opened
             pass
 
@@ -288,9 +218,9 @@ class Router:
         _quiet_request_log()
         runtime.tune_gc()
         dispatch.HookIndex.install(ctx.master.addons)
-        self._spawn(self._announce())
+        self.spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
-            self._watcher = self._spawn(self._watch_config())
+            self._watcher = self.spawn(self._watch_config())
 
     async def _announce(self) -> None:
         if not self.endpoints:
@@ -339,7 +269,8 @@ class Router:
             log.info(f"router: config reloaded from {path}: "
                      f"{', '.join(ep.name for ep in self.endpoints)}")
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro) -> asyncio.Task:
+        """Run in the background; kept until done (a task nobody holds may be collected)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -361,7 +292,7 @@ class Router:
         def close() -> None:
             handler = proxyserver.connections.get(client.id) if proxyserver else None
             if handler is not None:
-                self._spawn(handler.on_timeout())  # mitmproxy's own way to drop a connection
+                self.spawn(handler.on_timeout())  # mitmproxy's own way to drop a connection
 
         self.heads.connected(client.id, close)
 
@@ -370,11 +301,10 @@ class Router:
         if flow.response or flow.error or not flow.live or flow.is_replay:
             return
         req = flow.request
-        if req.method == "HEAD" and self._is_base_url(req.path) or not self.routes(flow):
+        if req.method == "HEAD" and access.is_base_url(req.path, (ep.name for ep in self.endpoints)) or not self.routes(flow):
             return  # (a reachability check is answered in `request`, key or not)
-        if self.client_keys and not self._authorized(req):
-            await self._refuse_early(flow, 401, error_body(
-                401, "a valid router client key is required (x-api-key or Authorization: Bearer)"))
+        if self.client_keys and not access.authorized(req.headers, self.client_keys):
+            await self._refuse_early(flow, 401, error_body(401, access.KEY_REQUIRED))
             return
         length = req.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.body_limit:
@@ -428,22 +358,21 @@ class Router:
         except Exception:
             # Never let a routed request fall through to mitmproxy's own upstream connection.
             log.exception("router: internal error")
-            self._reply(flow, 500, error_body(500, "the router failed internally"))
+            reply(flow, 500, error_body(500, "the router failed internally"))
 
     async def _handle(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        if req.method == "HEAD" and self._is_base_url(req.path):
+        if req.method == "HEAD" and access.is_base_url(req.path, (ep.name for ep in self.endpoints)):
             # Claude Code's reachability check: answer it here, no upstream needed.
             flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
             return
-        if self.client_keys and not flow.is_replay and not self._authorized(req):
+        if self.client_keys and not flow.is_replay and not access.authorized(req.headers, self.client_keys):
             # (replays are the operator's, from mitmweb or -C; their keys were redacted)
-            self._reply(flow, 401, error_body(401, "a valid router client key is required "
-                                              "(x-api-key or Authorization: Bearer)"))
+            reply(flow, 401, error_body(401, access.KEY_REQUIRED))
             return
-        if req.path.startswith(ADMIN_PREFIX):
+        if req.path.startswith(admin.PREFIX):
             _redact_credentials(req)
-            await self._admin(flow)
+            await self.admin.page(flow)
             return
         problem = unsendable(req.data.method, req.headers.fields)
         pinned, raw_target = split_tier(req.data.path, {ep.name for ep in self.endpoints})
@@ -454,18 +383,18 @@ class Router:
         if problem:
             # The client's request, not any endpoint's doing: answered here, nobody tried.
             _redact_credentials(req)
-            self._reply(flow, 400, error_body(400, f"the request cannot be forwarded: {problem}"))
+            reply(flow, 400, error_body(400, f"the request cannot be forwarded: {problem}"))
             return
         if not isinstance(flow.client_conn.proxy_mode, ReverseMode) and not target.startswith("/v1/"):
             # Regular mode: Claude Code also sends its own calls (settings, telemetry) to
             # api.anthropic.com; they are not the API, and relays only 404 them.
             _redact_credentials(req)
-            self._reply(flow, 404, error_body(404, f"the router routes only the API (/v1/...), "
+            reply(flow, 404, error_body(404, f"the router routes only the API (/v1/...), "
                                               f"not {target.split('?')[0][:100]}"))
             return
         if len(req.raw_content or b"") > self.body_limit:  # a chunked body, now read
             _redact_credentials(req)
-            self._reply(flow, 413, error_body(413, f"the request body is over the router's limit of "
+            reply(flow, 413, error_body(413, f"the request body is over the router's limit of "
                                               f"{self.body_limit:,} bytes (router_max_body_mb)",
                                               "request_too_large"))
             return
@@ -487,7 +416,7 @@ class Router:
             return  # the client is gone; mitmproxy closes the flow
         if routing.exception() is not None:
             log.error("router: internal error while routing", exc_info=routing.exception())
-            self._reply(flow, 500, error_body(500, "the router failed internally"))
+            reply(flow, 500, error_body(500, "the router failed internally"))
 
     def client_disconnected(self, client) -> None:
         self.heads.disconnected(client.id)
@@ -511,49 +440,6 @@ class Router:
         if info is not None:
             self.handoff.discard(info.handoff_path)
 
-    # -- access ----------------------------------------------------------------------------
-
-    def _is_base_url(self, path: str) -> bool:
-        """``/``, a tier's base URL (``/droid``, ``/claude/droid``), or either with
-        ``/api/hello``: Claude Code's reachability checks at start."""
-        path = path.split("?")[0].rstrip("/")
-        if path.endswith("/api/hello"):
-            path = path[: -len("/api/hello")]
-        if not path:
-            return True
-        names = {ep.name for ep in self.endpoints}
-        head, _, name = path.rpartition("/")
-        return name in names and head in ("", "/claude")
-
-    def _authorized(self, req: http.Request) -> bool:
-        presented = req.headers.get("x-api-key", "")
-        auth = req.headers.get("authorization", "")
-        if not presented and auth[:7].lower() == "bearer ":
-            presented = auth[7:].strip()
-        given = presented.encode("utf-8", "surrogateescape")  # headers may hold any bytes
-        return any(hmac.compare_digest(given, key) for key in self.client_keys)
-
-    async def _admin(self, flow: http.HTTPFlow) -> None:
-        """The router's own pages, never forwarded upstream."""
-        page = flow.request.path[len(ADMIN_PREFIX):].split("?")[0]
-        if page == "status":
-            body = json.dumps(await self.status_document(), indent=2).encode()
-            self._reply(flow, 200, body)
-        elif page == "metrics":
-            self._reply(flow, 200, self.stats.metrics(), "text/plain; version=0.0.4")
-        else:
-            self._reply(flow, 404, error_body(404, "unknown router page; try /_router/status "
-                                              "or /_router/metrics"))
-
-    async def status_document(self) -> dict:
-        await self.store.view()
-        return self.stats.document(self.endpoints, self.store.current(), self.clock(),
-                                   set(self.store.disabled), self.store.description, self.affinity)
-
-    def _reply(self, flow: http.HTTPFlow, status: int, body: bytes,
-               content_type: str = "application/json") -> None:
-        flow.response = http.Response.make(status, body, {"content-type": content_type})
-
     # -- routing ---------------------------------------------------------------------------
 
     async def _route(self, flow: http.HTTPFlow, target: str, pinned: str | None = None) -> None:
@@ -564,7 +450,7 @@ class Router:
                           req.raw_content or b"")
         # The flow kept for mitmweb, -w files and replays never holds the client's key.
         _redact_credentials(req)
-        sid, prev, ttl, choose = await self._placement(request, target)
+        sid, prev, ttl, choose = await self.conversations.place(request, target, self.endpoints)
         path = target.split("?")[0]
         if req.method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")) and any(
                 ep.profile.models or ep.profile.model_map for ep in self.endpoints):
@@ -709,7 +595,7 @@ class Router:
             if before is not Phase.COOLING and phase(after, self.clock()) is Phase.COOLING:
                 self._tripped(name)
 
-        self._spawn(record())
+        self.spawn(record())
 
     def _tripped(self, name: str) -> None:
         endpoint, _, family = name.partition("~")
@@ -718,58 +604,6 @@ class Router:
             log.warning(f"router: endpoint {endpoint} put in cooldown for the {family} model family")
         else:
             log.warning(f"router: endpoint {name} put in cooldown")
-
-    async def _placement(self, request: Request, target: str):
-        """The cost strategy's view of this request: its conversation, where that is, and a
-        chooser for the routing loop. Nothing when the strategy is "order" or it is not a
-        Messages request."""
-        doc = request.json
-        if (self.strategy != "cost" or doc is None or request.method != "POST"
-                or target.split("?")[0] != "/v1/messages"
-                or any(ep.price is None for ep in self.endpoints)):
-            return None, None, 0.0, None  # (without prices nothing can be weighed: no sessions)
-        sid = sessions.session_id(request.headers, doc)
-        if sid is None:
-            return None, None, 0.0, None
-        # One conversation per model family: Claude Code's haiku side-calls share the session
-        # id, but not its prompt or its cache.
-        sid = f"{sid}#{profiles.family(request.model) or 'other'}"
-        prev = await self.affinity.lookup(sid)
-        ttl = sessions.cache_ttl(doc)
-        if ttl and self.cache_ttl:
-            ttl = self.cache_ttl * (12 if ttl >= sessions.LONG_TTL else 1)
-        prompt = prev.prompt_tokens if prev else len(request.body) // 4
-        output = prev.output_tokens if prev else 0.0
-        now = self.clock()
-
-        def choose(candidates: list[Endpoint]) -> tuple[str, str] | None:
-            c = cost.choose([(ep.name, ep.price) for ep in candidates], self.affinity.learned,
-                            prev, prompt, output, ttl, now, self.horizon)
-            return (c.endpoint, c.reason) if c else None
-
-        return sid, prev, ttl, choose
-
-    def _record_turn(self, info: RouteInfo, ep: Endpoint, u: usage.Usage) -> None:
-        """What this turn showed: the conversation's new place and size, and whether the
-        endpoint read the prefix it should have had cached."""
-        prev = info.session
-        prompt = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
-        if sessions.expects_cache(info.ttl, prompt):
-            learned = sessions.observe(self.affinity.learned.get(ep.name, sessions.UNKNOWN),
-                                       u.cache_read_input_tokens + u.cache_creation_input_tokens)
-            was = self.affinity.learned.get(ep.name, sessions.UNKNOWN).caches
-            self.affinity.put_learned(ep.name, learned)
-            if was and not learned.caches:
-                log.warning(f"router: endpoint {ep.name} does not seem to cache prompts "
-                            "(no cache read or write where one was due); pricing it accordingly")
-        if prev is not None and prev.endpoint != ep.name and ep.price is not None:
-            write = cost.rates(ep.price, info.ttl)[1]
-            self.stats.rewrite(ep.name, u.cache_creation_input_tokens * write)
-        tried = [a for a in info.attempts if a.outcome not in ("skipped:model", "thinking_signature")]
-        why = info.reason or ("failover" if len(tried) > 1 else
-                              "warm cache" if prev is not None and prev.endpoint == ep.name else "cheapest")
-        self.affinity.put(info.session_id, sessions.after_turn(
-            prev, ep.name, prompt, u.output_tokens, info.ttl, self.clock(), why))
 
     def _route_headers(self, info: RouteInfo) -> list[tuple[str, str]]:
         ep = info.endpoint
@@ -794,7 +628,7 @@ class Router:
             self.stats.used(ep.name, u, spent)
             if info.session_id and status < 300:
                 try:
-                    self._record_turn(info, ep, u)
+                    self.conversations.record_turn(info, ep, u, self.stats)
                 except Exception:  # noqa: BLE001 - what a turn teaches must never fail its answer
                     log.exception("router: could not record a conversation's turn")
         if not any(h.level <= logging.INFO for h in request_log.handlers or logging.getLogger().handlers):
@@ -817,56 +651,6 @@ class Router:
                 **({"reason": info.reason} if info.reason else {}),
             })
         )
-
-    # -- commands (mitmproxy console and mitmweb's command bar) ---------------------------
-
-    @command.command("router.status")
-    def cmd_status(self) -> str:
-        """The endpoints in price order with their health, traffic, tokens and cost."""
-        doc = self.stats.document(self.endpoints, self.store.current(), self.clock(),
-                                  set(self.store.disabled), self.store.description, self.affinity)
-        return table(doc)
-
-    @command.command("router.reset")
-    def cmd_reset(self, endpoint: str = "") -> None:
-        """Clear the health of one endpoint, or of all: failures and cooldowns are forgotten."""
-        self._known(endpoint, allow_empty=True)
-
-        async def reset() -> None:
-            if not endpoint:
-                await self.store.reset(None)
-            for name in policy.health_subjects([endpoint]) if endpoint else ():
-                await self.store.reset(name)
-
-        self._spawn(reset())
-        log.info(f"router: health reset for {endpoint or 'every endpoint'}")
-
-    @command.command("router.forget")
-    def cmd_forget(self, endpoint: str = "") -> None:
-        """Forget what was learned about one endpoint's prompt caching, or all (shared in Redis)."""
-        self._known(endpoint, allow_empty=True)
-        self._spawn(self.affinity.forget(endpoint or None))
-        log.info(f"router: learned cache behaviour forgotten for {endpoint or 'every endpoint'}")
-
-    @command.command("router.disable")
-    def cmd_disable(self, endpoint: str) -> None:
-        """Take an endpoint out of rotation until router.enable (on every instance in Redis mode)."""
-        self._known(endpoint)
-        self._spawn(self.store.set_disabled(endpoint, True))
-        log.info(f"router: endpoint {endpoint} disabled")
-
-    @command.command("router.enable")
-    def cmd_enable(self, endpoint: str) -> None:
-        """Put a disabled endpoint back into rotation."""
-        self._known(endpoint)
-        self._spawn(self.store.set_disabled(endpoint, False))
-        log.info(f"router: endpoint {endpoint} enabled")
-
-    def _known(self, name: str, allow_empty: bool = False) -> None:
-        if (allow_empty and not name) or any(ep.name == name for ep in self.endpoints):
-            return
-        raise exceptions.CommandError(
-            f"no endpoint {name!r}; endpoints: {', '.join(ep.name for ep in self.endpoints)}")
 
 
 def _drop(chunk: bytes) -> list[bytes]:
@@ -924,12 +708,3 @@ def _stamp(path: str) -> tuple | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -5,9 +5,15 @@ whole seconds.
 """
 
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, optmanager
 from mitmproxy.utils import typecheck
+
+from . import policy
+from .health import Breaker, HealthStore, MemoryHealthStore
+from .redis_store import RedisHealthStore, redacted
+from .routing import Settings
 
 INT_OPTIONS = {  # name: (default, minimum, help)
     "router_max_failures": (3, 1, "Consecutive failures that put an endpoint in cooldown."),
@@ -195,3 +201,59 @@ def unknown(options) -> list[str]:
     ignored without a word (``router_cooldwn=5``)."""
     return [f"router: no such option {name} (router options: {', '.join(sorted(ALL))})"
             for name in options.deferred if name.startswith("router_") and name not in ALL]
+
+
+# -- what the options make --------------------------------------------------------------
+
+def settings(opts) -> Settings:
+    """The routing loop's settings from the options."""
+    if opts.router_all_cooling not in ("refuse", "try"):  # mitmproxy does not enforce choices
+        raise exceptions.OptionsError(
+            f"router_all_cooling must be refuse or try, got {opts.router_all_cooling!r}")
+    try:
+        rules = policy.parse_rules(opts.router_policy)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"Cannot use router_policy: {e}") from None
+    return Settings(
+        connect_timeout=float(opts.router_connect_timeout),
+        headers_timeout=float(opts.router_headers_timeout),
+        stream_timeout=float(opts.router_stream_timeout),
+        max_attempts=opts.router_max_attempts,
+        deadline=float(opts.router_deadline),
+        try_all_when_cooling=opts.router_all_cooling == "try",
+        rules=rules,
+        max_hint=breaker(opts).max_cooldown,
+    )
+
+
+def breaker(opts) -> Breaker:
+    return Breaker(
+        max_failures=opts.router_max_failures,
+        cooldown=float(opts.router_cooldown),
+        max_cooldown=float(max(opts.router_cooldown * 10, 600)),
+    )
+
+
+def store(opts, clock) -> HealthStore:
+    """The health store the options ask for: in memory, or shared in Redis."""
+    url = opts.router_redis_url.strip()
+    if not url:
+        return MemoryHealthStore(breaker(opts), clock=clock)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise exceptions.OptionsError(
+            f"router_redis_url must start with redis://, rediss:// or unix://, got {redacted(url)!r}"
+        )
+    db = urlsplit(url).path.strip("/")
+    if url.startswith("redis") and db and not db.isdigit():
+        # redis-py would quietly use database 0.
+        raise exceptions.OptionsError(
+            f"router_redis_url: the database must be a number, got {db!r} in {redacted(url)!r}")
+    prefix = opts.router_key_prefix
+    if "|" in prefix:
+        raise exceptions.OptionsError(
+            f"router_key_prefix must not contain '|', which ends the prefix in every Redis key "
+            f"(got {prefix!r})")
+    try:
+        return RedisHealthStore(url, breaker(opts), prefix=prefix, clock=clock)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"Cannot use router_redis_url {redacted(url)!r}: {e}") from None

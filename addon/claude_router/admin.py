@@ -1,0 +1,104 @@
+"""Operating the router: its own pages (``/_router/status``, ``/_router/metrics``), never
+forwarded upstream, and its commands (``router.status``, ``router.reset``, ``router.forget``,
+``router.disable``, ``router.enable``) for mitmproxy's console, mitmweb's command bar and
+``mitmdump`` scripts. A sub-addon of the router: it reads and acts on the router's state."""
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from mitmproxy import command, exceptions, http
+
+from . import policy
+from .errors import error_body
+from .status import table
+
+if TYPE_CHECKING:
+    from .addon import Router
+
+log = logging.getLogger("claude_router")
+
+PREFIX = "/_router/"
+
+
+def reply(flow: http.HTTPFlow, status: int, body: bytes, content_type: str = "application/json") -> None:
+    flow.response = http.Response.make(status, body, {"content-type": content_type})
+
+
+class Admin:
+    name = "router_admin"  # mitmproxy's name for this addon (default: the class name)
+
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+
+    # -- pages -------------------------------------------------------------------------------
+
+    async def page(self, flow: http.HTTPFlow) -> None:
+        """Answer a request under ``/_router/``."""
+        name = flow.request.path[len(PREFIX):].split("?")[0]
+        if name == "status":
+            reply(flow, 200, json.dumps(await self.status_document(), indent=2).encode())
+        elif name == "metrics":
+            reply(flow, 200, self.router.stats.metrics(), "text/plain; version=0.0.4")
+        else:
+            reply(flow, 404, error_body(404, "unknown router page; try /_router/status "
+                                        "or /_router/metrics"))
+
+    async def status_document(self) -> dict:
+        await self.router.store.view()
+        return self._document()
+
+    def _document(self) -> dict:
+        r = self.router
+        return r.stats.document(r.endpoints, r.store.current(), r.clock(), set(r.store.disabled),
+                                r.store.description, r.affinity)
+
+    # -- commands ----------------------------------------------------------------------------
+
+    @command.command("router.status")
+    def status(self) -> str:
+        """The endpoints in price order with their health, traffic, tokens and cost."""
+        return table(self._document())
+
+    @command.command("router.reset")
+    def reset(self, endpoint: str = "") -> None:
+        """Clear the health of one endpoint, or of all: failures and cooldowns are forgotten."""
+        self._known(endpoint, allow_empty=True)
+        store = self.router.store
+
+        async def reset() -> None:
+            if not endpoint:
+                await store.reset(None)
+            for name in policy.health_subjects([endpoint]) if endpoint else ():
+                await store.reset(name)
+
+        self.router.spawn(reset())
+        log.info(f"router: health reset for {endpoint or 'every endpoint'}")
+
+    @command.command("router.forget")
+    def forget(self, endpoint: str = "") -> None:
+        """Forget what was learned about one endpoint's prompt caching, or all (shared in Redis)."""
+        self._known(endpoint, allow_empty=True)
+        self.router.spawn(self.router.affinity.forget(endpoint or None))
+        log.info(f"router: learned cache behaviour forgotten for {endpoint or 'every endpoint'}")
+
+    @command.command("router.disable")
+    def disable(self, endpoint: str) -> None:
+        """Take an endpoint out of rotation until router.enable (on every instance in Redis mode)."""
+        self._known(endpoint)
+        self.router.spawn(self.router.store.set_disabled(endpoint, True))
+        log.info(f"router: endpoint {endpoint} disabled")
+
+    @command.command("router.enable")
+    def enable(self, endpoint: str) -> None:
+        """Put a disabled endpoint back into rotation."""
+        self._known(endpoint)
+        self.router.spawn(self.router.store.set_disabled(endpoint, False))
+        log.info(f"router: endpoint {endpoint} enabled")
+
+    def _known(self, name: str, allow_empty: bool = False) -> None:
+        endpoints = self.router.endpoints
+        if (allow_empty and not name) or any(ep.name == name for ep in endpoints):
+            return
+        raise exceptions.CommandError(
+            f"no endpoint {name!r}; endpoints: {', '.join(ep.name for ep in endpoints)}")

@@ -1,0 +1,74 @@
+"""Who may use the router: client keys, how they are presented, and the open-door refusal."""
+
+import pytest
+
+from claude_router import access
+from claude_router.endpoints import parse_endpoints
+
+KEYED = parse_endpoints(["paid=https://user:secret@relay.example"])
+OPEN = parse_endpoints(["free=https://relay.example"])
+
+
+def test_client_keys_come_from_the_option_the_environment_and_the_file():
+    keys = access.client_keys(["plain", "env:TEAM_KEY"], ["from-file"], environ={"TEAM_KEY": "t"})
+    assert keys == (b"plain", b"t", b"from-file")
+
+
+@pytest.mark.parametrize("refs, env, problem", [
+    ([""], {}, "router_client_keys[0] is empty"),
+    (["ok", "  "], {}, "router_client_keys[1] is empty"),
+    (["env:UNSET"], {}, "environment variable UNSET is not set"),
+    (["env:EMPTY"], {"EMPTY": ""}, "environment variable EMPTY is not set"),
+])
+def test_a_key_that_would_let_everyone_in_is_refused(refs, env, problem):
+    with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        access.client_keys(refs, environ=env)
+
+
+@pytest.mark.parametrize("headers", [
+    {"x-api-key": "k1"},
+    {"authorization": "Bearer k1"},
+    {"authorization": "bearer   k1 "},
+])
+def test_a_key_is_presented_as_x_api_key_or_a_bearer_token(headers):
+    assert access.authorized(headers, (b"k0", b"k1"))
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"x-api-key": "k2"},
+    {"x-api-key": "", "authorization": "Basic k1"},
+    {"x-api-key": "k1\udcff"},  # undecodable bytes as mitmproxy hands them over
+])
+def test_anything_else_is_not_authorized(headers):
+    assert not access.authorized(headers, (b"k1",))
+
+
+def test_x_api_key_wins_over_a_bearer_token():
+    assert not access.authorized({"x-api-key": "wrong", "authorization": "Bearer k1"}, (b"k1",))
+
+
+@pytest.mark.parametrize("listen, modes, door", [
+    ("0.0.0.0", [], "0.0.0.0"),
+    ("", [], ""),  # every interface
+    ("127.0.0.1", ["reverse:https://relay.example@0.0.0.0:8080"], "0.0.0.0"),
+    ("127.0.0.1", ["reverse:https://relay.example"], None),
+    ("localhost", [], None),
+    ("::1", [], None),
+])
+def test_endpoint_keys_behind_a_listener_others_reach_need_client_keys(listen, modes, door):
+    assert access.open_door(KEYED, (), listen, modes) == door
+
+
+def test_the_door_is_shut_by_client_keys_or_by_endpoints_without_keys():
+    assert access.open_door(KEYED, (b"k",), "0.0.0.0", []) is None
+    assert access.open_door(OPEN, (), "0.0.0.0", []) is None
+
+
+@pytest.mark.parametrize("path, base", [
+    ("/", True), ("", True), ("/api/hello", True), ("/droid", True), ("/droid/", True),
+    ("/claude/droid", True), ("/claude/droid/api/hello?x=1", True),
+    ("/v1/messages", False), ("/other", False), ("/x/droid", False),
+])
+def test_claude_codes_reachability_checks_are_base_urls(path, base):
+    assert access.is_base_url(path, ["droid"]) is base
