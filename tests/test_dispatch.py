@@ -17,7 +17,8 @@ class Seen:
     def __init__(self, name, log, children=(), fail=False, halt=False, asynchronous=False):
         self.name = name
         self.log = log
-        self.addons = list(children)
+        if children:
+            self.addons = list(children)
         self.fail = fail
         self.halt = halt
         self.asynchronous = asynchronous
@@ -85,12 +86,16 @@ async def test_a_failing_handler_is_logged_by_mitmproxy(caplog):
 
 
 async def test_the_index_holds_only_the_addons_that_implement_the_hook():
+    """...and an element with sub-addons (the script loader) whole: mitmproxy walks it live."""
     log: list = []
     with taddons.context(*chain(log)) as tctx:
         index = HookIndex.install(tctx.master.addons)
-        names = [[a.name for a in owners] for owners in index.handlers("request")]
-        assert names == [["a"], ["b", "b1", "b2"], ["c"], ["d", "d1"]]
-        assert index.handlers("websocket_message") == ()
+        def shown(event):
+            return [(element.name, owners and [a.name for a in owners])
+                    for _, element, owners in index.handlers(event)]
+
+        assert shown("request") == [("a", ["a"]), ("b", None), ("c", ["c"]), ("d", None)]
+        assert shown("websocket_message") == [("b", None), ("d", None)]
 
 
 async def test_an_addon_added_later_gets_the_next_event():
@@ -118,6 +123,7 @@ async def test_sub_addons_changed_by_a_configure_event_are_seen():
     """How the script loader adds a script: it changes its own sub-addons while configuring."""
     log: list = []
     parent = Seen("parent", log)
+    parent.addons = []
     with taddons.context(parent) as tctx:
         HookIndex.install(tctx.master.addons)
         await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
@@ -159,7 +165,7 @@ def test_uninstall_restores_mitmproxys_own_dispatch():
     with taddons.context() as tctx:
         manager = tctx.master.addons
         HookIndex.install(manager).uninstall()
-        assert "trigger_event" not in vars(manager) and "register" not in vars(manager)
+        assert not {"trigger_event", "trigger", "register", "remove", "clear"} & set(vars(manager))
         assert manager.trigger_event.__func__ is addonmanager.AddonManager.trigger_event
 
 
@@ -222,3 +228,120 @@ def test_an_async_handler_of_a_synchronous_event_is_reported_as_mitmproxy_does(c
         HookIndex.install(tctx.master.addons)
         tctx.master.addons.trigger(AddLogHook(LogEntry("one", "info")))
     assert "cannot be called from sync context" in caplog.text
+
+
+class Gate:
+    """An addon whose request handler waits until the test opens the gate."""
+
+    def __init__(self, name, log):
+        self.name = name
+        self.log = log
+        self.gate = asyncio.Event()
+
+    async def request(self, flow):
+        await self.gate.wait()
+        self.log.append((self.name, flow.id))
+
+
+async def while_waiting(indexed, change):
+    """Deliver one request event; while its first handler waits, ``change`` the addons."""
+    log: list = []
+    gate = Gate("gate", log)
+    parent = Seen("loader", log, children=[Seen("old", log)])
+    with taddons.context(gate, parent, Seen("z", log)) as tctx:
+        if indexed:
+            HookIndex.install(tctx.master.addons)
+        event = tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        task = asyncio.ensure_future(event)
+        await asyncio.sleep(0)
+        change(tctx.master.addons, parent, log)
+        gate.gate.set()
+        await task
+    return [name for name, _ in log]
+
+
+def reload_script(manager, parent, log):
+    """What the script loader does on a reload: the old module out, the new one in."""
+    manager.remove(parent.addons[0])
+    parent.addons[:] = [Seen("new", log)]
+    manager.register(parent.addons[0])
+
+
+def add_addon(manager, parent, log):
+    manager.add(Seen("added", log))
+
+
+@pytest.mark.parametrize("change", [reload_script, add_addon])
+async def test_addons_that_change_while_an_event_waits_are_seen_as_mitmproxy_sees_them(change):
+    assert await while_waiting(True, change) == await while_waiting(False, change)
+
+
+async def test_a_script_reloaded_while_an_event_waits_gets_it_new_not_old():
+    names = await while_waiting(True, reload_script)
+    assert "new" in names and "old" not in names
+
+
+async def test_a_hook_lookup_that_raises_costs_only_that_addon_the_event(caplog):
+    caplog.set_level(logging.ERROR)
+    log: list = []
+
+    class Flaky:
+        armed = False
+
+        @property
+        def request(self):
+            if self.armed:
+                raise RuntimeError("not ready")
+
+    flaky = Flaky()
+    with taddons.context(flaky, Seen("after", log)) as tctx:
+        flaky.armed = True
+        HookIndex.install(tctx.master.addons)
+        for _ in range(2):
+            await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+    assert [name for name, _ in log] == ["after", "after"]
+    assert "not ready" in caplog.text
+
+
+async def test_a_hook_that_stops_being_callable_is_reported_as_mitmproxy_does(caplog):
+    caplog.set_level(logging.ERROR)
+    log: list = []
+    odd = Seen("odd", log)
+    with taddons.context(odd, Seen("b", log)) as tctx:
+        HookIndex.install(tctx.master.addons)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        odd.request = 42
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+    assert [name for name, _ in log] == ["odd", "b", "b"]
+    assert "not callable" in caplog.text
+
+
+async def test_a_failing_handlers_traceback_is_trimmed_as_mitmproxy_trims_it(caplog):
+    caplog.set_level(logging.ERROR)
+    with taddons.context(Seen("boom", [], fail=True)) as tctx:
+        HookIndex.install(tctx.master.addons)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+    record = next(r for r in caplog.records if "Addon error" in r.getMessage())
+    assert "claude_router/dispatch.py" not in logging.Formatter().formatException(record.exc_info)
+
+
+async def test_invalidate_makes_a_hook_set_at_run_time_seen():
+    log: list = []
+    late = Silent("late")
+    with taddons.context(late) as tctx:
+        index = HookIndex.install(tctx.master.addons)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        late.request = lambda flow: log.append("late")
+        index.invalidate()
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+    assert log == ["late"]
+
+
+def test_a_manager_whose_class_changed_the_dispatch_is_left_alone():
+    class Traced(addonmanager.AddonManager):
+        def invoke_addon_sync(self, addon, event):
+            return super().invoke_addon_sync(addon, event)
+
+    with taddons.context() as tctx:
+        manager = Traced(tctx.master)
+        assert HookIndex.install(manager) is None

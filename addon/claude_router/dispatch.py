@@ -8,17 +8,24 @@ the hook up by name. Only a handful of them implement any given hook. Measured u
 (``./scripts/bench --profile``), that walk was about a third of the router process's CPU, for
 the router and plain mitmdump alike.
 
-``HookIndex`` replaces ``trigger_event`` on one manager instance (never the class) with one
-that looks the hook up once per event name and keeps, per chain element, the addons that
-implement it. What each handler sees is unchanged: the same order, the same arguments, async
-handlers awaited, an exception logged by mitmproxy's own ``safecall`` and the rest of that
-chain element skipped, ``AddonHalt`` ending the event. The index is dropped whenever the
-addons can have changed: on ``register``, ``remove``, ``clear``, and around every
-``configure``, ``load``, ``running`` and ``done`` event, which go through mitmproxy's own walk
-(the script loader adds, removes and reorders scripts while configuring). The synchronous
-``trigger`` is indexed the same way: mitmproxy delivers an ``add_log`` event through it for every
-log record. An addon whose hook attribute is neither callable nor a module sends that
-event through mitmproxy's own walk, which reports it.
+``HookIndex`` replaces ``trigger_event`` and ``trigger`` on one manager instance (never the
+class) with a delivery that looks the hook up once per event name and keeps, per chain element,
+the addons that implement it. What each handler sees is unchanged: the same order, the same
+arguments, async handlers awaited, an exception logged by mitmproxy's own ``safecall`` (with
+the same trimmed traceback) and the rest of that chain element skipped, ``AddonHalt`` ending the
+event. Where addons can change, mitmproxy's own walk does the delivery:
+
+- a chain element with sub-addons (the script loader, which holds every ``-s`` script, the
+  router included) is walked live by mitmproxy's ``invoke_addon`` for every event, so a script
+  loaded, reloaded or removed while an event is on its way is seen as mitmproxy would see it;
+- the index is dropped on ``register``, ``remove`` and ``clear``, and around ``configure``,
+  ``load``, ``running`` and ``done``, which go through mitmproxy's walk; if the addons change
+  while an event is being delivered, the rest of that event goes through mitmproxy's walk;
+- an event whose index cannot be built (a hook attribute that is not callable, a lookup that
+  raises) goes through mitmproxy's walk, which reports the problem.
+
+What the index cannot see: a hook method set on or deleted from an addon object after start,
+or the chain reordered in place. An addon that does that calls ``invalidate()``.
 """
 
 import inspect
@@ -35,6 +42,10 @@ _UNINDEXABLE = object()
 # Events during which addons are added, removed or reordered (the script loader does it while
 # configuring): delivered by mitmproxy's own walk, the index dropped before and after.
 _CHANGING = frozenset({"configure", "load", "running", "done"})
+# mitmproxy's own dispatch, all of which must be unchanged for the index to stand in for it.
+_DISPATCH = ("trigger_event", "trigger", "invoke_addon", "invoke_addon_sync", "_iter_hooks",
+             "register", "remove", "clear")
+_LIVE = None  # an index entry delivered by mitmproxy's own walk of that chain element
 
 
 class HookIndex:
@@ -43,30 +54,29 @@ class HookIndex:
     def __init__(self, manager: addonmanager.AddonManager) -> None:
         self.manager = manager
         self._index: dict[str, object] = {}
+        self._generation = 0  # counts changes of the addons
         self._walk = manager.trigger_event  # mitmproxy's own, bound
         self._walk_sync = manager.trigger
-        self._wrapped: dict[str, Callable] = {}
+        self._wrapped: list[str] = []
 
     # -- installation ----------------------------------------------------------------------
 
     @classmethod
     def install(cls, manager: addonmanager.AddonManager) -> "HookIndex | None":
         """Index ``manager``'s hooks, unless it is indexed already or its dispatch is not
-        mitmproxy's own (then it is left alone)."""
+        mitmproxy's own (a subclass or another tool changed it: then it is left alone)."""
         if getattr(manager, _MARK, None) is not None:
             return None
-        if getattr(type(manager), "trigger_event", None) is not addonmanager.AddonManager.trigger_event \
-                or "trigger_event" in vars(manager) or "trigger" in vars(manager):
+        own = vars(addonmanager.AddonManager)
+        if any(getattr(type(manager), n, None) is not own[n] or n in vars(manager) for n in _DISPATCH):
             log.debug("router: the addon manager's dispatch is not mitmproxy's own; left as is")
             return None
         index = cls(manager)
         for name in ("register", "remove", "clear"):
-            original = getattr(manager, name)
-            index._wrapped[name] = original
-            setattr(manager, name, index._invalidating(original))
-        index._wrapped["trigger"] = manager.trigger
+            setattr(manager, name, index._invalidating(getattr(manager, name)))
         manager.trigger = index.trigger
         manager.trigger_event = index.trigger_event
+        index._wrapped = ["register", "remove", "clear", "trigger", "trigger_event"]
         setattr(manager, _MARK, index)
         return index
 
@@ -76,100 +86,159 @@ class HookIndex:
             return
         for name in self._wrapped:
             vars(manager).pop(name, None)
-        vars(manager).pop("trigger_event", None)
         delattr(manager, _MARK)
+
+    def invalidate(self) -> None:
+        """The addons changed: look every hook up again at its next event."""
+        self._index.clear()
+        self._generation += 1
 
     def _invalidating(self, method: Callable) -> Callable:
         def call(*args, **kwargs):
-            self._index.clear()
+            self.invalidate()
             try:
                 return method(*args, **kwargs)
             finally:
-                self._index.clear()
+                self.invalidate()
         return call
 
     # -- the index ---------------------------------------------------------------------------
 
     def handlers(self, name: str) -> object:
-        """Per chain element with at least one handler: (addon, name) pairs, in walk order."""
+        """Per chain element with something to deliver, in chain order: (position, element,
+        the addons that implement the hook, or _LIVE for mitmproxy's own walk of it)."""
         found = self._index.get(name)
         if found is None:
-            found = self._index[name] = self._build(name)
+            try:
+                found = self._build(name)
+            except Exception:  # noqa: BLE001 - a lookup that raises: mitmproxy's walk reports it
+                found = _UNINDEXABLE
+            self._index[name] = found
         return found
 
     def _build(self, name: str) -> object:
-        chain = []
-        for element in self.manager.chain:
-            owners = []
-            for a in addonmanager.traverse([element]):
-                func = getattr(a, name, None)
-                if not func or isinstance(func, types.ModuleType):
-                    continue
-                if not callable(func):
-                    return _UNINDEXABLE
-                owners.append(a)
-            if owners:
-                chain.append(tuple(owners))
-        return tuple(chain)
+        entries = []
+        for pos, element in enumerate(self.manager.chain):
+            if hasattr(element, "addons"):
+                entries.append((pos, element, _LIVE))
+                continue
+            func = getattr(element, name, None)
+            if not func or isinstance(func, types.ModuleType):
+                continue
+            if not callable(func):
+                return _UNINDEXABLE
+            entries.append((pos, element, (element,)))
+        return tuple(entries)
 
-    # -- dispatch ----------------------------------------------------------------------------
+    # -- delivery ----------------------------------------------------------------------------
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         name = event.name
         if name in _CHANGING:
-            self._index.clear()
+            self.invalidate()
             try:
                 await self._walk(event)
             finally:
-                self._index.clear()
+                self.invalidate()
             return
-        chain = self.handlers(name)
-        if chain is _UNINDEXABLE:
+        entries = self.handlers(name)
+        if entries is _UNINDEXABLE:
             await self._walk(event)
             return
-        if not chain:
-            return
+        manager = self.manager
+        chain = manager.chain  # the list mitmproxy's walk would go over
+        generation = self._generation
         args = event.args()
-        for owners in chain:
+        rest = 0
+        for pos, element, owners in entries:
+            if self._generation != generation:
+                break
             try:
                 with addonmanager.safecall():
-                    for a in owners:
-                        func = getattr(a, name, None)
-                        if not func or not callable(func):
-                            continue
-                        res = func(*args)
-                        if res is not None and inspect.isawaitable(res):
-                            await res
+                    if owners is _LIVE:
+                        await manager.invoke_addon(element, event)
+                    else:
+                        await invoke_addon(owners, name, args)
+            except exceptions.AddonHalt:
+                return
+            rest = pos + 1
+        if self._generation == generation:
+            return
+        # The addons changed while this event was on its way: the rest as mitmproxy walks it.
+        for element in chain[rest:]:
+            try:
+                with addonmanager.safecall():
+                    await manager.invoke_addon(element, event)
             except exceptions.AddonHalt:
                 return
 
     def trigger(self, event: hooks.Hook) -> None:
         """The synchronous delivery (``configure``, and ``add_log`` for every log record)."""
         name = event.name
-        if name in _CHANGING:  # addons may come and go while it is delivered
-            self._index.clear()
+        if name in _CHANGING:
+            self.invalidate()
             try:
                 self._walk_sync(event)
             finally:
-                self._index.clear()
+                self.invalidate()
             return
-        chain = self.handlers(name)
-        if chain is _UNINDEXABLE:
+        entries = self.handlers(name)
+        if entries is _UNINDEXABLE:
             self._walk_sync(event)
             return
-        if not chain:
-            return
+        manager = self.manager
+        chain = manager.chain
+        generation = self._generation
         args = event.args()
-        for owners in chain:
+        rest = 0
+        for pos, element, owners in entries:
+            if self._generation != generation:
+                break
             try:
                 with addonmanager.safecall():
-                    for a in owners:
-                        func = getattr(a, name, None)
-                        if not func or not callable(func):
-                            continue
-                        if inspect.iscoroutinefunction(func):
-                            raise exceptions.AddonManagerError(
-                                f"Async handler {name} ({a}) cannot be called from sync context")
-                        func(*args)
+                    if owners is _LIVE:
+                        manager.invoke_addon_sync(element, event)
+                    else:
+                        invoke_addon_sync(owners, name, args)
             except exceptions.AddonHalt:
                 return
+            rest = pos + 1
+        if self._generation == generation:
+            return
+        for element in chain[rest:]:
+            try:
+                with addonmanager.safecall():
+                    manager.invoke_addon_sync(element, event)
+            except exceptions.AddonHalt:
+                return
+
+
+# Named as mitmproxy's own: its error log cuts tracebacks at frames with these names.
+
+async def invoke_addon(owners: tuple, name: str, args: list) -> None:
+    for a in owners:
+        func = _hook(a, name)
+        if func is not None:
+            res = func(*args)
+            if res is not None and inspect.isawaitable(res):
+                await res
+
+
+def invoke_addon_sync(owners: tuple, name: str, args: list) -> None:
+    for a in owners:
+        func = _hook(a, name)
+        if func is not None:
+            if inspect.iscoroutinefunction(func):
+                raise exceptions.AddonManagerError(
+                    f"Async handler {name} ({a}) cannot be called from sync context")
+            func(*args)
+
+
+def _hook(addon, name: str):
+    """The handler as mitmproxy would find it now (None: nothing to call)."""
+    func = getattr(addon, name, None)
+    if not func or isinstance(func, types.ModuleType):
+        return None
+    if not callable(func):
+        raise exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
+    return func
