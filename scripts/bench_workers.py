@@ -10,7 +10,10 @@ Targets, each in front of the same mock relay (scripts/mock_relay.py):
     router     one plain mitmdump -s addon/router.py (memory store), no haproxy: the reference
     workers=N  scripts/workers.py: N workers + haproxy + their own redis-server
 
-Throughput: keep-alive aiohttp clients (one connection each, like scripts/bench.py's), small
+Throughput: --client wrk (the default when wrk is installed: a C load generator, one thread,
+--concurrency keep-alive connections; every answer checked for 200 and X-Used-Endpoint) or
+aiohttp (keep-alive clients, one connection each, like scripts/bench.py's; in Python it takes
+a quarter to a third of a core at these rates, cores the proxies then lack), small
 non-streaming POST /v1/messages, --seconds per target per round, rounds interleaved so machine
 noise hits every target alike; the best and the median round are reported, with the CPU the
 router processes used meanwhile (cores) and requests per router CPU-second, which machine noise
@@ -98,6 +101,59 @@ def start_router(tmp: Path, mock: str) -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("the router did not start")
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-api-key"] = "bench"
+wrk.headers["anthropic-version"] = "2023-06-01"
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) bad = 0 end
+function response(status, headers, body)
+  if status ~= 200 or (headers["X-Used-Endpoint"] or headers["x-used-endpoint"]) ~= "ok" then
+    bad = bad + 1
+  end
+end
+function done(summary, latency, requests)
+  local b = 0
+  for _, t in ipairs(threads) do b = b + t:get("bad") end
+  local e = summary.errors
+  io.write(string.format("WRK_RESULT %d %d %d %d\\n", summary.requests, b,
+    e.connect + e.read + e.write + e.timeout, summary.duration))
+end
+"""
+
+
+async def throughput_wrk(url: str, conc: int, seconds: float, pids: list[int] = ()) -> dict:
+    """The same measurement with wrk (C, one thread): the load generator then takes a small
+    share of the cores the proxies compete for."""
+    script = Path(tempfile.mkdtemp(prefix="wrk-")) / "post.lua"
+    script.write_text(WRK_SCRIPT.format(body=json.dumps(BODY.decode())))
+
+    async def run(secs: float) -> tuple[int, int, float]:
+        proc = await asyncio.create_subprocess_exec(
+            "wrk", "-t1", f"-c{conc}", f"-d{secs:g}s", "--timeout", "30s", "-s", str(script),
+            url + "/v1/messages", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        line = next((ln for ln in out.decode(errors="replace").splitlines()
+                     if ln.startswith("WRK_RESULT")), None)
+        if line is None:
+            raise RuntimeError(f"wrk gave no result:\n{out.decode(errors='replace')[-800:]}")
+        n, bad, failed, micros = (int(x) for x in line.split()[1:])
+        return n - bad, bad + failed, micros / 1e6
+
+    try:
+        await run(1)  # connect and warm up
+        cpu0, busy0 = cpu_seconds(pids), machine_busy()
+        done, errors, secs = await run(seconds)
+        cpu, busy = cpu_seconds(pids) - cpu0, machine_busy() - busy0
+    finally:
+        shutil.rmtree(script.parent, ignore_errors=True)
+    await asyncio.sleep(0.2)
+    return {"rps": done / secs, "errors": errors, "cpu": cpu, "busy": busy}
 
 
 async def throughput(url: str, conc: int, seconds: float, pids: list[int] = ()) -> dict:
@@ -198,8 +254,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--streams", type=int, default=400, help="0: skip the streams test")
     ap.add_argument("--ramp", type=float, default=1.0, help="seconds over which the streams open")
+    ap.add_argument("--client", choices=["wrk", "aiohttp"],
+                    help="load generator for req/s: wrk (C; the default when installed) or "
+                         "aiohttp (Python, as scripts/bench.py: it takes a larger share of the cores)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.client is None:
+        try:
+            workers.ensure_installed("wrk", "wrk")  # apt-get, as for haproxy
+        except SystemExit:
+            print("# wrk could not be installed: measuring with the aiohttp client", flush=True)
+        args.client = "wrk" if shutil.which("wrk") else "aiohttp"
+    measure = throughput_wrk if args.client == "wrk" else throughput
     tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     procs: list[subprocess.Popen] = []
     clusters: list[workers.Cluster] = []
@@ -219,7 +285,8 @@ def main() -> int:
             targets[f"workers={n}"] = c.url
             procs_of[f"workers={n}"] = lambda c=c: [w["pid"] for w in c.refresh()["workers"]]
         print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before; concurrency "
-              f"{args.concurrency}, {args.seconds:g} s x {args.rounds} rounds per target", flush=True)
+              f"{args.concurrency}, {args.seconds:g} s x {args.rounds} rounds per target, "
+              f"client {args.client}", flush=True)
         rps: dict[str, list[float]] = {t: [] for t in targets}
         errs: dict[str, int] = {t: 0 for t in targets}
         router_cpu = {t: 0.0 for t in targets}  # CPU seconds of the router processes
@@ -228,7 +295,7 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for t in order:
-                res = asyncio.run(throughput(targets[t], args.concurrency, args.seconds, procs_of[t]()))
+                res = asyncio.run(measure(targets[t], args.concurrency, args.seconds, procs_of[t]()))
                 router_cpu[t] += res["cpu"]
                 busy[t] += res["busy"]
                 rps[t].append(res["rps"])

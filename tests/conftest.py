@@ -155,8 +155,9 @@ class RouterProc:
 
 def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
                   options: dict | None = None, tool: str = "mitmdump", config: Path | None = None,
-                  env: dict | None = None, wait: bool = True) -> RouterProc:
-    """Start mitmdump (or mitmweb) with the addon on a free port; the caller stops it."""
+                  env: dict | None = None, wait: bool = True, scripts: tuple = ()) -> RouterProc:
+    """Start mitmdump (or mitmweb) with the addon (and any further ``scripts`` after it) on a
+    free port; the caller stops it."""
     tool = MITMWEB if tool == "mitmweb" else MITMDUMP
     port = free_port()
     confdir = workdir / f"conf{name}"
@@ -164,7 +165,7 @@ def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
     if config is not None:
         (confdir / "config.yaml").write_text(config.read_text())
     args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
-            "-s", str(ROOT / "addon" / "router.py"),
+            "-s", str(ROOT / "addon" / "router.py"), *(a for s in scripts for a in ("-s", str(s))),
             "--listen-host", (options or {}).get("listen_host", "127.0.0.1"), "--listen-port", str(port),
             "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
     if mode == "reverse":
@@ -193,8 +194,10 @@ def start_router(tmp_path):
     procs: list[RouterProc] = []
 
     def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump",
-              config: Path | None = None, env: dict | None = None, wait: bool = True):
-        r = launch_router(tmp_path, f"{len(procs)}", endpoints, mode, options, tool, config, env, wait)
+              config: Path | None = None, env: dict | None = None, wait: bool = True,
+              scripts: tuple = ()):
+        r = launch_router(tmp_path, f"{len(procs)}", endpoints, mode, options, tool, config, env, wait,
+                          scripts)
         procs.append(r)
         return r
 

@@ -87,3 +87,24 @@ async def test_already_answered_flow_is_left_alone():
     before = f.response.status_code
     await router.request(f)
     assert f.response.status_code == before
+
+
+async def test_the_hook_index_is_on_by_default_and_follows_its_option():
+    router = Router()
+    with taddons.context(router) as tctx:
+        manager = tctx.master.addons
+        router.running()
+        assert "trigger_event" in vars(manager)  # the index stands in for mitmproxy's walk
+        tctx.configure(router, router_hook_index=False)
+        assert "trigger_event" not in vars(manager)
+        tctx.configure(router, router_hook_index=True)
+        assert "trigger_event" in vars(manager)
+        router.hook_index.uninstall()
+
+
+async def test_with_the_hook_index_off_none_is_installed():
+    router = Router()
+    with taddons.context(router) as tctx:
+        tctx.configure(router, router_hook_index=False)
+        router.running()
+        assert "trigger_event" not in vars(tctx.master.addons)

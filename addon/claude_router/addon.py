@@ -93,6 +93,8 @@ class Router:
         self.heads = HeadDeadlines()
         self.body_limit: int = 32_000_000
         self._backstop: str | None = None  # the body_size_limit the router set
+        self.hook_index: dispatch.HookIndex | None = None  # router_hook_index
+        self._running = False
         self.conversations = Conversations(clock)
         self.admin = Admin(self)
         self.addons = [self.admin]  # its commands
@@ -149,7 +151,7 @@ class Router:
             self.conversations.cache_ttl = float(opts.router_cache_ttl)
         if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
-        if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url",
+        if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url", "router_hook_index",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = options.settings(ctx.options)
         if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host", "mode"}:
@@ -164,6 +166,8 @@ class Router:
             if opts.body_size_limit in (None, self._backstop):
                 self._backstop = backstop
                 opts.update(body_size_limit=backstop)
+        if "router_hook_index" in updated and self._running:
+            self._index_hooks(opts.router_hook_index)
         if "connection_strategy" in updated and opts.connection_strategy != "lazy":
             # Eager mode dials the reverse target or CONNECT host before any hook runs,
             # which fails for hosts the router never contacts.
@@ -217,10 +221,18 @@ class Router:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
         _quiet_request_log()
         runtime.tune_gc()
-        dispatch.HookIndex.install(ctx.master.addons)
+        self._running = True
+        self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
             self._watcher = self.spawn(self._watch_config())
+
+    def _index_hooks(self, on: bool) -> None:
+        if on and self.hook_index is None:
+            self.hook_index = dispatch.HookIndex.install(ctx.master.addons)
+        elif not on and self.hook_index is not None:
+            self.hook_index.uninstall()
+            self.hook_index = None
 
     async def _announce(self) -> None:
         if not self.endpoints:
