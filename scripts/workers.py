@@ -6,7 +6,8 @@
     python scripts/workers.py --workers 2 [--port 8080] [--host 127.0.0.1] [--regular]
         [--worker-base 8081] [--log-dir DIR] [--info-file FILE] [-- MITMDUMP ARGS...]
 
-What runs (every process is a child of this supervisor; Ctrl-C or SIGTERM stops them all):
+What runs (every process is a child of this supervisor; Ctrl-C or SIGTERM stops them all,
+after the requests in flight have finished, --drain seconds at most; a second Ctrl-C at once):
 
     redis-server  only when no router_redis_url is configured (neither in the arguments after
                   --, nor in the confdir's config.yaml): on a unix socket in a private temp
@@ -18,6 +19,10 @@ What runs (every process is a child of this supervisor; Ctrl-C or SIGTERM stops 
                   leastconn, a TCP health check of every worker port every 2 s, and a new
                   connection that meets a dead worker retried on a live one; plus a stats page
                   and HAProxy's own Prometheus metrics on a loopback port (--stats-port)
+
+SIGHUP to the supervisor restarts the workers one at a time without losing a request: haproxy
+sends the worker no new connections, the worker finishes what it has (its keep-alive clients
+get Connection: close and reconnect to another worker), exits, and its successor starts.
 
 A worker that exits is restarted (after 0.25 s, doubling up to 10 s while it keeps dying
 within 30 s of its start); so are haproxy and the supervisor's own redis-server. The moment a
@@ -84,7 +89,7 @@ global
     nbthread 1
     log stdout format raw local0 info
     stats socket {socket} mode 600 level admin
-    hard-stop-after 10s
+    hard-stop-after {hard_stop}s
 
 defaults
     mode tcp
@@ -250,6 +255,7 @@ class Plan:
     demo: bool = False
     mock_port: int | None = None
     prefix: str = "endpoint_health_"
+    drain: int = 30  # seconds a draining worker may take to finish its requests
 
     @property
     def redis_socket(self) -> Path:
@@ -284,6 +290,7 @@ class Plan:
         if self.demo:
             for tier in ("aws", "droid", "ultra", "claude"):
                 argv += ["--set", f"router_endpoints={tier}=http://127.0.0.1:{self.mock_port}/{tier}"]
+        argv += ["--set", f"router_drain_timeout={self.drain}"]
         return argv + self.extra
 
     def redis_argv(self) -> list[str]:
@@ -309,7 +316,8 @@ class Plan:
         return haproxy_config(f"Written by scripts/workers.py for this run; haproxy -db -f {self.haproxy_cfg}",
                               self.host, self.port,
                               [(f"w{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(self.worker_ports)],
-                              self.haproxy_socket, self.idle, self.stats_port)
+                              self.haproxy_socket, self.idle, self.stats_port,
+                              hard_stop=self.drain + 10)
 
     def haproxy_argv(self) -> list[str]:
         # -db: foreground, no daemon. (Not -q: it silences the log on stdout too.)
@@ -317,7 +325,8 @@ class Plan:
 
 
 def haproxy_config(header: str, host: str, port: int, servers: list[tuple[str, str]],
-                   sock: Path | str, idle: int, stats_port: int | None, connect: str = "5s") -> str:
+                   sock: Path | str, idle: int, stats_port: int | None, connect: str = "5s",
+                   hard_stop: int = 10) -> str:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
     maxconn = max(256, min(50_000, (hard - 200) // 2))  # two descriptors per connection
@@ -326,7 +335,8 @@ def haproxy_config(header: str, host: str, port: int, servers: list[tuple[str, s
     backups = "\n".join(f"    server {name}-open {addr} backup no-check" for name, addr in servers)
     stats = HAPROXY_STATS.format(port=stats_port) if stats_port else ""
     return HAPROXY_CFG.format(header=header, maxconn=maxconn, socket=sock, idle=idle, bind=bind,
-                              servers=lines, backups=backups, stats=stats, connect=connect)
+                              servers=lines, backups=backups, stats=stats, connect=connect,
+                              hard_stop=hard_stop)
 
 
 def front_config(servers: list[str], host: str, port: int, idle: int) -> str:
@@ -447,9 +457,12 @@ class Supervisor:
         self.haproxy = Child("haproxy", p.haproxy_argv(), p.log_dir, port=p.port,
                              host="127.0.0.1" if p.host in ("", "0.0.0.0", "::") else p.host)
         self.stopping = asyncio.Event()
+        self.hurry = False  # a second Ctrl-C: stop without draining
         self.running = False
         self.watchers: list[asyncio.Task] = []
         self.restarts = {c.name: 0 for c in self.children}
+        self.replacing: set[str] = set()  # workers draining for a rolling restart
+        self.rolling: asyncio.Task | None = None
 
     @property
     def children(self) -> list[Child]:
@@ -463,12 +476,22 @@ class Supervisor:
             nonlocal signals
             signals += 1
             if signals > 1:  # a second Ctrl-C: no more waiting
+                self.hurry = True
                 for c in self.children:
                     c.kill_now()
             self.stopping.set()
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        def on_hangup() -> None:
+            if not self.running or self.stopping.is_set():
+                return
+            if self.rolling is not None and not self.rolling.done():
+                say("a rolling restart is already under way")
+                return
+            self.rolling = loop.create_task(self.rolling_restart())
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
             try:
                 await self.start_all()
@@ -482,13 +505,18 @@ class Supervisor:
             self.write_info()
             self.watchers = [loop.create_task(self.watch(c)) for c in self.children]
             await self.stopping.wait()
-            say("stopping: haproxy, then the workers" + (", then redis" if self.redis else ""))
+            say(f"stopping: haproxy takes no new connections; the workers finish what they have "
+                f"({self.plan.drain} s at most; Ctrl-C again: at once)"
+                + (", then redis stops" if self.redis else ""))
             return 0
         finally:
             self.running = False
-            for t in self.watchers:
+            for t in [*self.watchers, *([self.rolling] if self.rolling else [])]:
                 t.cancel()
-            await asyncio.gather(*self.watchers, return_exceptions=True)
+            await asyncio.gather(*self.watchers, *([self.rolling] if self.rolling else []),
+                                 return_exceptions=True)
+            if self.stopping.is_set() and not self.hurry:
+                await self.drain_all()
             await self.haproxy.stop()
             await asyncio.gather(*(w.stop() for w in self.workers))
             for c in (self.mock, self.redis):
@@ -535,6 +563,52 @@ class Supervisor:
         if why := await self.haproxy.ready(15):
             raise StartError(f"haproxy on {p.host}:{p.port} {why}" + self.tail(self.haproxy))
 
+    async def drain_all(self) -> None:
+        """A graceful stop: haproxy stops listening (its connections go on), every worker
+        finishes the requests it has (router.drain: Connection: close to keep-alive clients,
+        exit when nothing is in flight, or after --drain seconds), then everything stops."""
+        if self.haproxy.proc is not None and self.haproxy.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.haproxy.proc.send_signal(signal.SIGUSR1)  # haproxy's soft stop
+        live = [w for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        for w in live:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(w.proc.wait() for w in live)),
+                                   self.plan.drain + STOP_GRACE)
+
+    async def rolling_restart(self) -> None:
+        """SIGHUP: replace the workers one at a time. haproxy sends the draining worker no new
+        connections; it finishes its requests (router.drain), exits and is started again at
+        once; haproxy takes it back when it accepts connections. Then the next one."""
+        n = len(self.workers)
+        say(f"rolling restart of {n} workers, one at a time" + (
+            "" if n > 1 else " (with one worker, new connections fail while it restarts)"))
+        sock = self.plan.haproxy_socket
+        for w in self.workers:
+            old = w.pid
+            if old is None or w.proc.returncode is not None:
+                continue  # dead: its watcher is restarting it already
+            self.replacing.add(w.name)
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await haproxy_command(sock, f"set server workers/{w.name} state drain")
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + self.plan.drain + STOP_GRACE + START_TIMEOUT
+            while time.monotonic() < deadline and not self.stopping.is_set():
+                if w.pid != old and w.proc.returncode is None and await w.ready(0.5) is None:
+                    break
+                await asyncio.sleep(0.1)
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await haproxy_command(sock, f"set server workers/{w.name} state ready")
+            if self.stopping.is_set():
+                return
+            if w.pid == old:
+                say(f"rolling restart: {w.name} did not come back in time; stopping here")
+                return
+        say("rolling restart done")
+
     def tail(self, c: Child) -> str:
         if c.log_path is None:
             return ""  # its output was shown as it came
@@ -552,6 +626,11 @@ class Supervisor:
             if self.stopping.is_set() or not self.running:
                 return
             ran = time.monotonic() - c.started_at
+            if c.name in self.replacing:  # drained for a rolling restart: its successor now
+                self.replacing.discard(c.name)
+                say(f"{c.name} (pid {proc.pid}) drained and exited after {ran:.1f} s; starting its successor")
+                await self.restart(c)
+                continue
             quick = 0 if ran >= STABLE_AFTER else quick + 1
             delay = min(RESTART_MAX, RESTART_FIRST * 2 ** max(0, quick - 1))
             if c in self.workers:
@@ -566,18 +645,21 @@ class Supervisor:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             if self.stopping.is_set():
                 return
-            if c is self.haproxy:
-                self.plan.haproxy_cfg.write_text(self.plan.haproxy_config())
-            t0 = time.monotonic()
-            await c.start()
-            self.restarts[c.name] += 1
-            self.write_info()
-            why = await c.ready(START_TIMEOUT)
-            if why is None:
-                if c in self.workers:  # it accepts connections: no need to wait for the next check
-                    with contextlib.suppress(OSError, asyncio.TimeoutError):
-                        await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} health up")
-                say(f"{c.name} is back (pid {c.pid}), {time.monotonic() - t0:.1f} s after its restart")
+            await self.restart(c)
+
+    async def restart(self, c: Child) -> None:
+        if c is self.haproxy:
+            self.plan.haproxy_cfg.write_text(self.plan.haproxy_config())
+        t0 = time.monotonic()
+        await c.start()
+        self.restarts[c.name] += 1
+        self.write_info()
+        why = await c.ready(START_TIMEOUT)
+        if why is None:
+            if c in self.workers:  # it accepts connections: no need to wait for the next check
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} health up")
+            say(f"{c.name} is back (pid {c.pid}), {time.monotonic() - t0:.1f} s after its restart")
 
     def info(self) -> dict:
         p = self.plan
@@ -634,7 +716,9 @@ class Supervisor:
             "One status view, counters summed over the workers:",
             f"  ./scripts/status {status}",
             "Prometheus: scrape every worker's /_router/metrics and sum over the instances.",
-            "A worker that exits is restarted; Ctrl-C stops everything.",
+            "A worker that exits is restarted. Rolling restart (each worker drained, then replaced):",
+            f"  kill -HUP {os.getpid()}",
+            f"Ctrl-C stops everything, letting requests in flight finish ({p.drain} s at most).",
         ]
         if p.demo:
             lines += ["", *demo_message(p)]
@@ -698,6 +782,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--stats-port", type=int, default=0,
                     help="haproxy's stats page and Prometheus metrics on this loopback port "
                          "(default: a free port; -1: none)")
+    ap.add_argument("--drain", type=int, default=30, metavar="SECONDS",
+                    help="how long a worker may take to finish the requests it has when it is "
+                         "stopped (Ctrl-C) or replaced (SIGHUP: rolling restart); default 30")
     ap.add_argument("--idle-timeout", type=int, default=3600,
                     help="seconds haproxy keeps a silent connection (default 3600)")
     ap.add_argument("--no-install", action="store_true", help="never apt-get a missing haproxy or redis-server")
@@ -736,7 +823,8 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
                 log_dir=args.log_dir.resolve() if args.log_dir else None, stats_port=stats,
                 idle=args.idle_timeout, redis_url=redis_url, demo=args.demo,
                 mock_port=free_port() if args.demo else None,
-                prefix=configured(extra, "router_key_prefix") or "endpoint_health_")
+                prefix=configured(extra, "router_key_prefix") or "endpoint_health_",
+                drain=max(0, args.drain))
 
 
 def main(argv: list[str] | None = None) -> int:

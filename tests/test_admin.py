@@ -8,7 +8,8 @@ from mitmproxy.test import taddons, tflow
 
 from claude_router.addon import Router
 
-COMMANDS = {"router.status", "router.reset", "router.forget", "router.disable", "router.enable"}
+COMMANDS = {"router.status", "router.reset", "router.forget", "router.disable", "router.enable",
+            "router.drain"}
 
 
 @pytest.fixture

@@ -366,3 +366,71 @@ def test_tls_and_http2_pass_through_the_balancer_untouched(cluster, mock):
         assert headers[":status"] == "200" and headers["x-used-endpoint"] == "aws"
         assert types[0] == "message_start" and types[-1] == "message_stop"
         assert "content_block_delta" in types
+
+
+def test_a_rolling_restart_under_load_loses_no_request(mock, tmp_path):
+    """SIGHUP to the supervisor: each worker drained (no new connections, keep-alive clients
+    told to leave, its requests finished) and replaced, one at a time, while SDK clients keep
+    sending requests and streams: not one fails, even with the SDK's retries off."""
+    import threading
+
+    import anthropic
+
+    mock.fault("aws", event_gap_ms=40, words=10)  # streams of about half a second
+    c = workers.start_cluster(2, [f"aws={mock.url('aws')}"], tmp=tmp_path, extra=[
+        "--set", f"confdir={tmp_path / 'conf'}", "--set", "termlog_verbosity=info"])
+    try:
+        before = {w["name"]: w["pid"] for w in c.info["workers"]}
+        stop = threading.Event()
+        done, failed = [], []
+        threads: list[threading.Thread] = []
+
+        def load(n: int) -> None:
+            client = anthropic.Anthropic(base_url=c.url, api_key="test", max_retries=0, timeout=30)
+            while not stop.is_set():
+                try:
+                    if n % 2:
+                        with client.messages.stream(**MSG) as s:
+                            assert s.get_final_message().stop_reason == "end_turn"
+                    else:
+                        assert client.messages.create(**MSG).content
+                    done.append(n)
+                except Exception as e:  # noqa: BLE001 - every failure is what the test counts
+                    failed.append(f"{e!r} ({e.__cause__!r})")
+
+        threads += [threading.Thread(target=load, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        c.proc.send_signal(signal.SIGHUP)
+        replaced = wait_for(lambda: all(
+            w["pid"] != before[w["name"]] for w in c.refresh()["workers"]), timeout=60, every=0.2)
+        time.sleep(1.0)  # and both successors serve
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        c.stop()
+    assert replaced, f"the workers were not replaced: {c.info['workers']}"
+    assert failed == [] and len(done) > 20, (len(done), failed[:5])
+
+
+def test_stopping_the_workers_lets_the_stream_in_flight_finish(mock, tmp_path):
+    """Ctrl-C (SIGTERM) to the supervisor: haproxy takes no new connections, the stream in
+    flight ends whole, then everything exits."""
+    mock.fault("aws", event_gap_ms=100, words=20)  # about 2.5 s
+    c = workers.start_cluster(2, [f"aws={mock.url('aws')}"], tmp=tmp_path, extra=[
+        "--set", f"confdir={tmp_path / 'conf'}", "--set", "termlog_verbosity=info"])
+    pids = [w["pid"] for w in c.info["workers"]]
+    try:
+        with httpx.stream("POST", f"{c.url}/v1/messages", json=STREAM, timeout=30) as s:
+            assert s.status_code == 200
+            c.proc.send_signal(signal.SIGTERM)
+            body = s.read().decode()
+        assert "message_stop" in body
+        assert c.proc.wait(30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"{c.url}/v1/messages", json=MSG, timeout=5)
+    finally:
+        c.stop()
+    assert not any(_alive(p) for p in pids)

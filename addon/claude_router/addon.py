@@ -1,6 +1,7 @@
 """The mitmproxy addon: its hooks and options, gluing the router's pieces together. Who may
 use it is in `access`, its pages and commands in `admin` (a sub-addon), the cost strategy's
-conversations in `conversations`, what the options make in `options`.
+conversations in `conversations`, what the options make in `options`, draining in `drain`
+(a sub-addon).
 
 Request path (all async, every wait bounded): the `request` hook checks the client's key, runs
 the attempt loop (`routing`), then either sets a complete `flow.response` or parks the
@@ -24,6 +25,7 @@ from . import access, admin, config, decoding, dispatch, options, policy, runtim
 from .admin import Admin, reply
 from .affinity import MemoryAffinity, RedisAffinity
 from .conversations import Conversations
+from .drain import Drain
 from .connections import Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
 from .errors import error_body
@@ -97,7 +99,8 @@ class Router:
         self._running = False
         self.conversations = Conversations(clock)
         self.admin = Admin(self)
-        self.addons = [self.admin]  # its commands
+        self.drain = Drain()
+        self.addons = [self.admin, self.drain]
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:

@@ -66,6 +66,13 @@ INT_OPTIONS = {  # name: (default, minimum, help)
         head, its body dropped unread; a chunked one once it is read.
         """,
     ),
+    "router_drain_timeout": (
+        30, 0,
+        """
+        Seconds a drain (kill -USR1, the router.drain command, a rolling restart or stop of
+        --workers) waits for the requests in flight to finish before the process exits.
+        """,
+    ),
     "router_head_timeout": (
         30, 0,
         """

@@ -1,0 +1,148 @@
+"""Draining: stop taking connections, let the requests in flight finish, then exit.
+
+``kill -USR1 PID`` (or the ``router.drain`` command) closes the router's listening sockets
+(mitmproxy's ``server`` option), keeps serving the connections it has, answers each of their
+HTTP/1 requests with ``Connection: close`` so that keep-alive clients move on to another
+process, and shuts mitmproxy down once no request is in flight and either no client
+connection is left or none has sent a request for QUIET seconds (a client that just got the
+end of a stream whose headers went out before the drain may send its next request on the same
+connection: it is answered, with ``Connection: close``), or after ``router_drain_timeout``
+seconds with whatever is still running. ``./scripts/run --workers N``
+uses it for rolling restarts (SIGHUP) and a graceful stop (Ctrl-C): a stream in flight ends
+as it would have. A sub-addon of the router.
+"""
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from mitmproxy import command, ctx, http
+
+log = logging.getLogger("claude_router")
+
+
+QUIET = 1.0  # seconds without a request after which open client connections are closed
+
+
+def done_waiting(in_flight: int, connections: int, now: float, last_request: float,
+                 deadline: float) -> bool:
+    """Shut down at the deadline; before it, once nothing is in flight and no client
+    connection is left, or none has sent a request for QUIET seconds."""
+    if now >= deadline:
+        return True
+    if in_flight:
+        return False
+    return connections == 0 or now - last_request >= QUIET
+
+
+class Drain:
+    name = "router_drain"  # mitmproxy's name for this addon (default: the class name)
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.flows: set[str] = set()  # ids of the flows whose answer is not complete yet
+        self.connections: set[str] = set()  # ids of the open client connections
+        self.last_request = 0.0  # when the last request came or ended
+        self.draining = False
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.flows)
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def running(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            # (only in the main thread, and not on every platform)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.start)
+
+    def client_connected(self, client) -> None:
+        self.connections.add(client.id)
+
+    def client_disconnected(self, client) -> None:
+        self.connections.discard(client.id)
+        self._changed_now()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.flows.add(flow.id)
+        self.last_request = self.clock()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._close_after(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # (Not Connection: close here: a streamed response's headers went out without it, and
+        # closing after it would race the client's next request on that connection.)
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def _close_after(self, flow: http.HTTPFlow) -> None:
+        if self.draining and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+            flow.response.headers["connection"] = "close"
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        self.flows.discard(flow.id)
+        self.last_request = self.clock()
+        self._changed_now()
+
+    def _changed_now(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    # -- draining ----------------------------------------------------------------------------
+
+    @command.command("router.drain")
+    def drain(self) -> None:
+        """Stop taking connections, finish the requests in flight (router_drain_timeout at
+        most), then shut down. Also: kill -USR1 PID."""
+        self.start()
+
+    def start(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        timeout = ctx.options.router_drain_timeout
+        log.warning(f"router: draining: no new connections; {self.in_flight} requests in flight "
+                    f"get up to {timeout} s to finish")
+        self._changed = asyncio.Event()
+        ctx.options.update(server=False)  # closes the listening sockets, not the connections
+        self._task = asyncio.get_running_loop().create_task(self._finish(self.clock() + timeout))
+
+    async def _finish(self, deadline: float) -> None:
+        while not done_waiting(self.in_flight, len(self.connections), self.clock(),
+                               self.last_request, deadline):
+            self._changed.clear()
+            wake = min(deadline, self.last_request + QUIET) if not self.in_flight else deadline
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.01, wake - self.clock())):
+                    await self._changed.wait()
+        if self.in_flight:
+            log.warning(f"router: drain timeout: shutting down with {self.in_flight} requests in flight")
+        else:
+            log.warning("router: drained: no request in flight; shutting down")
+        await self._close_connections()
+        ctx.master.shutdown()
+
+    async def _close_connections(self, wait: float = 1.0) -> None:
+        """Close the client connections left (idle keep-alive ones) as mitmproxy closes an
+        inactive one, rather than leave them to the shutdown."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        if proxyserver is None or not self.connections:
+            return
+        for cid in list(self.connections):
+            handler = proxyserver.connections.get(cid)
+            if handler is not None:
+                with contextlib.suppress(Exception):
+                    await handler.on_timeout()
+        deadline = self.clock() + wait
+        while self.connections and self.clock() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.01, deadline - self.clock())):
+                    await self._changed.wait()
