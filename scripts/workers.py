@@ -20,7 +20,7 @@ after the requests in flight have finished, --drain seconds at most; a second Ct
                   connection that meets a dead worker retried on a live one; plus a stats page
                   and HAProxy's own Prometheus metrics on a loopback port (--stats-port)
 
-SIGHUP to the supervisor restarts the workers one at a time without losing a request: haproxy
+SIGUSR2 to the supervisor restarts the workers one at a time without losing a request: haproxy
 sends the worker no new connections, the worker finishes what it has (its keep-alive clients
 get Connection: close and reconnect to another worker), exits, and its successor starts.
 
@@ -77,6 +77,7 @@ STABLE_AFTER = 30.0  # a child that ran this long starts its back-off afresh whe
 START_TIMEOUT = 60.0  # first start of every worker (a loaded 2-core machine is slow)
 STOP_GRACE = 5.0
 SETTLE = 0.5  # a first start counts once the worker still runs this long after opening its port
+SUCCESSOR_SETTLE = 2.0  # the same for a rolling restart's successor: a bad deploy must show here
 
 # The balancer. mode tcp: the bytes pass untouched (HTTP/1.1, HTTP/2, TLS in regular mode), so
 # every router feature works as with one process. Timeouts are idle timeouts (a stream that
@@ -481,7 +482,7 @@ class Supervisor:
                     c.kill_now()
             self.stopping.set()
 
-        def on_hangup() -> None:
+        def on_restart() -> None:
             if not self.running or self.stopping.is_set():
                 return
             if self.rolling is not None and not self.rolling.done():
@@ -489,9 +490,9 @@ class Supervisor:
                 return
             self.rolling = loop.create_task(self.rolling_restart())
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (HUP: the terminal closed)
             loop.add_signal_handler(sig, on_signal)
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        loop.add_signal_handler(signal.SIGUSR2, on_restart)
         try:
             try:
                 await self.start_all()
@@ -567,9 +568,13 @@ class Supervisor:
         """A graceful stop: haproxy stops listening (its connections go on), every worker
         finishes the requests it has (router.drain: Connection: close to keep-alive clients,
         exit when nothing is in flight, or after --drain seconds), then everything stops."""
-        if self.haproxy.proc is not None and self.haproxy.proc.returncode is None:
+        haproxy = self.haproxy.proc
+        if haproxy is not None and haproxy.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.haproxy.proc.send_signal(signal.SIGUSR1)  # haproxy's soft stop
+                haproxy.send_signal(signal.SIGUSR1)  # haproxy's soft stop
+            # Connections haproxy is handing over now must reach a listening worker (closing
+            # a listener resets what waits in its accept queue).
+            await asyncio.sleep(0.5)
         live = [w for w in self.workers if w.proc is not None and w.proc.returncode is None]
         for w in live:
             with contextlib.suppress(ProcessLookupError):
@@ -577,9 +582,13 @@ class Supervisor:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(w.proc.wait() for w in live)),
                                    self.plan.drain + STOP_GRACE)
+        if haproxy is not None and haproxy.returncode is None:
+            # its last bytes to slow clients: haproxy exits by itself once its connections end
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(haproxy.wait(), 3)
 
     async def rolling_restart(self) -> None:
-        """SIGHUP: replace the workers one at a time. haproxy sends the draining worker no new
+        """SIGUSR2: replace the workers one at a time. haproxy sends the draining worker no new
         connections; it finishes its requests (router.drain), exits and is started again at
         once; haproxy takes it back when it accepts connections. Then the next one."""
         n = len(self.workers)
@@ -593,21 +602,36 @@ class Supervisor:
             self.replacing.add(w.name)
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await haproxy_command(sock, f"set server workers/{w.name} state drain")
+            starts = w.starts
             with contextlib.suppress(ProcessLookupError):
                 w.proc.send_signal(signal.SIGUSR1)
-            deadline = time.monotonic() + self.plan.drain + STOP_GRACE + START_TIMEOUT
-            while time.monotonic() < deadline and not self.stopping.is_set():
-                if w.pid != old and w.proc.returncode is None and await w.ready(0.5) is None:
-                    break
-                await asyncio.sleep(0.1)
+            serving = await self.successor_serving(w, starts)
+            self.replacing.discard(w.name)
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await haproxy_command(sock, f"set server workers/{w.name} state ready")
             if self.stopping.is_set():
                 return
-            if w.pid == old:
-                say(f"rolling restart: {w.name} did not come back in time; stopping here")
+            if not serving:
+                say(f"rolling restart: {w.name}'s successor is not serving; stopping here, the "
+                    "other workers keep running as they are" + self.tail(w))
                 return
         say("rolling restart done")
+
+    async def successor_serving(self, w: Child, starts: int) -> bool:
+        """Wait for a draining worker to exit and its successor (start number starts + 1) to
+        serve; False as soon as the successor exits, or when that takes too long."""
+        deadline = time.monotonic() + self.plan.drain + STOP_GRACE + START_TIMEOUT
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if w.starts == starts:  # the old process is still finishing its requests
+                await asyncio.sleep(0.1)
+                continue
+            if w.starts > starts + 1 or w.proc.returncode is not None:
+                return False  # the successor exited (a bad deploy): it is being restarted
+            if await w.ready(0.5) is None:
+                # A process that fails at start-up opens its port before it exits.
+                await asyncio.sleep(SUCCESSOR_SETTLE)
+                return w.starts == starts + 1 and w.proc.returncode is None
+        return False
 
     def tail(self, c: Child) -> str:
         if c.log_path is None:
@@ -717,7 +741,7 @@ class Supervisor:
             f"  ./scripts/status {status}",
             "Prometheus: scrape every worker's /_router/metrics and sum over the instances.",
             "A worker that exits is restarted. Rolling restart (each worker drained, then replaced):",
-            f"  kill -HUP {os.getpid()}",
+            f"  kill -USR2 {os.getpid()}",
             f"Ctrl-C stops everything, letting requests in flight finish ({p.drain} s at most).",
         ]
         if p.demo:
@@ -784,7 +808,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                          "(default: a free port; -1: none)")
     ap.add_argument("--drain", type=int, default=30, metavar="SECONDS",
                     help="how long a worker may take to finish the requests it has when it is "
-                         "stopped (Ctrl-C) or replaced (SIGHUP: rolling restart); default 30")
+                         "stopped (Ctrl-C) or replaced (SIGUSR2: rolling restart); default 30 "
+                         "(a --set router_drain_timeout after -- wins)")
     ap.add_argument("--idle-timeout", type=int, default=3600,
                     help="seconds haproxy keeps a silent connection (default 3600)")
     ap.add_argument("--no-install", action="store_true", help="never apt-get a missing haproxy or redis-server")
@@ -798,6 +823,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not 1 <= args.workers <= 64:
         ap.error("--workers must be between 1 and 64")
     return args, extra
+
+
+def drain_seconds(extra: list[str], default: int) -> int:
+    """What the workers will wait: a router_drain_timeout given to them wins over --drain."""
+    try:
+        return max(0, int(configured(extra, "router_drain_timeout") or default))
+    except ValueError:
+        return max(0, default)  # mitmproxy refuses the value itself
 
 
 def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
@@ -824,7 +857,7 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
                 idle=args.idle_timeout, redis_url=redis_url, demo=args.demo,
                 mock_port=free_port() if args.demo else None,
                 prefix=configured(extra, "router_key_prefix") or "endpoint_health_",
-                drain=max(0, args.drain))
+                drain=drain_seconds(extra, args.drain))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -877,7 +910,7 @@ class Cluster:
             self.info = json.loads(self.info_file.read_text())
         return self.info
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 45.0) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

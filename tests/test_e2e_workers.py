@@ -369,7 +369,7 @@ def test_tls_and_http2_pass_through_the_balancer_untouched(cluster, mock):
 
 
 def test_a_rolling_restart_under_load_loses_no_request(mock, tmp_path):
-    """SIGHUP to the supervisor: each worker drained (no new connections, keep-alive clients
+    """SIGUSR2 to the supervisor: each worker drained (no new connections, keep-alive clients
     told to leave, its requests finished) and replaced, one at a time, while SDK clients keep
     sending requests and streams: not one fails, even with the SDK's retries off."""
     import threading
@@ -402,7 +402,7 @@ def test_a_rolling_restart_under_load_loses_no_request(mock, tmp_path):
         for t in threads:
             t.start()
         time.sleep(1.0)
-        c.proc.send_signal(signal.SIGHUP)
+        c.proc.send_signal(signal.SIGUSR2)
         replaced = wait_for(lambda: all(
             w["pid"] != before[w["name"]] for w in c.refresh()["workers"]), timeout=60, every=0.2)
         time.sleep(1.0)  # and both successors serve
@@ -434,3 +434,27 @@ def test_stopping_the_workers_lets_the_stream_in_flight_finish(mock, tmp_path):
     finally:
         c.stop()
     assert not any(_alive(p) for p in pids)
+
+
+def test_a_rolling_restart_stops_at_a_successor_that_cannot_start(mock, tmp_path):
+    """A bad deploy (here: a config file broken after start) must not take every worker down:
+    the first successor fails, the restart stops there, and the other worker goes on serving."""
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(f"endpoints:\n  - name: aws\n    url: {mock.url('aws')}\n")
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as out:
+        c = workers.start_cluster(2, [], tmp=tmp_path, stdout=out, stderr=subprocess.STDOUT, extra=[
+            "--set", f"confdir={tmp_path / 'conf'}", "--set", f"router_config={cfg}"])
+    try:
+        before = {w["name"]: w["pid"] for w in c.info["workers"]}
+        cfg.write_text("endpoints: [this is not a config\n")
+        time.sleep(1.5)  # the running workers see the broken file and keep their last good one
+        c.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "stopping here" in log.read_text(), timeout=60, every=0.2)
+        after = {w["name"]: w["pid"] for w in c.refresh()["workers"]}
+        assert after["w2"] == before["w2"] and _alive(before["w2"])
+        for _ in range(6):
+            r = httpx.post(f"{c.url}/v1/messages", json=MSG, timeout=30)
+            assert r.status_code == 200 and r.headers["x-used-endpoint"] == "aws"
+    finally:
+        c.stop()

@@ -42,33 +42,46 @@ class Drain:
 
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
-        self.flows: set[str] = set()  # ids of the flows whose answer is not complete yet
+        self.flows: dict[str, http.HTTPFlow] = {}  # the flows whose answer is not complete yet
         self.connections: set[str] = set()  # ids of the open client connections
-        self.last_request = 0.0  # when the last request came or ended
+        self.last_request = 0.0  # when a client last connected, or a request came or ended
         self.draining = False
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
     @property
     def in_flight(self) -> int:
+        """Flows still being answered. (One that mitmproxy finished without this addon's
+        response or error hook, because a hook before it failed, is no longer live.)"""
+        for fid in [fid for fid, f in self.flows.items() if not f.live]:
+            del self.flows[fid]
         return len(self.flows)
 
     # -- hooks -------------------------------------------------------------------------------
 
+    def load(self, loader) -> None:
+        self._on_signal()  # early: SIGUSR1's default action would kill a process starting up
+
     def running(self) -> None:
+        self._on_signal()
+
+    def _on_signal(self) -> None:
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            # (only in the main thread, and not on every platform)
+            # (only in the main thread, with a running loop, and not on every platform)
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.start)
 
     def client_connected(self, client) -> None:
         self.connections.add(client.id)
+        self.last_request = self.clock()  # its first request may be on its way
 
     def client_disconnected(self, client) -> None:
         self.connections.discard(client.id)
+        for fid in [fid for fid, f in self.flows.items() if f.client_conn.id == client.id]:
+            del self.flows[fid]
         self._changed_now()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self.flows.add(flow.id)
+        self.flows[flow.id] = flow
         self.last_request = self.clock()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -83,11 +96,12 @@ class Drain:
         self._done(flow)
 
     def _close_after(self, flow: http.HTTPFlow) -> None:
-        if self.draining and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+        if (self.draining and flow.response is not None and flow.response.status_code >= 200
+                and flow.request.http_version.startswith("HTTP/1")):  # (not a 101 upgrade)
             flow.response.headers["connection"] = "close"
 
     def _done(self, flow: http.HTTPFlow) -> None:
-        self.flows.discard(flow.id)
+        self.flows.pop(flow.id, None)
         self.last_request = self.clock()
         self._changed_now()
 
@@ -106,13 +120,17 @@ class Drain:
     def start(self) -> None:
         if self.draining:
             return
-        self.draining = True
         timeout = ctx.options.router_drain_timeout
+        self._changed = asyncio.Event()
+        try:
+            ctx.options.update(server=False)  # closes the listening sockets, not the connections
+            self._task = asyncio.get_running_loop().create_task(self._finish(self.clock() + timeout))
+        except Exception:  # noqa: BLE001 - a drain that could not start may be asked again
+            log.exception("router: could not start draining")
+            return
+        self.draining = True
         log.warning(f"router: draining: no new connections; {self.in_flight} requests in flight "
                     f"get up to {timeout} s to finish")
-        self._changed = asyncio.Event()
-        ctx.options.update(server=False)  # closes the listening sockets, not the connections
-        self._task = asyncio.get_running_loop().create_task(self._finish(self.clock() + timeout))
 
     async def _finish(self, deadline: float) -> None:
         while not done_waiting(self.in_flight, len(self.connections), self.clock(),
