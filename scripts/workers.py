@@ -50,7 +50,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import ipaddress
 import json
 import os
 import resource
@@ -63,6 +62,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from claude_router.access import is_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -165,15 +166,6 @@ def port_free(host: str, port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def haproxy_command(sock: Path | str, command: str, timeout: float = 2.0) -> str:
@@ -463,6 +455,7 @@ class Supervisor:
         self.watchers: list[asyncio.Task] = []
         self.restarts = {c.name: 0 for c in self.children}
         self.replacing: set[str] = set()  # workers draining for a rolling restart
+        self.in_rotation: dict[str, int] = {}  # worker -> the pid haproxy was last given back
         self.rolling: asyncio.Task | None = None
 
     @property
@@ -606,14 +599,13 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 w.proc.send_signal(signal.SIGUSR1)
             serving = await self.successor_serving(w, starts)
-            self.replacing.discard(w.name)
-            with contextlib.suppress(OSError, asyncio.TimeoutError):
-                await haproxy_command(sock, f"set server workers/{w.name} state ready")
+            self.replacing.discard(w.name)  # (its successor was put back in rotation by restart())
             if self.stopping.is_set():
                 return
             if not serving:
                 say(f"rolling restart: {w.name}'s successor is not serving; stopping here, the "
-                    "other workers keep running as they are" + self.tail(w))
+                    f"other workers keep running as they are ({w.name} stays out of rotation "
+                    "until a successor runs)" + self.tail(w))
                 return
         say("rolling restart done")
 
@@ -627,10 +619,9 @@ class Supervisor:
                 continue
             if w.starts > starts + 1 or w.proc.returncode is not None:
                 return False  # the successor exited (a bad deploy): it is being restarted
-            if await w.ready(0.5) is None:
-                # A process that fails at start-up opens its port before it exits.
-                await asyncio.sleep(SUCCESSOR_SETTLE)
-                return w.starts == starts + 1 and w.proc.returncode is None
+            if self.in_rotation.get(w.name) == w.pid:
+                return True  # restart() saw it serve for a while and gave it back to haproxy
+            await asyncio.sleep(0.1)
         return False
 
     def tail(self, c: Child) -> str:
@@ -672,17 +663,31 @@ class Supervisor:
             await self.restart(c)
 
     async def restart(self, c: Child) -> None:
+        """Start the child again. A worker is kept out of haproxy's rotation (maintenance: no
+        traffic, no checks) until it has accepted connections and stayed up for a moment: a
+        worker that fails at start-up opens its port before it exits, and haproxy's own checks
+        would send it clients in between."""
+        worker = c in self.workers
+        sock = self.plan.haproxy_socket
         if c is self.haproxy:
             self.plan.haproxy_cfg.write_text(self.plan.haproxy_config())
+        if worker:
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await haproxy_command(sock, f"set server workers/{c.name} state maint")
         t0 = time.monotonic()
         await c.start()
         self.restarts[c.name] += 1
         self.write_info()
         why = await c.ready(START_TIMEOUT)
+        if why is None and worker:
+            await asyncio.sleep(SUCCESSOR_SETTLE)
+            if c.proc.returncode is not None:
+                return  # it failed after all: its watcher restarts it, still out of rotation
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await haproxy_command(sock, f"set server workers/{c.name} state ready")
+                await haproxy_command(sock, f"set server workers/{c.name} health up")
+            self.in_rotation[c.name] = c.pid
         if why is None:
-            if c in self.workers:  # it accepts connections: no need to wait for the next check
-                with contextlib.suppress(OSError, asyncio.TimeoutError):
-                    await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} health up")
             say(f"{c.name} is back (pid {c.pid}), {time.monotonic() - t0:.1f} s after its restart")
 
     def info(self) -> dict:

@@ -955,13 +955,19 @@ class FaultToggler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _flip(self) -> None:
+        name = self.rand.choice(self.names)
+        self.mock.fault(name, **self.rand.choice(RECOVERABLE_FAULTS), **self.extra)
+        self.flips += 1
+
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            name = self.rand.choice(self.names)
-            self.mock.fault(name, **self.rand.choice(RECOVERABLE_FAULTS), **self.extra)
-            self.flips += 1
+            self._flip()
 
     def __enter__(self):
+        # A failing endpoint from the first request on, however fast the requests are.
+        self.mock.fault(self.names[0], status=529, **self.extra)
+        self.flips += 1
         self._thread.start()
         return self
 
