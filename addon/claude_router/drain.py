@@ -136,7 +136,9 @@ class Drain:
         while not done_waiting(self.in_flight, len(self.connections), self.clock(),
                                self.last_request, deadline):
             self._changed.clear()
-            wake = min(deadline, self.last_request + QUIET) if not self.in_flight else deadline
+            # In flight: looked at again every QUIET seconds (a flow can stop being live without
+            # a hook). Else: connections are open and a request came less than QUIET ago.
+            wake = min(deadline, (self.clock() if self.in_flight else self.last_request) + QUIET)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.01, wake - self.clock())):
                     await self._changed.wait()
