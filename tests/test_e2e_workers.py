@@ -415,9 +415,10 @@ def test_a_rolling_restart_under_load_loses_no_request(mock, tmp_path):
     assert failed == [] and len(done) > 20, (len(done), failed[:5])
 
 
-def test_stopping_the_workers_lets_the_stream_in_flight_finish(mock, tmp_path):
-    """Ctrl-C (SIGTERM) to the supervisor: haproxy takes no new connections, the stream in
-    flight ends whole, then everything exits."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stopping_the_workers_lets_the_stream_in_flight_finish(mock, tmp_path, sig):
+    """SIGTERM (as Ctrl-C) or SIGHUP (the terminal closed) to the supervisor: haproxy takes no
+    new connections, the stream in flight ends whole, then everything exits."""
     mock.fault("aws", event_gap_ms=100, words=20)  # about 2.5 s
     c = workers.start_cluster(2, [f"aws={mock.url('aws')}"], tmp=tmp_path, extra=[
         "--set", f"confdir={tmp_path / 'conf'}", "--set", "termlog_verbosity=info"])
@@ -425,7 +426,7 @@ def test_stopping_the_workers_lets_the_stream_in_flight_finish(mock, tmp_path):
     try:
         with httpx.stream("POST", f"{c.url}/v1/messages", json=STREAM, timeout=30) as s:
             assert s.status_code == 200
-            c.proc.send_signal(signal.SIGTERM)
+            c.proc.send_signal(sig)
             body = s.read().decode()
         assert "message_stop" in body
         assert c.proc.wait(30) == 0
