@@ -42,7 +42,8 @@ class Drain:
 
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
-        self.flows: dict[str, http.HTTPFlow] = {}  # the flows whose answer is not complete yet
+        # The flows whose answer is not complete yet, by client connection id and flow id.
+        self.flows: dict[str, dict[str, http.HTTPFlow]] = {}
         self.connections: set[str] = set()  # ids of the open client connections
         self.last_request = 0.0  # when a client last connected, or a request came or ended
         self.draining = False
@@ -53,9 +54,12 @@ class Drain:
     def in_flight(self) -> int:
         """Flows still being answered. (One that mitmproxy finished without this addon's
         response or error hook, because a hook before it failed, is no longer live.)"""
-        for fid in [fid for fid, f in self.flows.items() if not f.live]:
-            del self.flows[fid]
-        return len(self.flows)
+        for cid, flows in list(self.flows.items()):
+            for fid in [fid for fid, f in flows.items() if not f.live]:
+                del flows[fid]
+            if not flows:
+                del self.flows[cid]
+        return sum(map(len, self.flows.values()))
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -76,12 +80,11 @@ class Drain:
 
     def client_disconnected(self, client) -> None:
         self.connections.discard(client.id)
-        for fid in [fid for fid, f in self.flows.items() if f.client_conn.id == client.id]:
-            del self.flows[fid]
+        self.flows.pop(client.id, None)
         self._changed_now()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self.flows[flow.id] = flow
+        self.flows.setdefault(flow.client_conn.id, {})[flow.id] = flow
         self.last_request = self.clock()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -101,7 +104,11 @@ class Drain:
             flow.response.headers["connection"] = "close"
 
     def _done(self, flow: http.HTTPFlow) -> None:
-        self.flows.pop(flow.id, None)
+        flows = self.flows.get(flow.client_conn.id)
+        if flows is not None:
+            flows.pop(flow.id, None)
+            if not flows:
+                del self.flows[flow.client_conn.id]
         self.last_request = self.clock()
         self._changed_now()
 
