@@ -61,3 +61,20 @@ ensure_venv() {
   fi
   echo "$venv/bin/python"
 }
+
+# ensure_tools BINARY:PACKAGE ...: install the Debian packages of missing server binaries with
+# apt-get (root only); otherwise say what is missing and which tests will skip.
+ensure_tools() {
+  local missing=() spec
+  for spec in "$@"; do
+    command -v "${spec%%:*}" >/dev/null 2>&1 || missing+=("${spec#*:}")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing ${missing[*]} with apt-get ..." >&2
+    (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+      || echo "note: apt-get could not install ${missing[*]}; the tests that need them will skip" >&2
+  else
+    echo "note: ${missing[*]} not installed (needs root: sudo apt-get install ${missing[*]}); the tests that need them will skip" >&2
+  fi
+}

@@ -961,6 +961,12 @@ class FaultToggler:
         self.flips += 1
 
     def _run(self) -> None:
+        # The first flip waits until the failing endpoint has been tried: on a busy machine the
+        # first requests may reach the mock later than the first flip would have healed it.
+        deadline = time.monotonic() + 10
+        while not self.mock.count(self.names[0]) and time.monotonic() < deadline:
+            if self._stop.wait(0.01):
+                return
         while not self._stop.wait(self.every):
             self._flip()
 
