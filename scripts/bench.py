@@ -1148,6 +1148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-rate", type=float, default=200, help="streams opened per second (200)")
     p.add_argument("--stream-targets", default="direct,mitmdump+stream,router",
                    help="streams phase targets (direct,mitmdump+stream,router)")
+    p.add_argument("--stream-rounds", type=int, default=1,
+                   help="run every level and target this many times, order rotated (1)")
     a = p.parse_args(argv)
     quick = {"duration": 0.6, "requests": 60, "rss_requests": 500, "sse_streams": 4, "rounds": 2}
     full = {"duration": 3.0, "requests": 500, "rss_requests": 10000, "sse_streams": 30, "rounds": 3}
@@ -1162,6 +1164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.stream_gap_ms = a.stream_gap_ms if a.stream_gap_ms is not None else 100 if a.quick else 250
     if (a.streams_only and not a.stream_levels) or min(a.stream_levels, default=1) < 1 \
             or a.stream_events < 7 or a.stream_gap_ms < 0 or a.stream_rate <= 0 \
+            or a.stream_rounds < 1 \
             or not set(a.stream_targets) <= set(bench_streams.TARGETS):
         p.error(f"streams: levels must be positive, at least 7 events, a positive rate, "
                 f"targets among {','.join(bench_streams.TARGETS)}")

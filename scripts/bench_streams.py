@@ -8,6 +8,9 @@ Run through ``scripts/bench``:
                                             table at levels 1000,2000 (about 2.5 minutes more;
                                             ``--no-streams`` leaves it out)
     ./scripts/bench --quick                 smoke run: level 100, events 100 ms apart
+    ./scripts/bench --streams 1000 --stream-rounds 5    every level and target 5 times (the
+                                            order rotated each round): a table of every round's
+                                            p99s and their median besides the first round's table
     --stream-events 40 --stream-gap-ms 250 --stream-rate 200    the stream shape (defaults)
 
 Each level runs every target once, each in a fresh process (a fresh mitmdump per target per
@@ -548,30 +551,39 @@ class StreamsPhase:
         self.mock_proc = self.procs.items[-1][1]
         B.note(f"streams: mock relay at {self.mock}; levels {levels}, {a.stream_events} events "
                f"{a.stream_gap_ms} ms apart, opened at {a.stream_rate:g}/s")
-        for li, level in enumerate(levels):
-            k = li % len(TARGETS)
-            for name in TARGETS[k:] + TARGETS[:k]:
-                if name not in a.stream_targets:
-                    continue
-                t = clock()
-                try:
-                    r = await self.run_level_target(name, level)
-                except (OSError, RuntimeError, ValueError) as e:
-                    r = {"status": f"failed: {type(e).__name__}: {e}"}
-                self.runs.setdefault(str(level), {})[name] = r
-                B.note(f"streams: {level} streams, {name}: {r['status']}, "
-                       f"{r.get('errors', '–')} errors, event delay p99 "
-                       f"{fmt(r.get('event_delay_ms', {}).get('p99'))} ms, "
-                       f"{clock() - t:.0f}s")
-        for runs in self.runs.values():
-            base = runs.get(BASE, {}).get("cpu_per_stream_ms")
-            for r in runs.values():
-                if base and r.get("cpu_per_stream_ms") is not None:
-                    r["cpu_vs_mitmdump"] = r["cpu_per_stream_ms"] / base
+        # Rounds: every level again, the order rotated on, so that a run that happened to hit
+        # a busy moment shows as one round of several. The main table is the first round.
+        rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for rnd in range(a.stream_rounds):
+            for li, level in enumerate(levels):
+                k = (li + rnd) % len(TARGETS)
+                for name in TARGETS[k:] + TARGETS[:k]:
+                    if name not in a.stream_targets:
+                        continue
+                    t = clock()
+                    try:
+                        r = await self.run_level_target(name, level)
+                    except (OSError, RuntimeError, ValueError) as e:
+                        r = {"status": f"failed: {type(e).__name__}: {e}"}
+                    self.runs.setdefault(str(level), {}).setdefault(name, r)
+                    rounds.setdefault(str(level), {}).setdefault(name, []).append(r)
+                    B.note(f"streams: {level} streams, {name}"
+                           + (f" (round {rnd + 1})" if a.stream_rounds > 1 else "")
+                           + f": {r['status']}, {r.get('errors', '–')} errors, event delay p99 "
+                           f"{fmt(r.get('event_delay_ms', {}).get('p99'))} ms, "
+                           f"{clock() - t:.0f}s")
+            for per_level in rounds.values():
+                base = per_level.get(BASE, [])
+                for runs in per_level.values():
+                    for i, r in enumerate(runs):
+                        b = base[i].get("cpu_per_stream_ms") if i < len(base) else None
+                        if b and r.get("cpu_per_stream_ms") is not None:
+                            r["cpu_vs_mitmdump"] = r["cpu_per_stream_ms"] / b
         return {"settings": {"levels": levels, "events": a.stream_events,
                              "gap_ms": a.stream_gap_ms, "rate": a.stream_rate,
-                             "client_processes": CLIENTS},
-                "runs": self.runs, "notes": self.notes}
+                             "client_processes": CLIENTS, "rounds": a.stream_rounds},
+                "runs": self.runs, "rounds": rounds if a.stream_rounds > 1 else {},
+                "notes": self.notes}
 
 
 async def run(args, procs, tmp: Path) -> dict[str, Any]:
@@ -645,6 +657,32 @@ def render(res: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
             f"brackets the gc time inside that stall); longest gc of any generation and the "
             f"number of gen-2 collections. Client: {s['client_processes']} processes of raw "
             f"asyncio, CPU seconds and max loop lag per run: " + "; ".join(client_notes) + "."]
+    if res.get("rounds"):
+        out += ["", f"Rounds ({s['rounds']}, each a fresh process per target, the order rotated):"
+                " every round's value, then the median", "",
+                "| streams | target | event delay p99 (ms) | first content event p99 (ms) "
+                "| CPU vs mitmdump | errors |", "|---:|---|---|---|---|---:|"]
+        for level, per_target in res["rounds"].items():
+            for name in TARGETS:
+                runs = [r for r in per_target.get(name, []) if r.get("status") == "ok"]
+                if not runs:
+                    continue
+
+                def series(get, digits=None):
+                    vals = [get(r) for r in runs]
+                    vals = [v for v in vals if v is not None]
+                    if not vals:
+                        return "–"
+                    med = sorted(vals)[len(vals) // 2] if len(vals) % 2 else \
+                        sum(sorted(vals)[len(vals) // 2 - 1:len(vals) // 2 + 1]) / 2
+                    return (", ".join(fmt(v, digits) for v in vals)
+                            + f" (median {fmt(med, digits)})")
+
+                out.append("| " + " | ".join([
+                    level, name, series(lambda r: r["event_delay_ms"]["p99"]),
+                    series(lambda r: r["first_content_ms"]["p99"]),
+                    "–" if name in ("direct", BASE) else series(lambda r: r.get("cpu_vs_mitmdump"), 2),
+                    str(sum(r["errors"] for r in runs))]) + " |")
     if machine:
         m = machine
         out += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python "
