@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import secrets
 import shutil
 import signal
@@ -930,6 +931,60 @@ def test_http2_client_with_overlapping_streams_leaves_no_socket_behind(mock, sta
     print(f"\n24 HTTP/2 streams (3 x 8 at once), client gone: fds {before['fds']} -> {after['fds']}, "
           f"sockets {states}")
     assert states.get("CLOSE_WAIT", 0) == 0
+
+
+def fds_below(pid: int, limit: int) -> int:
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) < limit)
+
+
+def test_a_router_out_of_file_descriptors_answers_529_and_blames_no_endpoint(mock, start_router):
+    """EMFILE when the router opens an upstream connection is the router's own trouble: the
+    client gets a 529 overloaded_error at once, no endpoint is tried further or blamed, the log
+    says so in a line or two, and the router serves normally as soon as descriptors are free."""
+    mock.fault("aws", event_gap_ms=200)
+    router = start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"],
+                          options={"router_max_failures": 1})
+    pid = router.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    with httpx.Client(base_url=router.base, timeout=30) as held, \
+            held.stream("POST", "/v1/messages", json=stream_msg("held")) as stream:
+        # The router's only upstream connection is busy with this stream: the next request
+        # needs a new one. Leave the router exactly two free descriptors.
+        body = stream.iter_raw()
+        first = next(body)
+        limit = next(n for n in range(len(os.listdir(f"/proc/{pid}/fd")), 1 << 16)
+                     if n - fds_below(pid, n) == 2)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            idle = socket.create_connection(("127.0.0.1", router.port))  # takes one
+            deadline = time.monotonic() + 5
+            while limit - fds_below(pid, limit) > 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            # The accept takes the last one; the upstream connection finds none.
+            r = httpx.post(router.base + "/v1/messages", json=MSG, timeout=10)
+            idle.close()
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        rest = b"".join(body)
+    assert r.status_code == 529, r.text
+    err = r.json()["error"]
+    assert err["type"] == "overloaded_error"
+    assert "out of file descriptors" in err["message"]
+    assert r.headers["retry-after"] == "1"
+    assert r.headers["x-router-attempts"].startswith("aws:local")
+    assert mock.count("droid") == 0  # no other endpoint was tried: it would fail the same way
+    assert assert_complete_stream((first + rest).decode()) == "Hello from aws. You said: held"
+    # Nobody blamed (one counted failure would have cooled aws): the next request goes to aws.
+    mock.fault("aws")
+    ok = httpx.post(router.base + "/v1/messages", json=MSG, timeout=10)
+    assert ok.status_code == 200 and ok.headers["x-router-attempts"] == "aws:200"
+    status = httpx.get(router.base + "/_router/status", timeout=10).json()
+    assert all(ep["consecutive_failures"] == 0 and ep["failures"] == 0 for ep in status["endpoints"])
+    log = router.wait_log("none is blamed")
+    assert "out of file descriptors" in log
+    # The listener's failed accepts (asyncio retries every second) make one line, no tracebacks.
+    assert log.count("cannot accept new connections: Too many open files") == 1
+    assert_clean_log(router)
 
 
 # Faults the router can always fail over from without the client noticing (nothing reaches

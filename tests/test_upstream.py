@@ -1,12 +1,14 @@
 """The pooled upstream client against a raw loopback server: how a body's silences end."""
 
 import asyncio
+import errno
+import os
 import time
 
 import pytest
 
 from claude_router.endpoints import parse_endpoint
-from claude_router.upstream import IdleWatch, Timeouts, Upstream, UpstreamError
+from claude_router.upstream import IdleWatch, Timeouts, Upstream, UpstreamError, _classify
 
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         b"transfer-encoding: chunked\r\n\r\n")
@@ -118,3 +120,22 @@ async def test_closing_the_client_stops_the_idle_sweep():
         resp.close()
         await up.close()
         assert task.done()
+
+
+def _connect_error(code: int) -> Exception:
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("127.0.0.1", 1, False, True, None, None, None)
+    return aiohttp.ClientConnectorError(key, OSError(code, os.strerror(code)))
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+def test_running_out_of_local_resources_is_the_routers_own_failure(code):
+    e = _classify(_connect_error(code))
+    assert e.kind == "local" and e.detail.startswith("the router is out of ")
+    assert _classify(OSError(code, os.strerror(code))).kind == "local"  # unwrapped too
+
+
+def test_a_refused_connection_is_still_the_endpoints():
+    assert _classify(_connect_error(errno.ECONNREFUSED)).kind == "refused"

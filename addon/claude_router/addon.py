@@ -96,6 +96,7 @@ class Router:
         self.body_limit: int = 32_000_000
         self._backstop: str | None = None  # the body_size_limit the router set
         self.hook_index: dispatch.HookIndex | None = None  # router_hook_index
+        self.accept_errors = runtime.AcceptErrors()  # out of descriptors: one line, not tracebacks
         self._running = False
         self.conversations = Conversations(clock)
         self.admin = Admin(self)
@@ -224,6 +225,7 @@ class Router:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
         _quiet_request_log()
         runtime.tune_gc()
+        self.accept_errors.install(asyncio.get_running_loop())
         self._running = True
         self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
@@ -251,6 +253,7 @@ class Router:
                         "process that reaches the router can use them")
 
     async def done(self) -> None:
+        self.accept_errors.uninstall()
         if self._watcher:
             self._watcher.cancel()
         await self.affinity.close()
@@ -588,7 +591,7 @@ class Router:
                 raise UpstreamError("reset", "stream ended before message_stop")
         except UpstreamError as e:
             info.error = f"mid-stream: {e.detail}"
-            if not counted:
+            if not counted and e.kind != "local":  # (the router's own trouble blames nobody)
                 if delivery.stalled_recently(time.monotonic()):
                     self.stats.client_stalled(name)
                     log.info(f"router: {name}'s stream broke after its client stopped reading; "

@@ -25,6 +25,7 @@ log = logging.getLogger("claude_router")
 
 BUFFER_LIMIT = 8 * 1024 * 1024  # a larger non-streaming body is streamed on, not held
 ERROR_BODY_LIMIT = 256 * 1024
+LOCAL_WARN_EVERY = 10.0  # seconds between warnings that the router itself is out of resources
 HOLD_LIMIT = 256 * 1024  # bytes of a stream's opening held back while waiting for content
 _BACKOFF_STATUSES = frozenset({429, 503, 529})
 # Upstreams are asked not to compress, so the router can read errors, stream starts and usage.
@@ -130,6 +131,16 @@ class Routing:
         self.upstream = upstream
         self.clock = clock
         self._background: set[asyncio.Task] = set()
+        self._local_warned = float("-inf")
+
+    def _warn_local(self, detail: str) -> None:
+        """At most one warning per LOCAL_WARN_EVERY seconds: an exhausted router fails every
+        request the same way, and its log must not add to the load."""
+        now = self.clock()
+        if now - self._local_warned >= LOCAL_WARN_EVERY:
+            self._local_warned = now
+            log.warning(f"router: {detail}: answering 529 without trying the endpoints, "
+                        "none is blamed")
 
     def _release_probe(self, store: HealthStore, name: str) -> None:
         """Free a half-open probe whose request ended without an outcome for the endpoint
@@ -207,6 +218,16 @@ class Routing:
                 if step.probe:
                     self._release_probe(store, ep.name)
                 result.answer = _unsendable(tried.attempt.detail)
+                return result
+            if tried.attempt.outcome == "local":
+                # The router itself could not open a connection: the next endpoint would fail
+                # the same way, and none is to blame. The client may retry shortly.
+                if step.probe:
+                    self._release_probe(store, ep.name)
+                attempts.append(tried.attempt)
+                result.counted.append(False)
+                self._warn_local(tried.attempt.detail)
+                result.answer = _local_failure(tried.attempt.detail)
                 return result
             attempts.append(tried.attempt)
             result.counted.append(tried.verdict is Verdict.COUNT)
@@ -304,8 +325,8 @@ class Routing:
         try:
             resp = await self.upstream.send(ep, req.method, req.path, headers, body, timeouts)
         except UpstreamError as e:
-            if e.kind == "unsendable":
-                return _Tried(None, Attempt(ep.name, "unsendable", e.detail))
+            if e.kind in ("unsendable", "local"):  # nothing reached the endpoint: no verdict on it
+                return _Tried(None, Attempt(ep.name, e.kind, e.detail))
             return self._transport_failure(ep, e.kind, e.detail, settings)
         try:
             resp.headers = scrub_headers(resp.headers, secrets) if secrets else resp.headers
@@ -464,6 +485,12 @@ def _no_model(model: str | None) -> Answer:
     message = f"model: {model} is not served by any endpoint of this router"
     return Answer(404, "", [("content-type", "application/json")],
                   error_body(404, message, "not_found_error"))
+
+
+def _local_failure(detail: str) -> Answer:
+    message = f"{detail}; no endpoint was tried: try again shortly"
+    return Answer(529, "", [("content-type", "application/json"), ("retry-after", "1")],
+                  error_body(529, message, "overloaded_error"))
 
 
 def _unsendable(detail: str) -> Answer:

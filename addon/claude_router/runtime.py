@@ -1,5 +1,11 @@
 """Process-wide settings that suit a long-running proxy holding many streams.
 
+Out of file descriptors, asyncio reports every failed ``accept()`` through the event loop's
+exception handler, which mitmproxy prints as "Unhandled error in task" with a traceback: up to
+a listener's backlog (100) times in a row, and again every second while it lasts. ``AcceptErrors``
+says it once every ten seconds instead, in one line that tells the operator what to do, and
+passes every other report on to the handler it replaced.
+
 Python's cyclic garbage collector stops the event loop while it runs, and a full collection
 scans every tracked object: at a thousand held streams that is several hundred thousand
 objects and a pause of a few hundred milliseconds in every stream. Two settings make it cheaper:
@@ -10,8 +16,10 @@ objects and a pause of a few hundred milliseconds in every stream. Two settings 
   of the older ones that follow them. Garbage in cycles is still collected, a little later.
 """
 
+import asyncio
 import gc
 import logging
+import time
 
 log = logging.getLogger("claude_router")
 
@@ -34,3 +42,46 @@ def tune_gc() -> None:
         gc.set_threshold(max(gen0, GEN0_THRESHOLD), gen1, gen2)
     log.debug(f"router: {gc.get_freeze_count()} start-up objects frozen; gc thresholds "
               f"{gc.get_threshold()}")
+
+
+ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message (selector_events)
+
+
+class AcceptErrors:
+    """The event loop's exception handler while installed: failed accepts of a process out of
+    resources become one warning per ``every`` seconds; everything else goes on as before."""
+
+    def __init__(self, every: float = 10.0, clock=time.monotonic) -> None:
+        self.every = every
+        self.clock = clock
+        self.failed = 0  # accepts that failed since the last warning
+        self._warned = float("-inf")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop, self._previous = loop, loop.get_exception_handler()
+            loop.set_exception_handler(self.handle)
+
+    def uninstall(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.get_exception_handler() == self.handle:
+            loop.set_exception_handler(self._previous)
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if context.get("message") == ACCEPT_ERROR and isinstance(exc, OSError):
+            self.failed += 1
+            now = self.clock()
+            if now - self._warned >= self.every:
+                self._warned = now
+                log.warning(f"router: cannot accept new connections: {exc.strerror or exc} "
+                            f"({self.failed} failed accepts; the listener retries every second). "
+                            "Raise `ulimit -n`: an open stream takes about 2 descriptors")
+                self.failed = 0
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)

@@ -206,8 +206,21 @@ def _reason(status: int, reason: str) -> str:
         return ""
 
 
+# The router's own process or machine ran out of something it needs to open a connection: no
+# endpoint is to blame, and every other one would fail the same way ("local").
+LOCAL_ERRNOS = {
+    errno.EMFILE: "file descriptors (raise `ulimit -n`)",
+    errno.ENFILE: "file descriptors (the system's limit)",
+    errno.ENOBUFS: "socket buffers",
+    errno.ENOMEM: "memory",
+}
+
+
 def _classify(e: BaseException) -> UpstreamError:
     """Turn an aiohttp/OS exception into a short, secret-free failure kind."""
+    os_error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else e
+    if isinstance(os_error, OSError) and (what := LOCAL_ERRNOS.get(os_error.errno)):
+        return UpstreamError("local", f"the router is out of {what}")
     if isinstance(e, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
         return UpstreamError("tls", "TLS handshake failed")
     if isinstance(e, aiohttp.ClientConnectorDNSError):
