@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from claude_router.access import is_loopback
+from claude_router.runtime import raise_fd_limit  # children inherit it (haproxy, redis)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -777,15 +778,6 @@ def _redacted(url: str) -> str:
     if "@" in rest.split("/", 1)[0]:
         rest = "***@" + rest.split("@", 1)[1]
     return f"{scheme}{sep}{rest}"
-
-
-def raise_fd_limit() -> None:
-    """Children inherit it: every stream costs a worker several descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
 
 
 # --------------------------------------------------------------------------------------- CLI

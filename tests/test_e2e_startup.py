@@ -1,6 +1,10 @@
-"""Starting the real mitmdump: the example config loads, bad option values are refused."""
+"""Starting the real mitmdump: the example config loads, bad option values are refused, the
+open files limit fits a thousand streams."""
 
+import re
+import resource
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +35,24 @@ def test_bad_option_values_stop_startup_with_a_clear_message(tmp_path, setting, 
     )
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if ln.startswith("Max open files"))
+    soft, hard = re.findall(r"\d+|unlimited", line)[:2]
+    return int(soft), int(hard) if hard != "unlimited" else resource.RLIM_INFINITY
+
+
+def test_a_router_started_under_a_low_soft_limit_raises_it_to_the_hard_one(start_router):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the router inherits it
+    try:
+        router = start_router([])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    router.wait_log("no endpoints configured")  # running: the limit is raised by then
+    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    assert open_files_limit(router.proc.pid)[0] == want

@@ -86,3 +86,38 @@ def test_without_a_previous_handler_the_loops_default_reports_it():
     runtime.AcceptErrors().install(loop)
     loop.handler(loop, {"message": "boom"})
     assert loop.default == [{"message": "boom"}]
+
+
+def limits(monkeypatch, soft, hard, refuse=False):
+    """Fake RLIMIT_NOFILE at (soft, hard); returns the list of limits set."""
+    import resource
+    set_to = []
+
+    def setrlimit(which, value):
+        if refuse:
+            raise ValueError("not allowed")
+        set_to.append(value)
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    return set_to
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_one(monkeypatch):
+    set_to = limits(monkeypatch, 1024, 524288)
+    assert runtime.raise_fd_limit() == (1024, 524288)
+    assert set_to == [(524288, 524288)]
+
+
+def test_an_unlimited_hard_limit_raises_the_soft_one_to_the_cap(monkeypatch):
+    import resource
+    set_to = limits(monkeypatch, 1024, resource.RLIM_INFINITY)
+    assert runtime.raise_fd_limit() == (1024, runtime.FD_CAP)
+    assert set_to == [(runtime.FD_CAP, resource.RLIM_INFINITY)]
+
+
+def test_a_limit_already_high_or_not_raisable_is_left_alone(monkeypatch):
+    set_to = limits(monkeypatch, 20000, 20000)
+    assert runtime.raise_fd_limit() == (20000, 20000) and set_to == []
+    limits(monkeypatch, 1024, 4096, refuse=True)
+    assert runtime.raise_fd_limit() == (1024, 1024)

@@ -225,6 +225,7 @@ class Router:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
         _quiet_request_log()
         runtime.tune_gc()
+        runtime.raise_fd_limit()
         self.accept_errors.install(asyncio.get_running_loop())
         self._running = True
         self._index_hooks(ctx.options.router_hook_index)

@@ -1,5 +1,9 @@
 """Process-wide settings that suit a long-running proxy holding many streams.
 
+Every held stream costs two file descriptors; a common default soft limit of 1,024 would stop
+one process near 500 streams. ``raise_fd_limit()`` raises the soft limit to the hard one (any
+process may), as nginx's ``worker_rlimit_nofile`` does.
+
 Out of file descriptors, asyncio reports every failed ``accept()`` through the event loop's
 exception handler, which mitmproxy prints as "Unhandled error in task" with a traceback: up to
 a listener's backlog (100) times in a row, and again every second while it lasts. ``AcceptErrors``
@@ -19,6 +23,7 @@ objects and a pause of a few hundred milliseconds in every stream. Two settings 
 import asyncio
 import gc
 import logging
+import resource
 import time
 
 log = logging.getLogger("claude_router")
@@ -42,6 +47,24 @@ def tune_gc() -> None:
         gc.set_threshold(max(gen0, GEN0_THRESHOLD), gen1, gen2)
     log.debug(f"router: {gc.get_freeze_count()} start-up objects frozen; gc thresholds "
               f"{gc.get_threshold()}")
+
+
+FD_CAP = 1 << 20
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit (at most FD_CAP);
+    return (before, after). A limit that cannot be raised is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_CAP)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    log.debug(f"router: open files limit raised from {soft} to {want}")
+    return soft, want
 
 
 ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message (selector_events)
