@@ -72,8 +72,12 @@ ensure_tools() {
   [ ${#missing[@]} -gt 0 ] || return 0
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "installing ${missing[*]} with apt-get ..." >&2
-    (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
-      || echo "note: apt-get could not install ${missing[*]}; the tests that need them will skip" >&2
+    local out; out="$(mktemp)"
+    if ! (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq "${missing[@]}") >"$out" 2>&1 </dev/null; then
+      tail -n 5 "$out" >&2
+      echo "note: apt-get could not install ${missing[*]}; the tests that need them will skip" >&2
+    fi
+    rm -f "$out"
   else
     echo "note: ${missing[*]} not installed (needs root: sudo apt-get install ${missing[*]}); the tests that need them will skip" >&2
   fi

@@ -155,7 +155,8 @@ class RouterProc:
 
 def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
                   options: dict | None = None, tool: str = "mitmdump", config: Path | None = None,
-                  env: dict | None = None, wait: bool = True, scripts: tuple = ()) -> RouterProc:
+                  env: dict | None = None, wait: bool = True, scripts: tuple = (),
+                  preexec=None) -> RouterProc:
     """Start mitmdump (or mitmweb) with the addon (and any further ``scripts`` after it) on a
     free port; the caller stops it."""
     tool = MITMWEB if tool == "mitmweb" else MITMDUMP
@@ -177,7 +178,8 @@ def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
             args += ["--set", f"{k}={item}"]
     log = workdir / f"router{name}.log"
     environ = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()} | (env or {})
-    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ,
+                            preexec_fn=preexec)
     router = RouterProc(proc, port, confdir, log)
     if wait:
         try:
@@ -195,9 +197,9 @@ def start_router(tmp_path):
 
     def start(endpoints, mode: str = "reverse", options: dict | None = None, tool: str = "mitmdump",
               config: Path | None = None, env: dict | None = None, wait: bool = True,
-              scripts: tuple = ()):
+              scripts: tuple = (), preexec=None):
         r = launch_router(tmp_path, f"{len(procs)}", endpoints, mode, options, tool, config, env, wait,
-                          scripts)
+                          scripts, preexec)
         procs.append(r)
         return r
 
@@ -243,7 +245,7 @@ class RedisServer:
 def _need_redis() -> None:
     import shutil
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
+        pytest.skip("redis-server is not installed (./scripts/test installs it as root)")
 
 
 @pytest.fixture(scope="session")

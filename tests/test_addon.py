@@ -100,6 +100,7 @@ async def test_the_hook_index_is_on_by_default_and_follows_its_option():
         tctx.configure(router, router_hook_index=True)
         assert "trigger_event" in vars(manager)
         router.hook_index.uninstall()
+        router.accept_errors.uninstall()
 
 
 async def test_with_the_hook_index_off_none_is_installed():
@@ -108,3 +109,4 @@ async def test_with_the_hook_index_off_none_is_installed():
         tctx.configure(router, router_hook_index=False)
         router.running()
         assert "trigger_event" not in vars(tctx.master.addons)
+        router.accept_errors.uninstall()

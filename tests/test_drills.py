@@ -941,7 +941,7 @@ def test_a_router_out_of_file_descriptors_answers_529_and_blames_no_endpoint(moc
     """EMFILE when the router opens an upstream connection is the router's own trouble: the
     client gets a 529 overloaded_error at once, no endpoint is tried further or blamed, the log
     says so in a line or two, and the router serves normally as soon as descriptors are free."""
-    mock.fault("aws", event_gap_ms=200)
+    mock.fault("aws", event_gap_ms=1000)  # the held stream lasts 12 s: its connection stays busy
     router = start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"],
                           options={"router_max_failures": 1})
     pid = router.proc.pid
@@ -952,13 +952,13 @@ def test_a_router_out_of_file_descriptors_answers_529_and_blames_no_endpoint(moc
         # needs a new one. Leave the router exactly two free descriptors.
         body = stream.iter_raw()
         first = next(body)
-        limit = next(n for n in range(len(os.listdir(f"/proc/{pid}/fd")), 1 << 16)
-                     if n - fds_below(pid, n) == 2)
+        limit = next(n for n in range(1 << 16) if n - fds_below(pid, n) == 2)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
         try:
             idle = socket.create_connection(("127.0.0.1", router.port))  # takes one
             deadline = time.monotonic() + 5
-            while limit - fds_below(pid, limit) > 1 and time.monotonic() < deadline:
+            while limit - fds_below(pid, limit) > 1:
+                assert time.monotonic() < deadline, "the router did not accept the idle connection"
                 time.sleep(0.02)
             # The accept takes the last one; the upstream connection finds none.
             r = httpx.post(router.base + "/v1/messages", json=MSG, timeout=10)
@@ -1007,6 +1007,7 @@ class FaultToggler:
         self.mock, self.names, self.every, self.extra = mock, names, every, extra
         self.rand = random.Random(seed)
         self.flips = 0
+        self.failed: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -1016,6 +1017,12 @@ class FaultToggler:
         self.flips += 1
 
     def _run(self) -> None:
+        try:
+            self._toggle()
+        except BaseException as e:  # noqa: BLE001 - re-raised in __exit__: never a silent stop
+            self.failed = e
+
+    def _toggle(self) -> None:
         # The first flip waits until the failing endpoint has been tried: on a busy machine the
         # first requests may reach the mock later than the first flip would have healed it.
         deadline = time.monotonic() + 10
@@ -1037,6 +1044,8 @@ class FaultToggler:
         self._thread.join()
         for name in self.names:
             self.mock.fault(name, **self.extra)
+        if self.failed is not None and exc[0] is None:
+            raise AssertionError("the fault toggler stopped flipping") from self.failed
 
 
 async def _nonce_stream(client: httpx.AsyncClient, nonce: str) -> dict:

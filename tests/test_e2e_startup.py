@@ -45,14 +45,13 @@ def open_files_limit(pid: int) -> tuple[int, int]:
 
 
 def test_a_router_started_under_a_low_soft_limit_raises_it_to_the_hard_one(start_router):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the router inherits it
-    try:
-        router = start_router([])
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    router = start_router([], preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
     router.wait_log("no endpoints configured")  # running: the limit is raised by then
-    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
-    assert open_files_limit(router.proc.pid)[0] == want
+    raised = open_files_limit(router.proc.pid)[0]
+    if hard == resource.RLIM_INFINITY:
+        assert raised > 256  # up to the kernel's ceiling (fs.nr_open)
+    else:
+        assert raised == min(hard, 1 << 20)

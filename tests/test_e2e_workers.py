@@ -21,10 +21,10 @@ import pytest
 from conftest import ROOT, free_port
 
 if shutil.which("haproxy") is None:
-    pytest.skip("haproxy is not installed (.ci/run installs it; or: apt-get install haproxy)",
+    pytest.skip("haproxy is not installed (./scripts/test installs it as root; or: apt-get install haproxy)",
                 allow_module_level=True)
 if shutil.which("redis-server") is None:
-    pytest.skip("redis-server is not installed (.ci/run installs it)", allow_module_level=True)
+    pytest.skip("redis-server is not installed (./scripts/test installs it as root)", allow_module_level=True)
 
 _spec = importlib.util.spec_from_file_location("router_workers", ROOT / "scripts" / "workers.py")
 workers = sys.modules.setdefault("router_workers", importlib.util.module_from_spec(_spec))

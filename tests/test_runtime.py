@@ -109,11 +109,12 @@ def test_the_soft_open_files_limit_is_raised_to_the_hard_one(monkeypatch):
     assert set_to == [(524288, 524288)]
 
 
-def test_an_unlimited_hard_limit_raises_the_soft_one_to_the_cap(monkeypatch):
+def test_an_unlimited_hard_limit_raises_the_soft_one_to_the_kernels_ceiling(monkeypatch):
     import resource
     set_to = limits(monkeypatch, 1024, resource.RLIM_INFINITY)
-    assert runtime.raise_fd_limit() == (1024, runtime.FD_CAP)
-    assert set_to == [(runtime.FD_CAP, resource.RLIM_INFINITY)]
+    monkeypatch.setattr(runtime, "_nr_open", lambda: 65536)
+    assert runtime.raise_fd_limit() == (1024, 65536)
+    assert set_to == [(65536, resource.RLIM_INFINITY)]
 
 
 def test_a_limit_already_high_or_not_raisable_is_left_alone(monkeypatch):
@@ -121,3 +122,11 @@ def test_a_limit_already_high_or_not_raisable_is_left_alone(monkeypatch):
     assert runtime.raise_fd_limit() == (20000, 20000) and set_to == []
     limits(monkeypatch, 1024, 4096, refuse=True)
     assert runtime.raise_fd_limit() == (1024, 1024)
+
+
+def test_a_second_router_leaves_the_first_ones_handler_in_place():
+    loop = FakeLoop()
+    first, second = runtime.AcceptErrors(), runtime.AcceptErrors()
+    first.install(loop)
+    second.install(loop)  # a reloaded script: no wrapper around a wrapper
+    assert loop.handler == first.handle

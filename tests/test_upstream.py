@@ -139,3 +139,28 @@ def test_running_out_of_local_resources_is_the_routers_own_failure(code):
 
 def test_a_refused_connection_is_still_the_endpoints():
     assert _classify(_connect_error(errno.ECONNREFUSED)).kind == "refused"
+
+
+def test_a_certificate_error_is_a_tls_failure():
+    import ssl
+
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("127.0.0.1", 1, True, True, None, None, None)
+    e = aiohttp.ClientConnectorCertificateError(key, ssl.SSLCertVerificationError("bad"))
+    assert _classify(e).kind == "tls"
+
+
+def test_a_failure_that_may_hide_exhaustion_is_checked_by_opening_a_socket(monkeypatch):
+    import socket
+
+    from claude_router import upstream
+
+    assert upstream.out_of_descriptors() is None  # this process can open one
+
+    def exhausted(*a, **k):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", exhausted)
+    assert upstream.out_of_descriptors().kind == "local"

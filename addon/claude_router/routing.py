@@ -294,8 +294,10 @@ class Routing:
             # The client's own answer (its key refused, ...) as sent; else what went wrong.
             own = next((t.answer for t in tried if t.answer is not None
                         and t.verdict in (Verdict.CLIENT, Verdict.RETURN)), None)
-            answer = own or Answer(502, "", [("content-type", "application/json")],
-                                   error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
+            local = next((a for a in attempts if a.outcome == "local"), None)
+            answer = own or (_local_failure(local.detail) if local else Answer(
+                502, "", [("content-type", "application/json")],
+                error_body(502, policy.all_failed_message(attempts), error_type_for(502))))
             return Result(attempts, answer=answer, counted=[False] * len(attempts))
         data = profiles.union_models(lists, used)
         if one is not None:
@@ -365,6 +367,8 @@ class Routing:
         return _Tried(None, Attempt(ep.name, str(resp.status)), winner=Winner(ep, resp, prefix, complete))
 
     def _transport_failure(self, ep: Endpoint, kind: str, detail: str, settings: Settings) -> _Tried:
+        if kind == "local":  # the router's own trouble: route() answers it, nobody is judged
+            return _Tried(None, Attempt(ep.name, kind, detail))
         if kind not in settings.rules:  # never silently counted, never silently ignored
             log.warning(f"router: {ep.name}: an outcome no rule names ({kind}: {detail}); "
                         "failing over without blame")

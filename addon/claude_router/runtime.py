@@ -56,7 +56,7 @@ def raise_fd_limit() -> tuple[int, int]:
     """Raise this process's soft limit on open files to its hard limit (at most FD_CAP);
     return (before, after). A limit that cannot be raised is left as it is."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = FD_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_CAP)
+    want = min(FD_CAP, _nr_open()) if hard == resource.RLIM_INFINITY else min(hard, FD_CAP)
     if soft == resource.RLIM_INFINITY or soft >= want:
         return soft, soft
     try:
@@ -65,6 +65,15 @@ def raise_fd_limit() -> tuple[int, int]:
         return soft, soft
     log.debug(f"router: open files limit raised from {soft} to {want}")
     return soft, want
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling for any process's limit (an unlimited hard limit still stops there)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return FD_CAP
 
 
 ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message (selector_events)
@@ -83,8 +92,10 @@ class AcceptErrors:
         self._previous = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is None:
-            self._loop, self._previous = loop, loop.get_exception_handler()
+        current = loop.get_exception_handler()
+        if self._loop is None and not isinstance(getattr(current, "__self__", None), AcceptErrors):
+            # (one per loop: a reloaded router script finds its predecessor's still in place)
+            self._loop, self._previous = loop, current
             loop.set_exception_handler(self.handle)
 
     def uninstall(self) -> None:

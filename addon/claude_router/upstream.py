@@ -10,6 +10,7 @@ import contextlib
 import errno
 import http
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -216,9 +217,22 @@ LOCAL_ERRNOS = {
 }
 
 
+def out_of_descriptors() -> UpstreamError | None:
+    """Whether this process can open a socket now: a failed name lookup or a connect that
+    failed several ways at once may hide a process out of descriptors (the resolver needs one
+    too), which is not the endpoint's fault."""
+    try:
+        socket.socket().close()
+    except OSError as e:
+        if what := LOCAL_ERRNOS.get(e.errno):
+            return UpstreamError("local", f"the router is out of {what}")
+    return None
+
+
 def _classify(e: BaseException) -> UpstreamError:
     """Turn an aiohttp/OS exception into a short, secret-free failure kind."""
-    os_error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else e
+    # (getattr: older aiohttp's certificate error has no os_error and raises on the property)
+    os_error = getattr(e, "os_error", None) if isinstance(e, aiohttp.ClientConnectorError) else e
     if isinstance(os_error, OSError) and (what := LOCAL_ERRNOS.get(os_error.errno)):
         return UpstreamError("local", f"the router is out of {what}")
     if isinstance(e, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
@@ -295,7 +309,10 @@ class Upstream:
         except TimeoutError:
             raise UpstreamError("timeout", f"no response headers within {timeouts.headers:g}s") from None
         except (aiohttp.ClientError, OSError) as e:
-            raise _classify(e) from None
+            failure = _classify(e)
+            if failure.kind in ("dns", "connect", "error"):
+                failure = out_of_descriptors() or failure
+            raise failure from None
         except (ValueError, TypeError, UnicodeError) as e:
             # aiohttp refused the request before sending it (a header it will not write):
             # no endpoint saw it, so none is to blame.
