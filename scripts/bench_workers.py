@@ -5,7 +5,11 @@ workers behind HAProxy (scripts/workers.py), all on this machine.
     .venv/py3.12/bin/python scripts/bench_workers.py [--workers 1 2] [--seconds 5]
         [--concurrency 64] [--rounds 3] [--streams 400] [--json FILE]
 
-Targets, each in front of the same mock relay (scripts/mock_relay.py):
+Targets, each in front of the same upstreams: for req/s nginx with one fixed Messages answer
+(--upstream nginx, the default; installed with apt-get like haproxy and wrk: in real use the
+upstream is another machine, here it shares the cores with the workers, so it should take as
+little as a real server does) or the Python mock relay (--upstream mock, about a fifth of a core
+at these rates); for the streams the mock relay (scripts/mock_relay.py), which paces SSE events:
 
     router     one plain mitmdump -s addon/router.py (memory store), no haproxy: the reference
     workers=N  scripts/workers.py: N workers + haproxy + their own redis-server
@@ -84,12 +88,65 @@ def start_mock(tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, line.strip().rsplit(" ", 1)[1]
 
 
-def start_router(tmp: Path, mock: str) -> tuple[subprocess.Popen, str]:
+# The throughput upstream: nginx answering every POST /ok/v1/messages with one fixed Messages
+# answer. In real use the upstream is another machine; here it shares the two cores with the
+# workers, so it should take as little of them as a real server does (the Python mock relay
+# takes about a fifth of a core at these rates). The streams test keeps the mock (SSE pacing).
+NGINX_ANSWER = json.dumps({
+    "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+    "content": [{"type": "text", "text": "Hello from ok."}], "stop_reason": "end_turn",
+    "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 4}})
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location /ok/ {{
+            default_type application/json;
+            return 200 '{answer}';
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = workers.free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, answer=NGINX_ANSWER))
+    proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "nginx.log", "wb"),
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    raise RuntimeError(f"nginx did not start: {(tmp / 'nginx-error.log').read_text(errors='replace')[-500:]}")
+
+
+def start_router(tmp: Path, mock: str, ok: str | None = None) -> tuple[subprocess.Popen, str]:
     port = workers.free_port()
     proc = subprocess.Popen([workers.MITMDUMP, "-s", workers.ROUTER_SCRIPT, "--mode", workers.REVERSE,
                              "--listen-host", "127.0.0.1", "--listen-port", str(port),
                              "--set", f"confdir={tmp / 'conf'}", *QUIET,
-                             "--set", f"router_endpoints=ok={mock}/ok",
+                             "--set", f"router_endpoints=ok={ok or mock}/ok",
                              "--set", f"router_endpoints=slow={mock}/slow"],
                             stdout=open(tmp / "router.log", "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -127,7 +184,8 @@ end
 """
 
 
-async def throughput_wrk(url: str, conc: int, seconds: float, pids: list[int] = ()) -> dict:
+async def throughput_wrk(url: str, conc: int, seconds: float, pids: list[int] = (),
+                         upstream: list[int] = ()) -> dict:
     """The same measurement with wrk (C, one thread): the load generator then takes a small
     share of the cores the proxies compete for."""
     script = Path(tempfile.mkdtemp(prefix="wrk-")) / "post.lua"
@@ -147,16 +205,17 @@ async def throughput_wrk(url: str, conc: int, seconds: float, pids: list[int] = 
 
     try:
         await run(1)  # connect and warm up
-        cpu0, busy0 = cpu_seconds(pids), machine_busy()
+        cpu0, up0, busy0 = cpu_seconds(pids), cpu_seconds(upstream), machine_busy()
         done, errors, secs = await run(seconds)
-        cpu, busy = cpu_seconds(pids) - cpu0, machine_busy() - busy0
+        cpu, up, busy = cpu_seconds(pids) - cpu0, cpu_seconds(upstream) - up0, machine_busy() - busy0
     finally:
         shutil.rmtree(script.parent, ignore_errors=True)
     await asyncio.sleep(0.2)
-    return {"rps": done / secs, "errors": errors, "cpu": cpu, "busy": busy}
+    return {"rps": done / secs, "errors": errors, "cpu": cpu, "busy": busy, "upstream_cpu": up}
 
 
-async def throughput(url: str, conc: int, seconds: float, pids: list[int] = ()) -> dict:
+async def throughput(url: str, conc: int, seconds: float, pids: list[int] = (),
+                     upstream: list[int] = ()) -> dict:
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), trust_env=False,
                                       timeout=aiohttp.ClientTimeout(total=30)) for _ in range(conc)]
     done = errors = 0
@@ -171,7 +230,7 @@ async def throughput(url: str, conc: int, seconds: float, pids: list[int] = ()) 
 
     try:
         await asyncio.gather(*(post(s) for s in sessions))  # connect and warm up
-        cpu0, busy0 = cpu_seconds(pids), machine_busy()
+        cpu0, up0, busy0 = cpu_seconds(pids), cpu_seconds(upstream), machine_busy()
         deadline = time.perf_counter() + seconds
 
         async def worker(s) -> None:
@@ -187,11 +246,11 @@ async def throughput(url: str, conc: int, seconds: float, pids: list[int] = ()) 
                     await asyncio.sleep(0.01)
 
         await asyncio.gather(*(worker(s) for s in sessions))
-        cpu, busy = cpu_seconds(pids) - cpu0, machine_busy() - busy0
+        cpu, up, busy = cpu_seconds(pids) - cpu0, cpu_seconds(upstream) - up0, machine_busy() - busy0
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
     await asyncio.sleep(0.2)
-    return {"rps": done / seconds, "errors": errors, "cpu": cpu, "busy": busy}
+    return {"rps": done / seconds, "errors": errors, "cpu": cpu, "busy": busy, "upstream_cpu": up}
 
 
 async def streams_held(url: str, n: int, ramp: float = 1.0) -> dict:
@@ -257,8 +316,18 @@ def main() -> int:
     ap.add_argument("--client", choices=["wrk", "aiohttp"],
                     help="load generator for req/s: wrk (C; the default when installed) or "
                          "aiohttp (Python, as scripts/bench.py: it takes a larger share of the cores)")
+    ap.add_argument("--upstream", choices=["nginx", "mock"],
+                    help="upstream for req/s: nginx with a fixed answer (the default when "
+                         "installed or installable: a real server takes little of the cores the "
+                         "workers need) or the Python mock relay")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.upstream is None:
+        try:
+            workers.ensure_installed("nginx", "nginx")
+        except SystemExit:
+            print("# nginx could not be installed: the mock relay is the upstream", flush=True)
+        args.upstream = "nginx" if shutil.which("nginx") or Path("/usr/sbin/nginx").exists() else "mock"
     if args.client is None:
         try:
             workers.ensure_installed("wrk", "wrk")  # apt-get, as for haproxy
@@ -273,30 +342,36 @@ def main() -> int:
     try:
         mock_proc, mock = start_mock(tmp)
         procs.append(mock_proc)
-        router_proc, router_url = start_router(tmp, mock)
+        up_proc, ok = start_nginx(tmp) if args.upstream == "nginx" else (mock_proc, mock)
+        if up_proc is not mock_proc:
+            procs.append(up_proc)
+        router_proc, router_url = start_router(tmp, mock, ok)
         procs.append(router_proc)
         targets = {"router": router_url}
         procs_of = {"router": lambda: [router_proc.pid]}
         for n in args.workers:
             (tmp / f"w{n}").mkdir()
-            c = workers.start_cluster(n, [f"ok={mock}/ok", f"slow={mock}/slow"], tmp=tmp / f"w{n}",
+            c = workers.start_cluster(n, [f"ok={ok}/ok", f"slow={mock}/slow"], tmp=tmp / f"w{n}",
                                       extra=["--set", f"confdir={tmp / 'conf'}", *QUIET])
             clusters.append(c)
             targets[f"workers={n}"] = c.url
             procs_of[f"workers={n}"] = lambda c=c: [w["pid"] for w in c.refresh()["workers"]]
         print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before; concurrency "
               f"{args.concurrency}, {args.seconds:g} s x {args.rounds} rounds per target, "
-              f"client {args.client}", flush=True)
+              f"client {args.client}, upstream {args.upstream}", flush=True)
         rps: dict[str, list[float]] = {t: [] for t in targets}
         errs: dict[str, int] = {t: 0 for t in targets}
         router_cpu = {t: 0.0 for t in targets}  # CPU seconds of the router processes
         busy = {t: 0.0 for t in targets}  # the machine's busy CPU seconds (everyone's)
+        upstream_cpu = {t: 0.0 for t in targets}
         names = list(targets)
         for rnd in range(args.rounds):
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for t in order:
-                res = asyncio.run(measure(targets[t], args.concurrency, args.seconds, procs_of[t]()))
+                res = asyncio.run(measure(targets[t], args.concurrency, args.seconds, procs_of[t](),
+                                          [up_proc.pid]))
                 router_cpu[t] += res["cpu"]
+                upstream_cpu[t] += res["upstream_cpu"]
                 busy[t] += res["busy"]
                 rps[t].append(res["rps"])
                 errs[t] += res["errors"]
@@ -310,16 +385,17 @@ def main() -> int:
         base = statistics.median(rps["router"])
         one = statistics.median(rps["workers=1"]) if "workers=1" in rps else None
         print("\n| target | req/s median | req/s best | vs router | vs workers=1 | errors | router "
-              "CPU cores | req per router CPU-s | machine busy cores |"
+              "CPU cores | req per router CPU-s | upstream cores | machine busy cores |"
               + (f" streams ok of {args.streams} | first event p50 / p99 ms | late gap p99 ms |"
                  if held else ""))
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if held else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if held else ""))
         for t in names:
             med = statistics.median(rps[t])
             served = sum(rps[t]) * args.seconds
             row = (f"| {t} | {med:.0f} | {max(rps[t]):.0f} | {med / base:.2f}x | "
                    f"{f'{med / one:.2f}x' if one else 'n/a'} | {errs[t]} | "
-                   f"{router_cpu[t] / wall:.2f} | {served / router_cpu[t]:.0f} | {busy[t] / wall:.2f} |")
+                   f"{router_cpu[t] / wall:.2f} | {served / router_cpu[t]:.0f} | "
+                   f"{upstream_cpu[t] / wall:.2f} | {busy[t] / wall:.2f} |")
             if held:
                 h = held[t]
                 row += (f" {h['ok']} | {h['first_event_p50_ms']} / {h['first_event_p99_ms']} |"
@@ -328,6 +404,7 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps({"rps": rps, "errors": errs, "streams": held,
                                              "router_cpu_s": router_cpu, "machine_busy_s": busy,
+                                             "upstream_cpu_s": upstream_cpu,
                                              "args": {k: str(v) for k, v in vars(args).items()}},
                                             indent=2))
         ok = True
