@@ -220,8 +220,8 @@ class Routing:
                 result.answer = _unsendable(tried.attempt.detail)
                 return result
             if tried.attempt.outcome == "local":
-                # The router itself could not open a connection: the next endpoint would fail
-                # the same way, and none is to blame. The client may retry shortly.
+                # The router itself could not open a connection: the next endpoint would most
+                # likely need a new one too, and none is to blame. The client may retry shortly.
                 if step.probe:
                     self._release_probe(store, ep.name)
                 attempts.append(tried.attempt)

@@ -208,7 +208,7 @@ def _reason(status: int, reason: str) -> str:
 
 
 # The router's own process or machine ran out of something it needs to open a connection: no
-# endpoint is to blame, and every other one would fail the same way ("local").
+# endpoint is to blame, and the next one would most likely fail the same way ("local").
 LOCAL_ERRNOS = {
     errno.EMFILE: "file descriptors (raise `ulimit -n`)",
     errno.ENFILE: "file descriptors (the system's limit)",
