@@ -941,7 +941,7 @@ def test_a_router_out_of_file_descriptors_answers_529_and_blames_no_endpoint(moc
     """EMFILE when the router opens an upstream connection is the router's own trouble: the
     client gets a 529 overloaded_error at once, no endpoint is tried further or blamed, the log
     says so in a line or two, and the router serves normally as soon as descriptors are free."""
-    mock.fault("aws", event_gap_ms=1000)  # the held stream lasts 12 s: its connection stays busy
+    mock.fault("aws", event_gap_ms=500)  # the held stream lasts 6 s: its connection stays busy
     router = start_router([f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"],
                           options={"router_max_failures": 1})
     pid = router.proc.pid
