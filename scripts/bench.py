@@ -316,10 +316,13 @@ def router_argv(port: int, confdir: Path, endpoints: list[str], *extra: str) -> 
     return mitm_argv(port, confdir, *args, *extra)
 
 
-NGINX_CONF = """\
+# One nginx of a benchmark: its files under {tmp}, quiet, and an http block the caller ends.
+# (Also scripts/bench_workers.py's fixed-answer upstream; it runs without a master process so
+# that the one pid it watches is the one that works.)
+NGINX_HEAD = """\
 worker_processes 1;
 daemon off;
-master_process on;
+master_process {master};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -331,6 +334,8 @@ http {{
     uwsgi_temp_path {tmp}/nginx-uwsgi;
     scgi_temp_path {tmp}/nginx-scgi;
     keepalive_requests 1000000;
+"""
+NGINX_CONF = NGINX_HEAD + """\
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_buffering off;
@@ -455,7 +460,7 @@ class Bench:
         bad = start_mock(self.procs, "mock-503", ["ok=503"])  # nginx cannot fail over on 529
         ports = {k: free_port() for k in ("p_ok", "p_failover", "p_cooled")}
         conf = self.tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=self.tmp, mock=self.mock.rsplit(":", 1)[1],
+        conf.write_text(NGINX_CONF.format(master="on", tmp=self.tmp, mock=self.mock.rsplit(":", 1)[1],
                                           bad=bad.rsplit(":", 1)[1], **ports))
         proc = self.procs.spawn("nginx", [nginx, "-p", str(self.tmp), "-e",
                                           str(self.tmp / "nginx-error.log"), "-c", str(conf)])

@@ -565,7 +565,6 @@ class StreamsPhase:
                         r = await self.run_level_target(name, level)
                     except (OSError, RuntimeError, ValueError) as e:
                         r = {"status": f"failed: {type(e).__name__}: {e}"}
-                    self.runs.setdefault(str(level), {}).setdefault(name, r)
                     rounds.setdefault(str(level), {}).setdefault(name, []).append(r)
                     B.note(f"streams: {level} streams, {name}"
                            + (f" (round {rnd + 1})" if a.stream_rounds > 1 else "")
@@ -579,6 +578,8 @@ class StreamsPhase:
                         b = base[i].get("cpu_per_stream_ms") if i < len(base) else None
                         if b and r.get("cpu_per_stream_ms") is not None:
                             r["cpu_vs_mitmdump"] = r["cpu_per_stream_ms"] / b
+        self.runs = {level: {name: runs[0] for name, runs in per_target.items()}
+                     for level, per_target in rounds.items()}  # the main table: the first round
         return {"settings": {"levels": levels, "events": a.stream_events,
                              "gap_ms": a.stream_gap_ms, "rate": a.stream_rate,
                              "client_processes": CLIENTS, "rounds": a.stream_rounds},

@@ -49,6 +49,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (scripts/bench.py)
 import workers  # noqa: E402  (scripts/workers.py)
 
 ROOT = workers.ROOT
@@ -70,6 +71,17 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def usage(pids: list[int], upstream: list[int]) -> tuple[float, float, float]:
+    """CPU seconds so far of the router processes and the upstream, and the machine's busy
+    seconds: take one before and one after a measurement and subtract."""
+    return cpu_seconds(pids), cpu_seconds(upstream), machine_busy()
+
+
+def since(before: tuple[float, float, float], pids: list[int], upstream: list[int]) -> dict:
+    cpu, up, busy = (b - a for a, b in zip(before, usage(pids, upstream)))
+    return {"cpu": cpu, "upstream_cpu": up, "busy": busy}
 
 
 def machine_busy() -> float:
@@ -96,21 +108,7 @@ NGINX_ANSWER = json.dumps({
     "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
     "content": [{"type": "text", "text": "Hello from ok."}], "stop_reason": "end_turn",
     "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 4}})
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-master_process off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    keepalive_requests 1000000;
+NGINX_CONF = bench.NGINX_HEAD + """\
     server {{
         listen 127.0.0.1:{port};
         location /ok/ {{
@@ -122,23 +120,27 @@ http {{
 """
 
 
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float, what: str) -> str:
+    """The URL of ``port`` once it accepts connections; RuntimeError if ``proc`` exits first
+    or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
 def start_nginx(tmp: Path) -> tuple[subprocess.Popen, str]:
     port = workers.free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, answer=NGINX_ANSWER))
+    conf.write_text(NGINX_CONF.format(master="off", tmp=tmp, port=port, answer=NGINX_ANSWER))
     proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(tmp)],
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "nginx.log", "wb"),
                             stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    raise RuntimeError(f"nginx did not start: {(tmp / 'nginx-error.log').read_text(errors='replace')[-500:]}")
+    return proc, wait_listening(proc, port, 10, f"nginx (see {tmp / 'nginx-error.log'})")
 
 
 def start_router(tmp: Path, mock: str, ok: str | None = None) -> tuple[subprocess.Popen, str]:
@@ -150,14 +152,7 @@ def start_router(tmp: Path, mock: str, ok: str | None = None) -> tuple[subproces
                              "--set", f"router_endpoints=slow={mock}/slow"],
                             stdout=open(tmp / "router.log", "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("the router did not start")
+    return proc, wait_listening(proc, port, 60, "the router")
 
 
 WRK_SCRIPT = """
@@ -205,13 +200,13 @@ async def throughput_wrk(url: str, conc: int, seconds: float, pids: list[int] = 
 
     try:
         await run(1)  # connect and warm up
-        cpu0, up0, busy0 = cpu_seconds(pids), cpu_seconds(upstream), machine_busy()
+        before = usage(pids, upstream)
         done, errors, secs = await run(seconds)
-        cpu, up, busy = cpu_seconds(pids) - cpu0, cpu_seconds(upstream) - up0, machine_busy() - busy0
+        used = since(before, pids, upstream)
     finally:
         shutil.rmtree(script.parent, ignore_errors=True)
     await asyncio.sleep(0.2)
-    return {"rps": done / secs, "errors": errors, "cpu": cpu, "busy": busy, "upstream_cpu": up}
+    return {"rps": done / secs, "errors": errors, **used}
 
 
 async def throughput(url: str, conc: int, seconds: float, pids: list[int] = (),
@@ -230,7 +225,7 @@ async def throughput(url: str, conc: int, seconds: float, pids: list[int] = (),
 
     try:
         await asyncio.gather(*(post(s) for s in sessions))  # connect and warm up
-        cpu0, up0, busy0 = cpu_seconds(pids), cpu_seconds(upstream), machine_busy()
+        before = usage(pids, upstream)
         deadline = time.perf_counter() + seconds
 
         async def worker(s) -> None:
@@ -246,11 +241,11 @@ async def throughput(url: str, conc: int, seconds: float, pids: list[int] = (),
                     await asyncio.sleep(0.01)
 
         await asyncio.gather(*(worker(s) for s in sessions))
-        cpu, up, busy = cpu_seconds(pids) - cpu0, cpu_seconds(upstream) - up0, machine_busy() - busy0
+        used = since(before, pids, upstream)
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
     await asyncio.sleep(0.2)
-    return {"rps": done / seconds, "errors": errors, "cpu": cpu, "busy": busy, "upstream_cpu": up}
+    return {"rps": done / seconds, "errors": errors, **used}
 
 
 async def streams_held(url: str, n: int, ramp: float = 1.0) -> dict:

@@ -164,3 +164,33 @@ def test_a_failure_that_may_hide_exhaustion_is_checked_by_opening_a_socket(monke
 
     monkeypatch.setattr(socket, "socket", exhausted)
     assert upstream.out_of_descriptors().kind == "local"
+
+
+async def test_a_failed_lookup_is_the_routers_own_when_it_cannot_open_a_socket(monkeypatch):
+    import socket
+
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    async def lookup_fails(self, *a, **k):
+        key = ConnectionKey("relay.example", 443, True, True, None, None, None)
+        raise aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(aiohttp.ClientSession, "request", lookup_fails)
+    up = Upstream()
+    ep = parse_endpoint("a=https://relay.example", 0)
+    try:
+        with pytest.raises(UpstreamError) as plain:
+            await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=2))
+        assert plain.value.kind == "dns"  # descriptors to spare: the endpoint's name is bad
+
+        def exhausted(*a, **k):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(socket, "socket", exhausted)
+        with pytest.raises(UpstreamError) as hidden:
+            await up.send(ep, "GET", "/", [], b"", Timeouts(connect=2, headers=2))
+        assert hidden.value.kind == "local"
+    finally:
+        monkeypatch.undo()
+        await up.close()
