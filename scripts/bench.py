@@ -80,7 +80,8 @@ MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 64,
 BODY = json.dumps(MESSAGE).encode()
 STREAM_BODY = json.dumps({**MESSAGE, "stream": True}).encode()
 REQUEST_TIMEOUT = 15.0
-MAIN_COLUMNS = ["direct", "mitmdump", "mitmdump+index", "router", "router+redis", "nginx"]
+MAIN_COLUMNS = ["direct", "mitmdump", "mitmdump+index", "router", "router+clients", "router+redis",
+                "nginx"]
 
 now = time.perf_counter
 
@@ -415,6 +416,21 @@ class Bench:
             "-s", HOOK_INDEX_SCRIPT), path="/ok/v1/messages")
         self.spawn_proxy("router", "router", lambda p: router_argv(
             p, self.confdir("router"), [ok_ep]), check=attempts_check(must="ok:200", must_not="bad"))
+        # The same router with named clients (issue 21): the bench's key is a client with a
+        # budget, an rpm and a concurrency limit none of the runs reaches, among 50 clients,
+        # on a priced endpoint, so every request is identified, admitted, priced and recorded.
+        clients_cfg = self.tmp / "clients.yaml"
+        clients_cfg.write_text(
+            "endpoints:\n"
+            f"  - {{name: ok, url: '{self.mock}/ok', price: {{input: 3, output: 15}}}}\n"
+            "clients:\n"
+            + "".join(f"  - {{name: member{i}, key: member-key-{i:04d}-0123456789}}\n" for i in range(49))
+            + "  - {name: bench, key: bench, budget: {usd: 1000000, per: day}, rpm: 100000000,"
+              " max_concurrency: 100000}\n")
+        self.spawn_proxy("router+clients", "router", lambda p: mitm_argv(
+            p, self.confdir("router+clients"), "-s", ROUTER_SCRIPT,
+            "--mode", "reverse:https://api.anthropic.com", "--set", f"router_config={clients_cfg}"),
+            check=attempts_check(must="ok:200"))
         self.spawn_proxy("router-failover", "router", lambda p: router_argv(
             p, self.confdir("router-failover"), [bad_ep, ok_ep],
             "--set", "router_max_failures=1000000"),
@@ -598,12 +614,14 @@ class Bench:
 
     async def run(self) -> None:
         a = self.args
-        lat_names = ["direct", "direct-529", "mitmdump", "mitmdump+index", "router", "router+redis",
+        lat_names = ["direct", "direct-529", "mitmdump", "mitmdump+index", "router", "router+clients",
+                     "router+redis",
                      "router-failover", "router-cooled", "nginx", "direct-503", "nginx-failover",
                      "nginx-cooled"]
         sse_names = ["direct", "mitmdump", "mitmdump+stream", "router", "router+redis",
                      "router-failover", "nginx"]
-        tp_names = ["direct", "mitmdump", "mitmdump+index", "router", "router+redis", "nginx"]
+        tp_names = ["direct", "mitmdump", "mitmdump+index", "router", "router+clients", "router+redis",
+                    "nginx"]
         rss_names = ["mitmdump", "router", "router+redis", "nginx"]
 
         note(f"RSS: {a.rss_requests} requests per proxy at concurrency 16")

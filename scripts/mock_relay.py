@@ -50,6 +50,8 @@ Fault injection (per endpoint; all keys optional)::
                                      time.monotonic() (CLOCK_MONOTONIC, system-wide on Linux)
                                      just before the event is written, for event delays
     times                         -> only the next N requests, then cleared
+    key                           -> only requests presenting this key (x-api-key or
+                                     Authorization: Bearer); others are served as usual
 
 Profiles (per endpoint; what a relay *is*, persistently; all keys optional, none
 set = today's behaviour). Checked for Messages and count_tokens after faults, in
@@ -93,6 +95,13 @@ thinking (Messages only)::
                                   enabled, ..." (the real API's full text)
     redact_thinking: bool         with sign_thinking: answer a redacted_thinking block
                                   {"data": base64(16-byte nonce + HMAC(secret, nonce))}
+    gzip: bool                    a relay that compresses whatever accept-encoding says:
+                                  every JSON answer gzip-coded (content-encoding: gzip),
+                                  streams too, each event flushed (Z_SYNC_FLUSH) so it can be
+                                  decoded as it arrives
+    escape_model: bool            the answer's model id (JSON top-level "model", SSE
+                                  message_start's message.model) written JSON-escaped: every
+                                  character as \\uXXXX, except "/" as "\\/"
     cache: false | true | "ignore"   prompt-cache model (below); false = today's usage
     cache_min_tokens: int (1024)  smallest prefix that is written
     cache_ttl_scale: float (1.0)  multiplies the TTLs (0.01: 5 min -> 3 s)
@@ -163,6 +172,7 @@ import string
 import struct
 import sys
 import time
+import zlib
 from typing import Any
 
 from aiohttp import web
@@ -206,10 +216,10 @@ FAULT_KEYS = frozenset(
     "status error_type message retry_after headers delay_ms event_gap_ms reset "
     "reset_after_events stream_error stream_error_after stall_ms "
     "stall_after_events words times end_after_events event_bytes write_timeout_ms "
-    "stamp_events".split()
+    "stamp_events key".split()
 )
 INT_KEYS = FAULT_KEYS - {"error_type", "message", "retry_after", "headers", "reset", "stream_error",
-                         "stamp_events"}
+                         "stamp_events", "key"}
 RESET_MODES = ("before_headers", "after_headers", "mid_stream")
 JSON_CT = "application/json"
 _ID_CHARS = string.ascii_letters + string.digits
@@ -220,6 +230,7 @@ PROFILE_KEYS = frozenset(
     "models family_limits reject_betas reject_cache_ttl sign_thinking redact_thinking "
     "cache cache_min_tokens cache_ttl_scale output_tokens".split()
 )
+PROFILE_KEYS = PROFILE_KEYS | {"gzip", "escape_model"}
 FAMILY_KEYS = frozenset("status error_type message retry_after".split())
 CACHE_MIN_TOKENS = 1024
 CACHE_TTLS = {"5m": 300.0, "1h": 3600.0}
@@ -248,6 +259,12 @@ def _dumps(obj: Any) -> bytes:
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
+
+
+def _presented_key(request: web.Request) -> str:
+    key = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    return key or (auth[7:].strip() if auth[:7].lower() == "bearer " else "")
 
 
 def validate_fault(fault: Any) -> dict[str, Any]:
@@ -302,6 +319,9 @@ def validate_profile(profile: Any) -> dict[str, Any]:
     if "reject_betas" in p and not _str_list(p["reject_betas"]):
         raise ValueError("reject_betas must be a list of strings")
     for key in ("reject_cache_ttl", "redact_thinking"):
+        if key in p and not isinstance(p[key], bool):
+            raise ValueError(f"{key} must be true or false")
+    for key in ("gzip", "escape_model"):
         if key in p and not isinstance(p[key], bool):
             raise ValueError(f"{key} must be true or false")
     if "sign_thinking" in p and not (isinstance(p["sign_thinking"], str) and p["sign_thinking"]):
@@ -511,10 +531,10 @@ class State:
         self.counts.clear()
         self.closed_early = 0
 
-    def take_fault(self, endpoint: str) -> dict[str, Any]:
+    def take_fault(self, endpoint: str, key: str = "") -> dict[str, Any]:
         """Fault for this request ({} if none); consumes one of ``times``."""
         fault = self.faults.get(endpoint)
-        if fault is None:
+        if fault is None or ("key" in fault and fault["key"] != key):
             return {}
         times = fault.get("times")
         if times is None:
@@ -586,6 +606,38 @@ class State:
                 "cache_read_input_tokens": read,
                 "cache_creation": {"ephemeral_5m_input_tokens": split["5m"],
                                    "ephemeral_1h_input_tokens": split["1h"]}}
+
+
+def escape_model(data: bytes, model: str) -> bytes:
+    """``data`` with its first ``"model":"<model>"`` written JSON-escaped (profile
+    ``escape_model``): every character as \\uXXXX, except "/" as "\\/"."""
+    escaped = "".join("\\/" if c == "/" else f"\\u{ord(c):04x}" for c in model)
+    return data.replace(b'"model":' + _dumps(model), b'"model":"' + escaped.encode() + b'"', 1)
+
+
+def gzip_body(data: bytes) -> bytes:
+    z = zlib.compressobj(wbits=31)
+    return z.compress(data) + z.flush()
+
+
+class GzipStream(web.StreamResponse):
+    """A stream sent gzip-coded whatever the client asked for (profile ``gzip``); each write
+    is flushed (Z_SYNC_FLUSH), so every event can be decoded as soon as it arrives."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.headers["content-encoding"] = "gzip"
+        self._gz = zlib.compressobj(wbits=31)
+
+    async def write(self, data: bytes) -> None:  # type: ignore[override]
+        await super().write(self._gz.compress(bytes(data)) + self._gz.flush(zlib.Z_SYNC_FLUSH))
+
+    async def write_eof(self, data: bytes = b"") -> None:  # type: ignore[override]
+        if self._gz is not None:
+            tail, self._gz = self._gz.compress(bytes(data)) + self._gz.flush(), None
+            await super().write_eof(tail)
+        else:
+            await super().write_eof(data)
 
 
 class Call:
@@ -678,7 +730,7 @@ class MockRelay:
                       outcome="pending", model=None, usage=None)
         self.state.log.append(record)
         self.state.counts[endpoint] += 1
-        call = Call(request, endpoint, path, body, record, self.state.take_fault(endpoint),
+        call = Call(request, endpoint, path, body, record, self.state.take_fault(endpoint, _presented_key(request)),
                     self.state.profiles.get(endpoint))
         try:
             resp = await self.serve(call)
@@ -688,6 +740,13 @@ class MockRelay:
             raise
         if record["outcome"] == "pending":
             record["outcome"] = str(resp.status)
+        if type(resp) is web.Response and not resp.prepared and isinstance(resp.body, bytes) \
+                and resp.body and not call.was_reset:
+            if call.profile.get("escape_model") and isinstance(record["model"], str):
+                resp.body = escape_model(resp.body, record["model"])
+            if call.profile.get("gzip"):
+                resp.body = gzip_body(resp.body)
+                resp.headers["content-encoding"] = "gzip"
         return resp
 
     async def serve(self, call: Call) -> web.StreamResponse:
@@ -899,6 +958,8 @@ class MockRelay:
                    "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {**usage, "output_tokens": 1}}
         events = [_sse("message_start", {"type": "message_start", "message": message})]
+        if call.profile.get("escape_model"):
+            events[0] = escape_model(events[0], model)
         index = 0
         if thinking is not None:
             events += self.thinking_events(thinking)
@@ -947,6 +1008,8 @@ class MockRelay:
         headers = self.headers(call, "text/event-stream")
         headers["cache-control"] = "no-cache"
         resp = web.StreamResponse(status=200, headers=headers)
+        if call.profile.get("gzip"):
+            resp = GzipStream(status=200, headers=headers)
         resp.enable_chunked_encoding()
         state = self.state
         state.open_streams += 1

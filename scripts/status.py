@@ -89,6 +89,7 @@ def from_redis(url: str, prefix: str) -> dict:
     except redis.ResponseError:  # a stray key of another type
         disabled = set()
     rows = []
+    key_scopes: dict[str, int] = {}  # endpoint -> client keys it is cooling for
     ep_prefix = f"{prefix}{SEP}ep{SEP}"
     for i, key in enumerate(sorted(client.scan_iter(match=ep_prefix.replace("[", "\\[") + "*"))):
         try:
@@ -97,6 +98,10 @@ def from_redis(url: str, prefix: str) -> dict:
             continue  # not a health hash: the router reads it as healthy too
         h = Health(f, e, u / 1000, p / 1000)
         name = key.decode()[len(ep_prefix):]
+        if "@" in name:  # one client key at an endpoint (by its keyed hash): not an endpoint
+            if phase(h, now) is Phase.COOLING:
+                key_scopes[name.partition("@")[0]] = key_scopes.get(name.partition("@")[0], 0) + 1
+            continue
         rows.append({"index": i, "name": name, "state": "disabled" if name in disabled else phase(h, now).value,
                      "consecutive_failures": f, "cooldown_seconds_left":
                      round(h.ejected_until - now, 1) if phase(h, now) is Phase.COOLING else 0,
@@ -108,6 +113,8 @@ def from_redis(url: str, prefix: str) -> dict:
                      "cooldown_seconds_left": 0, "served": "-", "failures": "-",
                      "tokens": {"input_tokens": "-", "output_tokens": "-"}, "cost_usd": 0.0,
                      "last_error": ""})
+    for row in rows:
+        row["cooling_for_keys"] = key_scopes.get(row["name"], 0)
     return {"store": f"redis (endpoints not listed are healthy)", "endpoints": rows}
 
 
@@ -131,8 +138,11 @@ async def run_command(url: str, prefix: str, action: str, name: str) -> str:
             await store.set_disabled(name, action == "disable")
             done = f"{name} {action}d on every router using {store.url}"
         elif action == "reset":
-            if name:
-                subjects = health_subjects([name])
+            if name:  # the endpoint, its families, and the client keys it cools
+                ep = f"{prefix}{SEP}ep{SEP}"
+                subjects = health_subjects([name]) + [
+                    k.decode()[len(ep):] async for k in
+                    store.client.scan_iter(match=f"{ep}{name}@*".replace("[", "\\["))]
             else:  # every endpoint with a state (an endpoint without one is healthy already)
                 ep = f"{prefix}{SEP}ep{SEP}"
                 subjects = [k.decode()[len(ep):] async for k in

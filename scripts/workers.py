@@ -6,29 +6,53 @@
     python scripts/workers.py --workers 2 [--port 8080] [--host 127.0.0.1] [--regular]
         [--worker-base 8081] [--log-dir DIR] [--info-file FILE] [-- MITMDUMP ARGS...]
 
-What runs (every process is a child of this supervisor; Ctrl-C or SIGTERM stops them all,
-after the requests in flight have finished, --drain seconds at most; a second Ctrl-C at once):
+What runs (every process is a child of this supervisor):
 
     redis-server  only when no router_redis_url is configured (neither in the arguments after
                   --, nor in the confdir's config.yaml): on a unix socket in a private temp
-                  directory, no persistence; every worker gets --set router_redis_url for it
+                  directory (the run directory), with an append-only file there, so a restart
+                  by this supervisor (after a crash or kill -9) finds the operator's disabled
+                  endpoints, the cooldowns and the rest as they were (the run directory is
+                  removed when the supervisor exits); --redis-maxmemory (256mb) with the
+                  eviction policy noeviction: health, disabled endpoints, salt and epoch are
+                  never evicted, and at the limit Redis refuses writes and each worker goes on
+                  with its local view. Every worker gets --set router_redis_url for it
     worker i      mitmdump -s addon/router.py, with the arguments plain ./scripts/run uses and
                   everything after --, on 127.0.0.1:(worker base + i - 1); the worker base is
                   --port + 1 unless --worker-base says otherwise (0: free ports)
     haproxy       on --host:--port, mode tcp (HTTP/1.1, HTTP/2 and TLS pass through untouched),
-                  leastconn, a TCP health check of every worker port every 2 s, and a new
-                  connection that meets a dead worker retried on a live one; plus a stats page
-                  and HAProxy's own Prometheus metrics on a loopback port (--stats-port)
+                  leastconn, an HTTP health check of every worker every second (HEAD
+                  /_router/health, answered by the worker's own event loop: a stopped or hung
+                  worker, whose port still accepts connections, fails it and gets no new
+                  connection within about 2 s), and a new connection that meets a dead worker
+                  retried on a live one; plus a stats page and HAProxy's own Prometheus
+                  metrics on a loopback port (--stats-port)
 
-SIGUSR2 to the supervisor restarts the workers one at a time without losing a request: haproxy
-sends the worker no new connections, the worker finishes what it has (its keep-alive clients
-get Connection: close and reconnect to another worker), exits, and its successor starts.
+Signals to the supervisor (the same list is in README.md, "Signals"):
+
+    SIGUSR2            rolling restart: the workers one at a time, without losing a request:
+                       haproxy sends the worker no new connections, the worker drains (finishes
+                       what it has; its keep-alive clients get Connection: close and reconnect
+                       to another worker), exits, and its successor starts
+    SIGTERM, SIGINT    stop: haproxy stops listening, every worker drains (--drain seconds at
+    (Ctrl-C), SIGHUP   most), then everything exits; a second one stops at once. SIGHUP is what
+                       a closing terminal sends. SIGUSR1 does the same (drain everything, exit)
+    To a worker itself: SIGUSR1 drains that one worker (it exits and is started again)
 
 A worker that exits is restarted (after 0.25 s, doubling up to 10 s while it keeps dying
 within 30 s of its start); so are haproxy and the supervisor's own redis-server. The moment a
-worker's process exits, haproxy is told (admin socket) to send it nothing new, and told again
-once the new process accepts connections. A worker that fails to start the first time stops
-the whole start-up with its message.
+worker's process exits, haproxy is told (admin socket) to send it nothing (maintenance, so
+not even its checks), and the worker is given back to haproxy only once the new process has
+proved it is the one this supervisor started: every start gets a fresh random token in its
+environment (CLAUDE_ROUTER_WORKER_TOKEN) and must answer a challenge on its health page with
+an HMAC of it. Something else listening on the port (a process that grabbed it in between)
+never gets into rotation. A worker that fails to start the first time stops the whole start-up
+with its message.
+
+The supervisor also asks every worker in rotation for its health page every second. A worker
+that accepts the connection but does not answer (stopped, hung) for --hang-timeout seconds (20)
+is killed (SIGKILL) and restarted; one that answers again before that is left alone (haproxy
+has already taken it back). Its requests in flight meanwhile wait at most that long.
 
 Several machines: run ``./scripts/run --workers N --host 0.0.0.0`` on each (with one shared
 ``--set router_redis_url=redis://...`` and, as the router requires behind a public address
@@ -52,7 +76,9 @@ import contextlib
 import ctypes
 import json
 import os
+import hmac
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +90,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from claude_router.access import is_loopback
+from claude_router.liveness import CHALLENGE_HEADER, HEALTH_HEADER, PATH as HEALTH_PATH, PROOF_HEADER, TOKEN_ENV, proof
 from claude_router.runtime import raise_fd_limit  # children inherit it (haproxy, redis)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +107,10 @@ START_TIMEOUT = 60.0  # first start of every worker (a loaded 2-core machine is 
 STOP_GRACE = 5.0
 SETTLE = 0.5  # a first start counts once the worker still runs this long after opening its port
 SUCCESSOR_SETTLE = 2.0  # the same for a rolling restart's successor: a bad deploy must show here
+HEALTH_EVERY = 1.0  # the supervisor asks each worker in rotation for its health page this often
+PROBE_TIMEOUT = 2.0  # ... and waits this long for the answer
+HANG_TIMEOUT = 20.0  # a worker that answers nothing for this long is killed and restarted
+REDIS_MAXMEMORY = "256mb"
 
 # The balancer. mode tcp: the bytes pass untouched (HTTP/1.1, HTTP/2, TLS in regular mode), so
 # every router feature works as with one process. Timeouts are idle timeouts (a stream that
@@ -107,7 +138,7 @@ defaults
     timeout client {idle}s
     timeout server {idle}s
     timeout tunnel {idle}s           # supersedes client/server once the connection is a tunnel
-    timeout check {connect}
+    timeout check {check}             # a health check's answer (its connect: min(connect, inter))
     retries 3
     option redispatch 1            # every retry of a failed connect goes to another worker
 
@@ -117,12 +148,20 @@ frontend router
 
 backend workers
     balance leastconn
-    # A TCP check every 2 s (it waits up to 2 s for the connect, so a SYN dropped by a busy
-    # worker's full accept queue and re-sent after 1 s does not fail it); two failures mark a
-    # worker down, one success up again (checked every 250 ms while down). Three failed
-    # connects from real traffic mark it down at once (observe layer4). The supervisor also
-    # marks a worker down the moment its process exits.
-    default-server check inter 2s downinter 250ms fall 2 rise 1 observe layer4 error-limit 3 on-error mark-down
+    # An HTTP check every second: HEAD /_router/health, answered by the router's own event
+    # loop (addon/claude_router/liveness.py), never forwarded. A TCP connect would not do: a
+    # stopped or hung process still accepts connections (the kernel queues them). No answer
+    # within 1 s (or anything but a 200 with x-router-health: ok) marks the worker down at
+    # once (fall 1), so a hung worker gets no new connection within about 2 s; one success
+    # brings it back (checked every 250 ms while down). Connections it already has stay (mode
+    # tcp: they end with the worker's answers, or when the supervisor replaces a worker that
+    # stays hung). Three failed connects from real traffic also mark it down (observe layer4).
+    # The supervisor puts a worker in maintenance (no traffic, no checks) the moment its
+    # process exits, and gives it back only once the new process has proved who it is.
+    option httpchk
+    http-check send meth HEAD uri {health_path} ver HTTP/1.1 hdr host localhost
+    http-check expect hdr name {health_header} value ok
+    default-server check inter 1s downinter 250ms fall 1 rise 1 observe layer4 error-limit 3 on-error mark-down
 {servers}
     # Fail open: when every worker is marked down at once (all overloaded, checks timing out),
     # connections still go to them, unchecked, instead of being refused.
@@ -167,6 +206,42 @@ def port_free(host: str, port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+async def probe(host: str, port: int, token: str | None, timeout: float = PROBE_TIMEOUT) -> tuple[str, str]:
+    """Ask a worker's health page whether it is the process holding ``token``: (verdict,
+    detail), the verdict one of ok (it answered with the proof), draining (the same, but it
+    is draining), refused (nothing listens), silent (it accepts but does not answer: stopped
+    or hung), wrong (something answers, but not with the proof: not the process started)."""
+    challenge = secrets.token_hex(16)
+    request = (f"HEAD {HEALTH_PATH} HTTP/1.1\r\nhost: localhost\r\n{CHALLENGE_HEADER}: {challenge}\r\n"
+               "connection: close\r\n\r\n").encode()
+    connected = False
+    try:
+        async with asyncio.timeout(timeout):
+            r, w = await asyncio.open_connection(host, port)
+            connected = True
+            try:
+                w.write(request)
+                await w.drain()
+                head = await r.readuntil(b"\r\n\r\n")
+            finally:
+                w.close()
+    except ConnectionRefusedError:
+        return "refused", "connection refused"
+    except TimeoutError:
+        return "silent", (f"no answer within {timeout:g} s" if connected
+                          else f"the connection was not accepted within {timeout:g} s")
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+        return ("wrong", f"closed without an answer ({type(e).__name__})") if connected else (
+            "refused", f"cannot connect ({e})")
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ")[1] if len(lines[0].split(" ")) > 1 else "?"
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if token and hmac.compare_digest(headers.get(PROOF_HEADER, ""), proof(token, challenge)):
+        return ("ok", "") if status == "200" else ("draining", f"HTTP {status}")
+    return "wrong", (f"HTTP {status} without the proof of this start's token"
+                     + (f" (server: {headers['server'][:60]})" if "server" in headers else ""))
 
 
 async def haproxy_command(sock: Path | str, command: str, timeout: float = 2.0) -> str:
@@ -250,6 +325,8 @@ class Plan:
     mock_port: int | None = None
     prefix: str = "endpoint_health_"
     drain: int = 30  # seconds a draining worker may take to finish its requests
+    hang_timeout: float = HANG_TIMEOUT  # a worker silent this long is killed and replaced
+    redis_maxmemory: str = REDIS_MAXMEMORY
 
     @property
     def redis_socket(self) -> Path:
@@ -288,9 +365,16 @@ class Plan:
         return argv + self.extra
 
     def redis_argv(self) -> list[str]:
+        # An append-only file in the run directory: a restart after a crash or kill -9 finds
+        # the state as it was (Redis writes each change before it answers, so nothing an
+        # instance was told is lost to a crash of redis-server alone). noeviction: health,
+        # the disabled set, salt and epoch must never be evicted; at maxmemory Redis refuses
+        # writes instead and the routers go on with their local view.
         return ["redis-server", "--port", "0", "--unixsocket", str(self.redis_socket),
-                "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-                "--dir", str(self.run_dir), "--loglevel", "warning"]
+                "--unixsocketperm", "700", "--save", "", "--appendonly", "yes",
+                "--appendfsync", "everysec", "--dir", str(self.run_dir),
+                "--maxmemory", self.redis_maxmemory, "--maxmemory-policy", "noeviction",
+                "--loglevel", "warning"]
 
     def mock_argv(self) -> list[str]:
         # The demo of plain ./scripts/run: aws answers 529, droid resets, ultra and claude work.
@@ -320,7 +404,7 @@ class Plan:
 
 def haproxy_config(header: str, host: str, port: int, servers: list[tuple[str, str]],
                    sock: Path | str, idle: int, stats_port: int | None, connect: str = "5s",
-                   hard_stop: int = 10) -> str:
+                   hard_stop: int = 10, check: str = "1s") -> str:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
     maxconn = max(256, min(50_000, (hard - 200) // 2))  # two descriptors per connection
@@ -330,7 +414,8 @@ def haproxy_config(header: str, host: str, port: int, servers: list[tuple[str, s
     stats = HAPROXY_STATS.format(port=stats_port) if stats_port else ""
     return HAPROXY_CFG.format(header=header, maxconn=maxconn, socket=sock, idle=idle, bind=bind,
                               servers=lines, backups=backups, stats=stats, connect=connect,
-                              hard_stop=hard_stop)
+                              hard_stop=hard_stop, check=check, health_path=HEALTH_PATH,
+                              health_header=HEALTH_HEADER)
 
 
 def front_config(servers: list[str], host: str, port: int, idle: int) -> str:
@@ -348,8 +433,12 @@ class Child:
     """One supervised process: its output goes to a log file or, prefixed, to our stdout."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path | None, port: int | None = None,
-                 unix: Path | None = None, host: str = "127.0.0.1") -> None:
+                 unix: Path | None = None, host: str = "127.0.0.1", verify: bool = False) -> None:
         self.name = name
+        # A worker: every start gets a new token in its environment, and it is ready only
+        # once its health page proves it holds it (not on a bare connect: see probe).
+        self.verify = verify
+        self.token: str | None = None
         self.argv = argv
         self.log_path = log_dir / f"{name.replace(' ', '-')}.log" if log_dir else None
         self.host = host
@@ -367,15 +456,19 @@ class Child:
     async def start(self) -> None:
         # Own sessions: a Ctrl-C in the terminal reaches the supervisor only, which stops the
         # children in order (and a child that exits is never mistaken for one to restart).
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        if self.verify:
+            self.token = secrets.token_hex(16)
+            env[TOKEN_ENV] = self.token
         if self.log_path is not None:
             with open(self.log_path, "ab") as log:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=ROOT, start_new_session=True, preexec_fn=_child_setup)
+                    cwd=ROOT, start_new_session=True, preexec_fn=_child_setup, env=env)
         else:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                cwd=ROOT, start_new_session=True, preexec_fn=_child_setup)
+                cwd=ROOT, start_new_session=True, preexec_fn=_child_setup, env=env)
             self.relay = asyncio.get_running_loop().create_task(self._relay(self.proc.stdout))
         self.started_at = time.monotonic()
         self.starts += 1
@@ -396,12 +489,24 @@ class Child:
             _out(prefix + pending + b"\n")
 
     async def ready(self, timeout: float) -> str | None:
-        """None once the child accepts connections, else why not."""
+        """None once the child accepts connections (a worker: once its health page proves it
+        is the process started, see probe), else why not."""
         deadline = time.monotonic() + timeout
         proc = self.proc
+        last = ""
         while time.monotonic() < deadline:
             if proc is None or proc.returncode is not None:
-                return f"exited with code {proc.returncode if proc else '?'}"
+                return f"exited with code {proc.returncode if proc else '?'}" + (
+                    f" (meanwhile on its port: {last})" if last else "")
+            if self.verify:
+                verdict, detail = await probe(self.host, self.port, self.token,
+                                              min(PROBE_TIMEOUT, max(0.1, deadline - time.monotonic())))
+                if verdict == "ok":
+                    return None
+                if verdict == "wrong":
+                    last = f"something else answers: {detail}"
+                await asyncio.sleep(0.05)
+                continue
             try:
                 if self.unix is not None:
                     _, w = await asyncio.wait_for(asyncio.open_unix_connection(str(self.unix)), 1)
@@ -411,6 +516,9 @@ class Child:
                 return None
             except (OSError, asyncio.TimeoutError):
                 await asyncio.sleep(0.05)
+        if self.verify:
+            return (f"did not prove within {timeout:g} s that it is the process started"
+                    + (f" ({last})" if last else ""))
         return f"did not accept connections within {timeout:g} s"
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
@@ -446,7 +554,7 @@ class Supervisor:
         p = plan
         self.redis = None if p.redis_url else Child("redis", p.redis_argv(), p.log_dir, unix=p.redis_socket)
         self.mock = Child("mock", p.mock_argv(), p.log_dir, port=p.mock_port) if p.demo else None
-        self.workers = [Child(f"w{i + 1}", p.worker_argv(i), p.log_dir, port=port)
+        self.workers = [Child(f"w{i + 1}", p.worker_argv(i), p.log_dir, port=port, verify=True)
                         for i, port in enumerate(p.worker_ports)]
         self.haproxy = Child("haproxy", p.haproxy_argv(), p.log_dir, port=p.port,
                              host="127.0.0.1" if p.host in ("", "0.0.0.0", "::") else p.host)
@@ -457,6 +565,7 @@ class Supervisor:
         self.restarts = {c.name: 0 for c in self.children}
         self.replacing: set[str] = set()  # workers draining for a rolling restart
         self.in_rotation: dict[str, int] = {}  # worker -> the pid haproxy was last given back
+        self.silent_since: dict[str, float] = {}  # worker -> since when it has not answered
         self.rolling: asyncio.Task | None = None
 
     @property
@@ -484,7 +593,9 @@ class Supervisor:
                 return
             self.rolling = loop.create_task(self.rolling_restart())
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (HUP: the terminal closed)
+        # Stop, draining every worker first: Ctrl-C, SIGTERM, SIGHUP (the terminal closed), and
+        # SIGUSR1 (what drains one worker drains them all here).
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGUSR2, on_restart)
         try:
@@ -499,6 +610,7 @@ class Supervisor:
             self.banner()
             self.write_info()
             self.watchers = [loop.create_task(self.watch(c)) for c in self.children]
+            self.watchers += [loop.create_task(self.watch_health(w)) for w in self.workers]
             await self.stopping.wait()
             say(f"stopping: haproxy takes no new connections; the workers finish what they have "
                 f"({self.plan.drain} s at most; Ctrl-C again: at once)"
@@ -557,6 +669,8 @@ class Supervisor:
         await self.haproxy.start()
         if why := await self.haproxy.ready(15):
             raise StartError(f"haproxy on {p.host}:{p.port} {why}" + self.tail(self.haproxy))
+        for w in self.workers:  # (each proved who it is in ready())
+            self.in_rotation[w.name] = w.pid
 
     async def drain_all(self) -> None:
         """A graceful stop: haproxy stops listening (its connections go on), every worker
@@ -651,10 +765,12 @@ class Supervisor:
             delay = min(RESTART_MAX, RESTART_FIRST * 2 ** max(0, quick - 1))
             if c in self.workers:
                 # Tell haproxy now rather than at its next check or at the next refused
-                # connection (which haproxy 2.6 retries only after `timeout connect`); its
-                # check marks the worker up again once the new process accepts connections.
+                # connection (which haproxy 2.6 retries only after `timeout connect`), and put
+                # the worker in maintenance (no traffic, no checks): whatever listens on its
+                # port next gets clients only once restart() has seen it prove who it is.
                 with contextlib.suppress(OSError, asyncio.TimeoutError):
-                    await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} health down")
+                    await haproxy_command(self.plan.haproxy_socket, f"set server workers/{c.name} state maint")
+                self.in_rotation.pop(c.name, None)
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
             say(f"{c.name} (pid {proc.pid}) {how} after {ran:.1f} s; restarting in {delay:g} s")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -665,9 +781,10 @@ class Supervisor:
 
     async def restart(self, c: Child) -> None:
         """Start the child again. A worker is kept out of haproxy's rotation (maintenance: no
-        traffic, no checks) until it has accepted connections and stayed up for a moment: a
-        worker that fails at start-up opens its port before it exits, and haproxy's own checks
-        would send it clients in between."""
+        traffic, no checks) until its health page has proved it is the process just started
+        (Child.ready) and it has stayed up for a moment: a worker that fails at start-up opens
+        its port before it exits, and another process may hold the port (one that grabbed it
+        after the worker died): haproxy's own checks would send either clients."""
         worker = c in self.workers
         sock = self.plan.haproxy_socket
         if c is self.haproxy:
@@ -676,10 +793,17 @@ class Supervisor:
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await haproxy_command(sock, f"set server workers/{c.name} state maint")
         t0 = time.monotonic()
+        self.silent_since.pop(c.name, None)
         await c.start()
         self.restarts[c.name] += 1
         self.write_info()
         why = await c.ready(START_TIMEOUT)
+        if why is not None and worker and c.proc.returncode is None:
+            # Running, but not proving who it is (something else holds its port?): it never
+            # gets clients; killed, and its watcher starts another (with the back-off).
+            say(f"{c.name} (pid {c.pid}) {why}; killing it" + self.tail(c))
+            c.kill_now()
+            return
         if why is None and worker:
             await asyncio.sleep(SUCCESSOR_SETTLE)
             if c.proc.returncode is not None:
@@ -690,6 +814,47 @@ class Supervisor:
             self.in_rotation[c.name] = c.pid
         if why is None:
             say(f"{c.name} is back (pid {c.pid}), {time.monotonic() - t0:.1f} s after its restart")
+
+    async def watch_health(self, w: Child) -> None:
+        """Ask a worker in rotation for its health page every HEALTH_EVERY seconds. One that
+        accepts but does not answer (stopped, hung; haproxy's own check has taken it out of
+        rotation within about 2 s) is killed after --hang-timeout seconds and restarted by its
+        watcher. Something that answers without the proof of the worker's token is taken out
+        of rotation at once. A refused connection is a worker draining or exiting: its watcher
+        sees to it."""
+        sock = self.plan.haproxy_socket
+        while True:
+            await asyncio.sleep(HEALTH_EVERY)
+            pid = w.pid
+            if (self.stopping.is_set() or w.name in self.replacing or pid is None
+                    or w.proc.returncode is not None or self.in_rotation.get(w.name) != pid):
+                self.silent_since.pop(w.name, None)
+                continue
+            asked = time.monotonic()
+            verdict, detail = await probe(w.host, w.port, w.token)
+            if w.pid != pid or w.proc.returncode is not None or self.stopping.is_set():
+                continue
+            now = time.monotonic()
+            if verdict == "silent":
+                since = self.silent_since.setdefault(w.name, asked)
+                if since == asked:
+                    say(f"{w.name} (pid {pid}) does not answer its health page ({detail}): haproxy "
+                        f"sends it nothing new; it is replaced if it stays silent for "
+                        f"{self.plan.hang_timeout:g} s")
+                elif now - since >= self.plan.hang_timeout:
+                    say(f"{w.name} (pid {pid}) has not answered its health page for {now - since:.1f} s: "
+                        "killing it (SIGKILL) to start another")
+                    self.silent_since.pop(w.name, None)
+                    w.kill_now()  # its watcher puts it in maintenance and restarts it
+                continue
+            if (since := self.silent_since.pop(w.name, None)) is not None:
+                say(f"{w.name} (pid {pid}) answers its health page again, after {now - since:.1f} s")
+            if verdict == "wrong":
+                say(f"{w.name}: something that is not the worker started (pid {pid}) answers on its "
+                    f"port {w.port} ({detail}): out of rotation")
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    await haproxy_command(sock, f"set server workers/{w.name} state maint")
+                self.in_rotation.pop(w.name, None)
 
     def info(self) -> dict:
         p = self.plan
@@ -705,6 +870,8 @@ class Supervisor:
                         for i, w in enumerate(self.workers)],
             "redis_url": p.shared_redis,
             "redis_started": self.redis is not None,
+            "redis_pid": self.redis.pid if self.redis else None,
+            "hang_timeout": p.hang_timeout,
             "key_prefix": p.prefix,
             "haproxy": {"pid": self.haproxy.pid, "config": str(p.haproxy_cfg),
                         "socket": str(p.haproxy_socket),
@@ -725,7 +892,8 @@ class Supervisor:
         p = self.plan
         status = " ".join(f"--url {p.worker_url(i)}" for i in range(p.workers))
         prefix = "" if p.prefix == "endpoint_health_" else f" --prefix {p.prefix}"
-        redis = (f"{p.shared_redis} (redis-server pid {self.redis.pid}, started for this run, no persistence)"
+        redis = (f"{p.shared_redis} (redis-server pid {self.redis.pid}, started for this run; "
+                 f"append-only file in {p.run_dir}, maxmemory {p.redis_maxmemory}, noeviction)"
                  if self.redis else f"{_redacted(p.shared_redis)} (router_redis_url)")
         lines = [
             f"{p.workers} router workers behind haproxy on {p.url}"
@@ -746,9 +914,11 @@ class Supervisor:
             "One status view, counters summed over the workers:",
             f"  ./scripts/status {status}",
             "Prometheus: scrape every worker's /_router/metrics and sum over the instances.",
-            "A worker that exits is restarted. Rolling restart (each worker drained, then replaced):",
+            "A worker that exits, or does not answer its health page for "
+            f"{p.hang_timeout:g} s, is restarted. Rolling restart (each worker drained, then replaced):",
             f"  kill -USR2 {os.getpid()}",
-            f"Ctrl-C stops everything, letting requests in flight finish ({p.drain} s at most).",
+            f"Ctrl-C (or kill -TERM/-HUP/-USR1 {os.getpid()}) stops everything, letting requests in "
+            f"flight finish ({p.drain} s at most).",
         ]
         if p.demo:
             lines += ["", *demo_message(p)]
@@ -807,6 +977,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                     help="how long a worker may take to finish the requests it has when it is "
                          "stopped (Ctrl-C) or replaced (SIGUSR2: rolling restart); default 30 "
                          "(a --set router_drain_timeout after -- wins)")
+    ap.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT, metavar="SECONDS",
+                    help="a worker that accepts connections but does not answer its health page "
+                         f"for this long (stopped, hung) is killed and restarted (default {HANG_TIMEOUT:g}; "
+                         "haproxy sends it no new connection after about 2 s already)")
+    ap.add_argument("--redis-maxmemory", default=REDIS_MAXMEMORY, metavar="SIZE",
+                    help="maxmemory of the redis-server started for the workers (default "
+                         f"{REDIS_MAXMEMORY}; policy noeviction: at the limit writes are refused)")
     ap.add_argument("--idle-timeout", type=int, default=3600,
                     help="seconds haproxy keeps a silent connection (default 3600)")
     ap.add_argument("--no-install", action="store_true", help="never apt-get a missing haproxy or redis-server")
@@ -819,6 +996,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         ap.error("--web shows one process's flows; run mitmweb without --workers")
     if not 1 <= args.workers <= 64:
         ap.error("--workers must be between 1 and 64")
+    if args.hang_timeout < 2:
+        ap.error("--hang-timeout must be at least 2 seconds")
     return args, extra
 
 
@@ -854,7 +1033,8 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
                 idle=args.idle_timeout, redis_url=redis_url, demo=args.demo,
                 mock_port=free_port() if args.demo else None,
                 prefix=configured(extra, "router_key_prefix") or "endpoint_health_",
-                drain=drain_seconds(extra, args.drain))
+                drain=drain_seconds(extra, args.drain), hang_timeout=args.hang_timeout,
+                redis_maxmemory=args.redis_maxmemory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -927,7 +1107,7 @@ class Cluster:
 
 def cluster_argv(workers: int, endpoints: list[str], info_file: Path, *, port: int = 0,
                  log_dir: Path | None = None, extra: list[str] | tuple[str, ...] = (),
-                 python: str = sys.executable) -> list[str]:
+                 python: str = sys.executable, options: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The supervisor's command line: N workers (free ports) in reverse mode in front of
     ``endpoints`` (NAME=URL), every mitmdump also getting ``extra``."""
     argv = [python, str(Path(__file__).resolve()), "--workers", str(workers),
@@ -935,6 +1115,7 @@ def cluster_argv(workers: int, endpoints: list[str], info_file: Path, *, port: i
             "--info-file", str(info_file)]
     if log_dir is not None:
         argv += ["--log-dir", str(log_dir)]
+    argv += list(options)  # the supervisor's own (--hang-timeout 5, ...)
     argv.append("--")
     for ep in endpoints:
         argv += ["--set", f"router_endpoints={ep}"]
@@ -955,7 +1136,8 @@ def wait_ready(proc: subprocess.Popen, info_file: Path, timeout: float = 90.0) -
 
 def start_cluster(workers: int, endpoints: list[str], *, port: int = 0,
                   extra: list[str] | tuple[str, ...] = (), tmp: Path | None = None,
-                  log_dir: Path | None = None, timeout: float = 90.0, **popen) -> Cluster:
+                  log_dir: Path | None = None, timeout: float = 90.0,
+                  options: list[str] | tuple[str, ...] = (), **popen) -> Cluster:
     """Start N router workers + haproxy + their own redis-server in front of ``endpoints``
     (e.g. ``["ok=http://127.0.0.1:PORT/ok"]``) and return once the listen address serves.
 
@@ -970,7 +1152,8 @@ def start_cluster(workers: int, endpoints: list[str], *, port: int = 0,
         tmp = own = Path(tempfile.mkdtemp(prefix="claude-router-cluster-"))
     log_dir = log_dir or tmp
     info_file = tmp / "workers.json"
-    argv = cluster_argv(workers, endpoints, info_file, port=port, log_dir=log_dir, extra=extra)
+    argv = cluster_argv(workers, endpoints, info_file, port=port, log_dir=log_dir, extra=extra,
+                        options=options)
     popen = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
              "cwd": ROOT, "preexec_fn": _child_setup, **popen}  # dies with its caller
     proc = subprocess.Popen(argv, **popen)

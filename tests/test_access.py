@@ -72,3 +72,23 @@ def test_the_door_is_shut_by_client_keys_or_by_endpoints_without_keys():
 ])
 def test_claude_codes_reachability_checks_are_base_urls(path, base):
     assert access.is_base_url(path, ["droid"]) is base
+
+
+# -- key-less HEAD: the same answer for every path (no oracle for endpoint names) -----------------
+
+@pytest.mark.parametrize("path", ["/", "/droid", "/claude/droid", "/nope", "/claude/nope",
+                                  "/v1/messages", "/_router/status", "/droid/api/hello"])
+def test_a_keyless_head_is_answered_here_whatever_its_path(path):
+    assert access.answered_here("HEAD", path, ["droid"], keyed=False) is True
+
+
+@pytest.mark.parametrize("path, here", [("/", True), ("/droid", True), ("/claude/droid/api/hello", True),
+                                        ("/nope", False), ("/v1/models", False)])
+def test_a_keyed_head_is_answered_here_only_for_a_base_url(path, here):
+    assert access.answered_here("HEAD", path, ["droid"], keyed=True) is here
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "OPTIONS", "head"])
+@pytest.mark.parametrize("keyed", [True, False])
+def test_only_head_is_answered_here(method, keyed):
+    assert access.answered_here(method, "/", ["droid"], keyed) is False

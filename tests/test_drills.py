@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import (MITMDUMP, ROOT, RedisServer, RouterProc, closed_port_url, free_port,
+from conftest import (MITMDUMP, ROOT, RedisServer, RouterProc, closed_port_url,
                       launch_router, stop, wait_port)
 from streams import STREAM_MSG
 
@@ -78,14 +78,6 @@ def proc_stats(pid: int) -> dict:
     return {"rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
             "hwm_mib": int(fields["VmHWM"].split()[0]) / 1024,
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
-
-
-def settle_fds(pid: int, target: int, timeout: float) -> int:
-    """Wait until the process has at most ``target`` fds (or the timeout); return the count."""
-    deadline = time.monotonic() + timeout
-    while (fds := proc_stats(pid)["fds"]) > target and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return fds
 
 
 def sse_events(raw: str) -> list[tuple[str, dict]]:
@@ -328,14 +320,6 @@ def test_upstream_fault_after_content_ends_the_stream_with_an_error_event(mock, 
     assert_clean_log(mock_pair)
 
 
-SILENT_TRUNCATION = (
-    "BUG: an upstream SSE body that ends cleanly (chunked terminator) after content but before "
-    "message_stop reaches the client as a complete-looking stream: no `event: error`, nothing "
-    "counted. Router._body/HandoffServer._write_response only add the error event when reading "
-    "raises UpstreamError; a clean end is taken as success, so SDKs return a cut answer")
-
-
-
 def test_stream_that_ends_before_message_stop_ends_with_an_error_event(mock, mock_pair):
     mock.fault("bad", words=10, end_after_events=5)  # two content deltas, then a clean end
     r = post(mock_pair, STREAM_MSG)
@@ -343,15 +327,6 @@ def test_stream_that_ends_before_message_stop_ends_with_an_error_event(mock, moc
     names = [n for n, _ in sse_events(r.text)]
     assert names[3:5] == ["content_block_delta", "content_block_delta"]
     assert names[-1] == "error", names
-
-
-HIDDEN_RETRY = (
-    "BUG: aiohttp re-sends an idempotent request (GET, HEAD, PUT, DELETE...) once by itself when "
-    "the connection fails before the answer (ClientSession._retry_connection, on by default), so "
-    "one attempt reaches the endpoint twice, a transient reset is recorded as `bad:200` and never "
-    "counted, and a resetting endpoint gets every GET/DELETE twice. Upstream.send should turn "
-    "that off (session._retry_connection = False) and let the router's own failover decide")
-
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("DELETE", "/echo/files/f1")])
@@ -663,18 +638,32 @@ def _cut_request(port: int, chunked: bool, rst: bool) -> None:
     s.close()
 
 
+def socket_fds(pid: int) -> int:
+    """The process's open sockets (files it opens on first use, such as a database, aside)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
 def test_client_that_disconnects_mid_request_leaves_the_router_healthy(mock, start_router):
     router = start_router([f"bad={mock.url('bad')}", f"good={mock.url('good')}"])
+    _cut_request(router.port, chunked=True, rst=False)  # warm-up: what opens on first use
     assert post(router).status_code == 200
-    before = proc_stats(router.proc.pid)
+    before = socket_fds(router.proc.pid)
     for i in range(12):
         _cut_request(router.port, chunked=i % 3 == 0, rst=i % 2 == 0)
     r = post(router)
     assert r.status_code == 200 and r.headers["x-router-attempts"] == "bad:200"
     assert mock.count("bad") == 2 and mock.count("good") == 0  # no half request went upstream
-    fds = settle_fds(router.proc.pid, before["fds"], timeout=5)
-    print(f"\nfds before {before['fds']}, after 12 cut requests {fds}")
-    assert fds <= before["fds"]
+    deadline = time.monotonic() + 30  # a leak never settles
+    while (sockets := socket_fds(router.proc.pid)) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"\nsockets before {before}, after 12 cut requests {sockets}")
+    assert sockets <= before
     assert_clean_log(router)
 
 
@@ -685,8 +674,10 @@ def patient_router(mock, start_router):
                         options={"router_stream_timeout": 30, "router_headers_timeout": 30})
 
 
-def wait_upstream_closed(mock, name: str, left_at: float, limit: float = 1.0) -> float:
-    """Seconds until the mock saw `name`'s last request closed by the router (client_closed)."""
+def wait_upstream_closed(mock, name: str, left_at: float, limit: float = 3.0) -> float:
+    """Seconds until the mock saw `name`'s last request closed by the router (client_closed).
+    The upstream would otherwise run on for 10 s or more: "at once" is told apart from that
+    with a bound that holds on a busy machine."""
     while mock.requests(name)[-1]["outcome"] != "client_closed":
         if time.monotonic() - left_at > limit:
             return float("inf")
@@ -704,19 +695,23 @@ def test_client_that_disconnects_mid_stream_after_failover_closes_the_upstream_a
             pass
     took = wait_upstream_closed(mock, "good", time.monotonic())
     print(f"\nupstream closed {took * 1000:.0f} ms after the client left")
-    assert took < 1.0 and mock.stats()["closed_early"] == 1
+    assert took < 3.0 and mock.stats()["closed_early"] == 1
     mock.fault("good")
     assert post(patient_router, STREAM_MSG).status_code == 200
     assert_clean_log(patient_router)
 
 
-def _leave_after(router, body: dict, seconds: float) -> float:
-    """Send a request on a raw socket, close it after ``seconds`` without reading; return when."""
+def _leave_once(router, body: dict, waiting) -> float:
+    """Send a request on a raw socket, close it without reading once ``waiting()`` is true
+    (the router waits on the upstream); return when."""
     s = socket.create_connection(("127.0.0.1", router.port))
     data = json.dumps(body).encode()
     s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
               b"content-length: %d\r\n\r\n%s" % (len(data), data))
-    time.sleep(seconds)
+    deadline = time.monotonic() + 20
+    while not waiting():
+        assert time.monotonic() < deadline, "the request never reached the upstream"
+        time.sleep(0.02)
     s.close()
     return time.monotonic()
 
@@ -731,10 +726,10 @@ def test_client_that_disconnects_while_the_router_waits_closes_the_upstream_at_o
         mock.fault("good", stall_ms=10_000, stall_after_events=1)  # message_start, then silence
         body = STREAM_MSG
     mock.fault("bad", status=529)
-    left_at = _leave_after(patient_router, body, 0.5)
-    took = wait_upstream_closed(mock, "good", left_at, limit=2.0)
+    left_at = _leave_once(patient_router, body, lambda: mock.count("good") == 1)
+    took = wait_upstream_closed(mock, "good", left_at)
     print(f"\n{phase}: upstream closed {took * 1000:.0f} ms after the client left")
-    assert took < 1.0
+    assert took < 3.0
 
 
 def _h2_cancel_one_of_two(port: int) -> tuple[float, bytes]:
@@ -775,7 +770,9 @@ def test_http2_client_cancelling_one_stream_closes_only_that_upstream(mock, pati
     cancelled_at, kept = _h2_cancel_one_of_two(patient_router.port)
     assert assert_complete_stream(kept.decode()) == " ".join(f"w{i}" for i in range(1, 41))
     assert cancelled_at
-    deadline = cancelled_at + 1.0  # the cancelled stream's upstream is closed within a second
+    # The cancelled stream's upstream is closed (not read to its end, "200"): a bound that
+    # holds on a busy machine.
+    deadline = cancelled_at + 5.0
     while mock.stats()["closed_early"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(r["outcome"] for r in mock.requests("good")) == ["200", "client_closed"]
@@ -843,7 +840,7 @@ def test_slow_client_on_a_fast_128_mb_stream_holds_the_upstream_back(start_route
                 break
         sent = upstream.sent
     left_at = time.monotonic()
-    assert closed.wait(2), "upstream still being read after the client left"
+    assert closed.wait(5), "upstream still being read 5 s after the client left"
     print(f"\nslow client read {read / 2**20:.1f} MiB in 3 s; upstream managed to send "
           f"{sent / 2**20:.1f} MiB of {total / 2**20:.0f}; router RSS {before['rss_mib']:.1f} -> peak "
           f"{peak:.1f} MiB; upstream closed {1000 * (time.monotonic() - left_at):.0f} ms after the client left")
@@ -896,17 +893,6 @@ def tcp_states(pid: int) -> dict[str, int]:
                 state = names.get(parts[3], parts[3])
                 states[state] = states.get(state, 0) + 1
     return states
-
-
-H2_CLOSE_WAIT_LEAK = (
-    "BUG: every response handed off to an HTTP/2 client whose streams overlap leaves one "
-    "mitmproxy->handoff loopback socket in CLOSE_WAIT for good (also after the client has gone): "
-    "HandoffServer.park sets close_after for multiplexed clients, so the handoff closes each "
-    "connection after its response, racing mitmproxy's own close of HTTP/1 server connections "
-    "of HTTP/2 clients; mitmproxy 12.3.1 then never closes its end (plain mitmdump in front of a "
-    "server that closes after each response leaks the same way). In the 20,000-request soak the "
-    "router's fds grow 252 -> 1196 and stay there; with `ulimit -n 1024` it would hit EMFILE")
-
 
 
 def test_http2_client_with_overlapping_streams_leaves_no_socket_behind(mock, start_router):
@@ -1265,7 +1251,7 @@ def test_wrong_redis_credentials_during_load_fail_no_request(mock, start_router,
         server.cli("CLIENT", "KILL", "TYPE", "normal")  # the routers must log in again: refused
         server.cli("CLIENT", "KILL", "TYPE", "pubsub")
         for r in (a, b):
-            r.wait_log("authentication failed", timeout=5)
+            r.wait_log("authentication failed", timeout=20)
         time.sleep(1.5)
         server.cli("CONFIG", "SET", "requirepass", "right-password")
         server.password = "right-password"
@@ -1282,31 +1268,10 @@ def test_wrong_redis_credentials_during_load_fail_no_request(mock, start_router,
 
 # -- 5. configuration: every bad router_* value stops start-up and says which -------------------
 
-ALL_COOLING_CHOICES = (
-    "BUG: mitmproxy does not enforce an option's `choices` for --set or config.yaml values, and "
-    "Router.configure never checks router_all_cooling itself (only the YAML file path does, in "
-    "config._option_value): `maybe` starts silently and behaves as `refuse`")
-EMPTY_CLIENT_KEY = (
-    "BUG (security): `router_client_keys=` (e.g. an unset shell variable) gives the key b'' "
-    "(Router._client_keys drops no empty value; config._secret would refuse it in the file), so "
-    "the open-door guard (_refuse_open_keys) is satisfied and _authorized() lets in every client "
-    "that sends no key at all, on any listen address, spending the endpoints' own keys")
-UNKNOWN_ROUTER_OPTION = (
-    "BUG: a misspelt router option (`router_cooldwn=5`) stays in mitmproxy's deferred options and "
-    "nobody reports it; the router owns the router_ prefix and could refuse unknown names after "
-    "its options are declared (Router.load / options.unparsable)")
-REDIS_DB_NOT_A_NUMBER = (
-    "BUG: redis-py's from_url ignores a database path that is not a number (`/notadb`, a typo "
-    "like `/l`) and silently uses db 0; Router._make_store does not check the path")
-
 
 def _file(tmp: Path, name: str, text: str) -> str:
     (tmp / name).write_text(text)
     return str(tmp / name)
-
-
-def _xfail(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 CONFIG_CASES = [
@@ -1367,16 +1332,12 @@ def startup_outcomes(tmp_path_factory):
         log = tmp / f"{abs(hash(name))}.log"
         with log.open("w") as out:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-        # A refused value makes mitmdump exit right after "listening at"; one still running
-        # 3 s after that line accepted the value.
-        deadline, listening = time.monotonic() + 20, None
-        while proc.poll() is None and time.monotonic() < deadline:
-            if listening is None and "listening at" in log.read_text():
-                listening = time.monotonic()
-            if listening is not None and time.monotonic() - listening > 3:
-                break
-            time.sleep(0.05)
-        code = proc.poll()
+        # Every value here is refused: mitmdump exits (at once, or on a busy machine a few
+        # seconds later). One still running after a generous bound accepted the value.
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             proc.send_signal(signal.SIGINT)
             try:
@@ -1391,9 +1352,7 @@ def startup_outcomes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, expected, forbidden", [
-    pytest.param(name, expected, forbidden if isinstance(forbidden, list) else [],
-                 marks=[] if isinstance(forbidden, list) else [forbidden], id=name)
-    for name, _, _, expected, forbidden in CONFIG_CASES])
+    pytest.param(name, expected, forbidden, id=name) for name, _, _, expected, forbidden in CONFIG_CASES])
 def test_bad_router_option_value_stops_startup_and_names_it(startup_outcomes, name, expected, forbidden):
     code, out = startup_outcomes[name]
     assert code is not None, f"mitmdump kept running: the value was accepted\n{out[-1500:]}"

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import launch_router, stop
 from streams import STREAM_MSG
+from test_e2e_operations import saved_flows
 
 MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 CLIENT_KEY = "s3cret-client-key"
@@ -229,22 +230,37 @@ CLIENT_CREDENTIAL_ERRORS = [
 
 @pytest.mark.parametrize("status,etype,extra", CLIENT_CREDENTIAL_ERRORS,
                          ids=[str(s) for s, _, _ in CLIENT_CREDENTIAL_ERRORS])
-def test_keyless_endpoint_rejecting_the_clients_key_is_answered_at_once_without_blame(
+def test_keyless_endpoint_rejecting_the_clients_key_fails_over_and_blames_nobody(
         mock, start_router, status, etype, extra):
     router = start_router(tiers(mock, "aws", "droid"))
-    mock.fault("aws", status=status, **extra)
+    mock.fault("aws", status=status, key="client-own-key", **extra)
     client = anthropic.Anthropic(base_url=router.base, api_key="client-own-key", max_retries=0)
-    for _ in range(5):
-        started = time.monotonic()
+    raw = client.messages.with_raw_response.create(**MSG)
+    assert raw.headers["x-router-attempts"] == f"aws:{status}, droid:200"
+    for _ in range(4):  # aws is cooling for this key: droid at once
+        assert client.messages.with_raw_response.create(**MSG).headers["x-router-attempts"] == "droid:200"
+    assert mock.count("aws") == 1
+    assert attempts_of_a_normal_request(router) == "aws:200"  # another key: aws, never cooled
+    aws = httpx.get(f"{router.base}/_router/status", timeout=10).json()["endpoints"][0]
+    assert (aws["state"], aws["failures"]) == ("healthy", 0)
+
+
+@pytest.mark.parametrize("status,etype,extra", CLIENT_CREDENTIAL_ERRORS,
+                         ids=[str(s) for s, _, _ in CLIENT_CREDENTIAL_ERRORS])
+def test_a_key_every_keyless_endpoint_rejects_gets_the_last_answer_as_sent(
+        mock, start_router, status, etype, extra):
+    router = start_router(tiers(mock, "aws", "droid"))
+    for name in ("aws", "droid"):
+        mock.fault(name, status=status, key="client-own-key", **extra)
+    client = anthropic.Anthropic(base_url=router.base, api_key="client-own-key", max_retries=0)
+    for i in range(3):
         with pytest.raises(anthropic.APIStatusError) as exc:
             client.messages.create(**MSG)
-        assert time.monotonic() - started < 3
         assert exc.value.status_code == status
         assert exc.value.body["error"]["type"] == etype
-        assert exc.value.response.headers["x-router-attempts"] == f"aws:{status}"
-    assert mock.count("droid") == 0
-    mock.fault("aws")
-    assert attempts_of_a_normal_request(router) == "aws:200"
+        if i == 0:
+            assert exc.value.response.headers["x-router-attempts"] == f"aws:{status}, droid:{status}"
+    assert (mock.count("aws"), mock.count("droid")) == (1, 1)  # then answered at once
 
 
 def write_keyed_config(path: Path, mock) -> Path:
@@ -365,10 +381,11 @@ def test_client_that_stops_reading_until_the_relay_gives_up_does_not_cool_it(moc
     mock.fault("aws", words=2000, event_bytes=32 * 1024, write_timeout_ms=2000)  # a 64 MB stream
     for _ in range(3):
         assert _pause_reading_a_long_stream(router.port, mock) == "write_timeout"
-    time.sleep(0.3)
+    time.sleep(0.3)  # (a blamed cut is recorded in the background: give it time to show)
     aws = httpx.get(f"{router.base}/_router/status", timeout=10).json()["endpoints"][0]
     # A stream's start is a success, so a blamed cut shows as one consecutive failure here.
-    assert (aws["state"], aws["consecutive_failures"]) == ("healthy", 0), aws
+    assert (aws["state"], aws["consecutive_failures"], aws["failures"]) == ("healthy", 0, 0), aws
+    assert aws["client_stalls"] == 3  # each seen as its client's stall
     mock.fault("aws")
     assert attempts_of_a_normal_request(router) == "aws:200"
 
@@ -399,14 +416,17 @@ def test_client_cancelling_the_half_open_probe_releases_it_at_once(mock, start_r
     with socket.create_connection(("127.0.0.1", router.port)) as s:
         s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                   b"x-api-key: k\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 20
         while mock.count("aws") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert mock.count("aws") == 2  # the probe reached aws
         time.sleep(0.3)
+    left = time.monotonic()
     mock.fault("aws")
-    time.sleep(0.2)
-    assert attempts_of_a_normal_request(router).startswith("aws:")
+    # Released when the client left, not when aws would have answered (5 s after the probe).
+    while not attempts_of_a_normal_request(router).startswith("aws:"):
+        assert time.monotonic() - left < 3, "the probe was not released when its client left"
+        time.sleep(0.05)
 
 
 # == 6. paths stay under their endpoint ==========================================================
@@ -574,7 +594,7 @@ def save_one_flow(mock, start_router, saved: Path) -> None:
                           options={"router_client_keys": CLIENT_KEY, "save_stream_file": str(saved)})
     r = httpx.post(f"{router.base}/v1/messages", json=MSG, headers={"x-api-key": CLIENT_KEY}, timeout=30)
     assert r.status_code == 200 and r.headers["x-router-attempts"] == "aws:200"
-    time.sleep(0.5)
+    assert len(saved_flows(saved, 1)) == 1
     stop(router.proc)
     assert saved.stat().st_size > 0, "no flow was saved"
 
@@ -590,10 +610,7 @@ def test_replayed_flow_reaches_the_endpoint_at_its_own_path(mock, start_router, 
     save_one_flow(mock, start_router, saved)
     mock.reset()
     replay = start_router(tiers(mock, "aws", "droid"), options={"client_replay": str(saved)})
-    deadline = time.monotonic() + 10
-    while not mock.requests() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.3)
+    assert replay.proc.wait(30) == 0  # mitmdump exits once the replay is done
     records = mock.requests()
     # The saved request is replayed once, to /aws/v1/messages (not /aws/aws/v1/messages).
     assert [(r["endpoint"], r["path"]) for r in records] == [("aws", "/v1/messages")], (
@@ -608,12 +625,11 @@ def test_a_replay_needs_no_client_key_and_a_refused_client_key_blames_nobody(moc
     replay = start_router(tiers(mock, "aws", "droid"),
                           options={"client_replay": str(saved), "keepserving": "true",
                                    "router_client_keys": ["s3cret-client-key"]})
-    deadline = time.monotonic() + 10
-    while not mock.requests() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 20
+    while len(mock.requests()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(0.3)
-    assert [r["endpoint"] for r in mock.requests()] == ["aws"]  # replayed without a key
-    assert mock.count("droid") == 0  # the client's 401 went back, no failover
+    # Replayed without a key: aws refused it, and the request failed over to droid.
+    assert [r["endpoint"] for r in mock.requests()] == ["aws", "droid"]
     assert "s3cret-client-key" not in json.dumps(mock.requests())
     aws = httpx.get(f"{replay.base}/_router/status", headers={"x-api-key": "s3cret-client-key"},
                     timeout=10).json()["endpoints"][0]

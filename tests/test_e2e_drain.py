@@ -77,14 +77,17 @@ def test_draining_ends_when_nothing_is_in_flight_and_clients_are_gone_or_quiet(
 
 
 def test_a_request_waiting_for_its_answer_when_the_drain_starts_gets_it(mock, start_router):
-    mock.fault("aws", delay_ms=1500)
+    mock.fault("aws", delay_ms=3000)
     router = start_router([f"aws={mock.url('aws')}"])
     with httpx.Client(timeout=30) as client:
         import threading
         result = {}
         t = threading.Thread(target=lambda: result.update(r=client.post(f"{router.base}/v1/messages", json=MSG)))
         t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while mock.count("aws") == 0:  # the request reached the relay: it waits for its answer
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         router.proc.send_signal(signal.SIGUSR1)
         t.join(20)
     assert result["r"].status_code == 200 and result["r"].headers["connection"] == "close"

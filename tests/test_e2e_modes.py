@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import closed_port_url, free_port
-from streams import EVENTS, STREAM_MSG, assert_streamed, timed_stream, timing
+from streams import EVENTS, STREAM_MSG, timed_stream, timing
+from test_e2e_streaming import assert_streamed
 
 MSG = {"model": "mock-model", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 

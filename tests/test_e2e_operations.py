@@ -100,20 +100,34 @@ def test_bad_config_file_stops_startup_naming_file_and_field(mock, start_router,
 
 
 def test_reload_applies_edits_keeps_health_and_in_flight_streams(mock, keyed):
+    """The stream is open across the reload: droid pauses it after its first word (the fault is
+    set before the request, when the mock reads it) until well after the reload.
+
+    Fails when a reload drops in-flight requests: with `_watch_config` closing the upstream
+    session on reload (`await self.upstream.close()` after the new config is applied), the
+    stream ends with `event: error` after one word."""
     mock.fault("aws", status=500)
-    mock.fault("plain", event_gap_ms=200, words=8)
+    mock.fault("droid", words=8, stall_ms=6000, stall_after_events=4)
     c = client(keyed)
     for _ in range(3):
         c.post("/v1/messages", json=MSG)  # aws: three failures, cooling
     with c.stream("POST", "/v1/messages", json=STREAM_MSG, headers={"x-api-key": CLIENT_KEY}) as s:
         assert s.headers["x-used-endpoint"] == "droid"
-        mock.fault("droid", event_gap_ms=200, words=8)
+        lines = s.iter_lines()
+        before = []
+        while "event: content_block_delta" not in before:  # the first word reached the client
+            before.append(next(lines))
         text = write_config(keyed.cfg, mock).read_text()
         keyed.cfg.write_text(text.replace("  - name: plain", "  - name: extra\n    url: "
                                           f"{mock.url('extra')}\n  - name: plain"))
-        keyed.wait_log("config reloaded", timeout=3)
-        body = s.read().decode()
-    assert body.rstrip().endswith("}") and "event: message_stop" in body  # not dropped
+        keyed.wait_log("config reloaded", timeout=20)
+        assert mock.stats()["open_streams"] == 1  # still in flight after the reload
+        after = list(lines)
+    body = "\n".join(before + after)
+    assert after and "event: error" not in body  # not dropped
+    assert body.count("event: content_block_delta") == 8
+    assert [line for line in after if line][-2:] == ["event: message_stop", 'data: {"type":"message_stop"}']
+    assert mock.requests("droid")[-1]["outcome"] == "200"
     r = c.post("/v1/messages", json=MSG)
     assert r.headers["x-router-attempts"] == "droid:200"  # aws is still cooling after reload
     status = c.get("/_router/status").json()
@@ -123,7 +137,7 @@ def test_reload_applies_edits_keeps_health_and_in_flight_streams(mock, keyed):
 
 def test_broken_edit_keeps_last_good_config(mock, keyed):
     keyed.cfg.write_text("endpoints: [ this is not yaml")
-    keyed.wait_log("keeping the last good config", timeout=3)
+    keyed.wait_log("keeping the last good config", timeout=20)
     assert client(keyed).post("/v1/messages", json=MSG).headers["x-used-endpoint"] == "aws"
     keyed.cfg.write_text(keyed.cfg.read_text() + "\n")
     log = keyed.wait_log(f"{keyed.cfg}: line 1: not valid YAML")
@@ -163,17 +177,70 @@ def test_status_metrics_usage_and_cost_after_failovers(mock, keyed):
     assert set(lines[-1]) >= {"attempts", "ttfb_ms", "duration_ms", "input_tokens", "cost_usd"}
 
 
-def test_no_secret_appears_in_any_output(mock, keyed):
-    mock.fault("aws", status=401)
-    mock.fault("droid", reset="before_headers")
+def saved_flows(path: Path, n: int, timeout: float = 20.0) -> list:
+    """The flows mitmproxy saved to ``path`` (save_stream_file), once there are ``n``."""
+    from mitmproxy import io
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with path.open("rb") as f:
+                flows = list(io.FlowReader(f).stream())
+        except Exception:  # not written yet, or a flow half written
+            flows = []
+        if len(flows) >= n or time.monotonic() > deadline:
+            return flows
+        time.sleep(0.05)
+
+
+def test_no_secret_appears_in_any_output(mock, start_router, tmp_path):
+    """Answers (bodies and every header), status, metrics, the log, saved flows and their
+    comments, while relays echo the keys they got in error messages and headers.
+
+    Fails with `scrub_headers` skipped in routing.py (the echoed header reaches the client),
+    with `_redact_credentials` a no-op (the client key is saved in the flows), and with the
+    endpoint's key written into the flow comment."""
+    saved = tmp_path / "flows.mitm"
+    cfg = write_config(tmp_path / "router.yaml", mock)
+    keyed = start_router([], options={"router_config": str(cfg), "save_stream_file": str(saved)}, env=ENV)
+    keyed.wait_log("endpoints in price order")
+    mock.fault("aws", status=401, message=f"invalid x-api-key {AWS_KEY}",
+               headers={"x-relay-saw": AWS_KEY, "www-authenticate": f"Key {AWS_KEY}"})
+    mock.fault("droid", headers={"x-relay-saw": f"Bearer {DROID_KEY}"})
     c = client(keyed)
-    outputs = [c.post("/v1/messages", json=MSG).text for _ in range(4)]
-    outputs += [c.get("/_router/status").text, c.get("/_router/metrics").text]
-    outputs += [client(keyed, key="nope").post("/v1/messages", json=MSG).text]
+    with c.stream("POST", "/v1/messages", json=STREAM_MSG) as s:
+        s.read()
+    answers = [s]
+    assert s.headers["x-router-attempts"] == "aws:401, droid:200" and "event: message_stop" in s.text
+    assert s.headers["x-relay-saw"] == "Bearer [redacted]"  # the echo was relayed, scrubbed
+    mock.fault("droid", reset="before_headers")
+    answers += [c.post("/v1/messages", json=MSG) for _ in range(4)]
+    answers += [c.get("/_router/status"), c.get("/_router/metrics")]
+    answers.append(client(keyed, key="nope").post("/v1/messages", json=MSG))
+    outputs = [r.text + json.dumps(r.headers.multi_items()) for r in answers]
     outputs.append(keyed.log())
+    flows = saved_flows(saved, len(answers))  # the status pages and the 401 too
+    comments = [f.comment for f in flows]
+    assert len(flows) == len(answers) and all("attempts: " in m for m in comments[:5]), comments
+    assert comments[0] == "routed to droid (index 1); attempts: aws:401, droid:200"
+    assert comments[1] == "routed to plain (index 2); attempts: aws:401, droid:reset, plain:200"
+    outputs += comments + [saved.read_bytes().decode("latin-1")]
     for out in outputs:
         for secret in (AWS_KEY, DROID_KEY, CLIENT_KEY):
             assert secret not in out
+
+
+def wait_for(check, timeout: float = 20.0, what: str = ""):
+    """Poll ``check`` until it returns something true (a state reached), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+    return value
+
+
+def endpoint_doc(router, name: str) -> dict:
+    doc = httpx.get(f"{router.base}/_router/status", timeout=10).json()
+    return next(e for e in doc["endpoints"] if e["name"] == name)
 
 
 def web_command(web: httpx.Client, cmd: str, *args: str) -> dict:
@@ -195,12 +262,12 @@ def test_commands_disable_enable_reset_status_on_every_instance(mock, start_rout
         r.wait_log("(connected)")
     web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": "Bearer pw"})
     web_command(web, "router.disable", "aws")
-    time.sleep(0.2)
-    for r in (a, b):
+    for r in (a, b):  # through Redis pub/sub
+        wait_for(lambda r=r: endpoint_doc(r, "aws")["state"] == "disabled", what=f"aws disabled on {r.base}")
         assert httpx.post(f"{r.base}/v1/messages", json=MSG).headers["x-router-attempts"] == "droid:200"
     assert "disabled" in web_command(web, "router.status")["value"]
     web_command(web, "router.enable", "aws")
-    time.sleep(0.2)
+    wait_for(lambda: endpoint_doc(b, "aws")["state"] == "healthy", what="aws enabled on b")
     assert httpx.post(f"{b.base}/v1/messages", json=MSG).headers["x-used-endpoint"] == "aws"
     mock.fault("aws", status=500)
     for _ in range(3):
@@ -208,7 +275,7 @@ def test_commands_disable_enable_reset_status_on_every_instance(mock, start_rout
     assert "cooling" in web_command(web, "router.status")["value"]
     web_command(web, "router.reset")
     mock.fault("aws")
-    time.sleep(0.2)
+    wait_for(lambda: endpoint_doc(b, "aws")["state"] == "healthy", what="aws reset on b")
     assert httpx.post(f"{b.base}/v1/messages", json=MSG).headers["x-used-endpoint"] == "aws"
     assert mock.count("aws") == 5
 
@@ -249,13 +316,12 @@ def test_refused_reload_is_not_applied(mock, start_router, tmp_path):
     router = start_router([], options={"router_config": str(cfg), "listen_host": "0.0.0.0"}, env=ENV)
     router.wait_log("endpoints in price order")
     write_config(cfg, mock, client_keys=False)  # would open the endpoint keys to the network
-    router.wait_log("keeping the last good config", timeout=3)
+    router.wait_log("keeping the last good config", timeout=20)
     assert httpx.post(f"{router.base}/v1/messages", json=MSG).status_code == 401
     assert client(router).post("/v1/messages", json=MSG).status_code == 200
 
 
 def test_flows_with_routes_can_be_saved_and_show_no_secret(mock, start_router, tmp_path):
-    from mitmproxy import io
     saved = tmp_path / "flows.mitm"
     cfg = write_config(tmp_path / "router.yaml", mock)
     router = start_router([], options={"router_config": str(cfg), "save_stream_file": str(saved)}, env=ENV)
@@ -264,10 +330,8 @@ def test_flows_with_routes_can_be_saved_and_show_no_secret(mock, start_router, t
     c.post("/v1/messages", json=MSG)
     with c.stream("POST", "/v1/messages", json=STREAM_MSG) as s:
         s.read()
-    time.sleep(0.5)
+    flows = saved_flows(saved, 2)
     assert "unserializable" not in router.log() and "Addon error" not in router.log()
-    with saved.open("rb") as f:
-        flows = list(io.FlowReader(f).stream())
     assert len(flows) == 2 and flows[0].metadata["router"]["endpoint"] == "aws"
     # Both the answered and the streamed (handed-off) flow show the upstream request.
     assert [f.request.url for f in flows] == [mock.url("aws") + "/v1/messages"] * 2

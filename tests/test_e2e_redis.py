@@ -142,3 +142,33 @@ def test_redis_down_at_startup_serves_locally_then_joins_when_it_comes_up(mock, 
         assert router.log().count("unavailable") == 1
     finally:
         server.stop()
+
+
+def test_invented_session_ids_keep_redis_under_its_bound(mock, start_router, tmp_path, redis_server):
+    """One client inventing a session id per request (20,000 in the issue; 3,000 here against a
+    bound of 200, the same code path) never grows Redis past the bound."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_e2e_sessions import start
+    router = start(start_router, mock, tmp_path, cheap=1.0, router_redis_url=redis_server.url,
+                   router_key_prefix="bounded", router_max_sessions=200)
+    router.wait_log("(connected)")
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 8,
+            "system": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "hi"}]}
+
+    local = threading.local()
+
+    def ask(i: int) -> int:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=router.base, timeout=30)
+        return local.client.post("/v1/messages", json=body, headers={
+            "x-claude-code-session-id": f"invented-{i}"}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(ask, range(3_000))) == {200}
+    deadline = time.monotonic() + 20
+    while router.log().count('"path": "/v1/messages"') < 3_000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sessions = [k for k in redis_server.cli("--scan", "--pattern", "bounded|s|*").split()]
+    assert 150 <= len(sessions) <= 200

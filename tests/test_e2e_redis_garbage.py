@@ -130,7 +130,11 @@ def test_redis_turning_to_garbage_under_a_running_router_fails_no_request(
     proxy.set_mode("pass")
     router.wait_log("reachable again", timeout=10)
     assert "connected" in status(router)["store"]
-    assert attempts(router) == "aws:503, droid:200"  # re-synced: Redis never saw those failures
+    # Re-synced: Redis never saw those failures, so the cooldown learned meanwhile is kept
+    # (and written back for the other instances): aws is not tried again at once.
+    assert attempts(router) == "droid:200"
+    assert redis_server.cli("HGET", "endpoint_health_|ep|aws", "u") not in ("", "0")
     log = router.log()
     assert log.count("unavailable") == 1 and log.count("reachable again") == 1
+    assert log.count("kept 1 cooldown(s) learned while Redis was away (aws)") == 1
     assert "Traceback" not in log

@@ -9,8 +9,22 @@ import anthropic
 import httpx
 
 from conftest import closed_port_url
-from streams import (EVENTS, STREAM_MSG, WIRE_EVENTS, assert_streamed, atimed_stream, h2_streams,
-                     timed_stream, timing)
+from streams import (EVENTS, STREAM_MSG, WIRE_EVENTS, atimed_stream, h2_streams, timed_stream,
+                     timing)
+
+
+def assert_streamed(pairs: list[tuple[float, float]]) -> None:
+    """Events arrived spread out as the upstream sent them, not bunched (buffering gives gaps of
+    ~0 and one long wait). ``pairs`` are (measured, expected) gaps. Margins hold on a busy
+    machine: a late event makes one gap long and the next short, so most gaps, the median and
+    the total are checked, not every gap; the benchmarks measure the timing precisely."""
+    ratios = sorted(m / e for m, e in pairs)
+    devs = sorted(abs(m - e) * 1000 for m, e in pairs)
+    print(f"\n{len(devs)} gaps: deviation from the upstream's pauses median {devs[len(devs) // 2]:.1f} ms, "
+          f"max {devs[-1]:.1f} ms")
+    assert 0.7 < ratios[len(ratios) // 2] < 1.5, ratios
+    assert sum(r >= 0.5 for r in ratios) >= 0.8 * len(ratios), ratios  # each on its own
+    assert sum(m for m, _ in pairs) >= 0.8 * sum(e for _, e in pairs), pairs
 
 
 def failover_tiers(mock):
@@ -50,8 +64,10 @@ def test_http2_client_multiplexing_eight_streams(mock, start_router):
     for headers, types, _ in results:
         assert headers["x-used-endpoint"] == "droid" and types == WIRE_EVENTS
     # None waits for another stream to finish (mitmproxy's 5-connection limit would make
-    # streams 6-8 wait ~2.4 s).
-    assert max(firsts) - min(firsts) < 0.15
+    # streams 6-8 wait a whole stream, ~2.4 s): the first events are spread over well under
+    # half a stream's length.
+    length = min(times[-1] - times[0] for _, _, times in results)
+    assert max(firsts) - min(firsts) < 0.4 * length, (firsts, length)
     assert_streamed([p for _, types, times in results for p in timing(types, times)])
 
 
@@ -65,7 +81,8 @@ def test_client_disconnect_mid_stream_closes_upstream_at_once(mock, start_router
         assert mock.stats()["open_streams"] == 1
     closed_at = time.monotonic()
     while mock.stats()["closed_early"] == 0:
-        assert time.monotonic() - closed_at < 1.0, "upstream stream still open 1 s after the client left"
+        # (the stream would run 10 s more: a bound of 5 s tells "at once" on a busy machine)
+        assert time.monotonic() - closed_at < 5.0, "upstream stream still open 5 s after the client left"
         time.sleep(0.01)
     print(f"\nupstream closed {1000 * (time.monotonic() - closed_at):.0f} ms after the client left")
     assert mock.requests("aws")[0]["outcome"] == "client_closed"

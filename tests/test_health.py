@@ -7,8 +7,10 @@ import pytest
 from claude_router.health import (
     HEALTHY,
     Breaker,
+    Health,
     MemoryHealthStore,
     Phase,
+    Scopes,
     after_failure,
     after_success,
     phase,
@@ -176,3 +178,165 @@ async def test_memory_store_release_without_a_probe_held_changes_nothing():
     cooling = (await store.view())["aws"]
     await store.release_probe("aws")
     assert (await store.view())["aws"] is cooling
+
+
+# -- edges found by mutation testing (./scripts/mutation, docs/mutation.md) -------------------
+
+
+def test_each_repeated_ejection_doubles_the_cooldown_before_the_cap():
+    assert [B.ejection_time(n) for n in (1, 2, 3, 4)] == [60, 120, 240, 480]
+    assert B.ejection_time(2) == 120  # no jitter unless a random draw is given
+
+
+def test_a_single_failure_is_failing_not_healthy_and_a_success_heals():
+    assert phase(Health(failures=1), 0) is Phase.FAILING
+    assert phase(HEALTHY, 0) is Phase.HEALTHY
+    assert after_success(Health(failures=2, ejections=3)) == HEALTHY
+
+
+def test_an_ejection_at_the_threshold_uses_the_random_draw_and_clears_the_count():
+    h = fail(HEALTHY, 0, 2)
+    ejected = after_failure(h, 0, B, rand=1.0)
+    assert ejected == Health(failures=0, ejections=1, ejected_until=60)
+    again = after_failure(replace(ejected, ejected_until=0), 100, B, rand=1.0)
+    assert again == Health(failures=0, ejections=2, ejected_until=100 + 144)
+    assert after_failure(replace(ejected, ejected_until=0), 100, B).ejected_until == 100 + 120
+
+
+def test_a_hint_below_the_threshold_ejects_once_and_clears_the_count():
+    h = after_failure(Health(failures=1), 0, B, at_least=0.5)
+    assert h == Health(failures=0, ejections=1, ejected_until=0.5)
+
+
+def test_a_hint_longer_than_a_running_cooldown_extends_it_by_any_amount():
+    h = Health(ejections=1, ejected_until=10)
+    assert after_failure(h, 5, B, at_least=5.5).ejected_until == 10.5
+    assert after_failure(h, 5, B, at_least=5) is h  # the same end: nothing changes
+
+
+def test_seconds_left_is_zero_once_the_cooldown_is_over():
+    assert seconds_left(Health(ejections=1, ejected_until=10), 10.5) == 0
+    assert seconds_left(Health(ejections=1, ejected_until=10), 9.5) == 0.5
+
+
+def scoped(until=0.0, probe=0.0):
+    return Health(ejections=1, ejected_until=until, probe_until=probe)
+
+
+def test_scopes_keep_only_endpoint_at_key_entries_in_order():
+    s, states = Scopes(limit=10, ttl=5), {"a": scoped(100), "a@k1": scoped(100), "a@k2": scoped(100)}
+    for name in ("a", "a@k1", "a@k2", "a@k1"):
+        s.touched(states, name)
+    assert s.names() == ["a@k2", "a@k1"] and len(s) == 2
+    del states["a@k2"]
+    s.touched(states, "a@k2")  # gone from the view: no longer kept
+    assert s.names() == ["a@k1"]
+    s.clear()
+    assert s.names() == [] and len(s) == 0
+
+
+def test_scopes_drop_the_least_recent_beyond_their_limit():
+    s, states = Scopes(limit=2, ttl=5), {}
+    for i in range(3):
+        states[f"a@k{i}"] = scoped(100)
+        s.touched(states, f"a@k{i}")
+    assert s.names() == ["a@k1", "a@k2"] and set(states) == {"a@k1", "a@k2"}
+
+
+def test_scopes_expire_the_two_oldest_only_after_cooldown_plus_ttl():
+    s, states = Scopes(limit=10, ttl=5), {}
+    for i, until in enumerate((10, 10, 10)):
+        states[f"a@k{i}"] = scoped(until)
+        s.touched(states, f"a@k{i}")
+    s.touched(states, "a@k2", now=15)  # 10 + 5 is not before 15: kept
+    assert s.names() == ["a@k0", "a@k1", "a@k2"]
+    states["a@k1"] = scoped(10, probe=20)  # a probe in flight keeps it
+    s.touched(states, "a@k2", now=15.5)
+    assert s.names() == ["a@k1", "a@k2"] and "a@k0" not in states
+    s.touched(states, "a@k2", now=20)  # a@k1's probe holds until 20: kept; a@k2 expired
+    assert s.names() == ["a@k1"] and set(states) == {"a@k1"}
+    s.touched(states, "a@k2", now=20.5)
+    assert s.names() == [] and states == {}
+
+
+def test_scopes_default_to_a_bound_and_a_two_minute_ttl():
+    s = Scopes()
+    assert (s.limit, s.ttl, len(s)) == (10_000, 120.0, 0)
+
+
+async def test_the_memory_store_keeps_a_key_scope_for_twice_the_cooldown():
+    clock = Clock(0.0)
+    store = MemoryHealthStore(B, clock=clock)
+    assert store.scopes.ttl == 120 and len(store.salt) == 32 and store.disabled == frozenset()
+    await store.record_failure("aws@k", at_least=10)
+    clock.t = 200
+    await store.record_failure("aws@j", at_least=10)  # 10 + 120 < 200: aws@k is dropped
+    assert set(await store.view()) == {"aws@j"}
+
+
+async def test_the_memory_store_passes_the_hint_and_the_random_draw():
+    clock = Clock(0.0)
+    store = MemoryHealthStore(B, clock=clock, rand=lambda: 1.0)
+    assert (await store.record_failure("aws", at_least=0.5)).ejected_until == 0.5
+    clock.t = 1
+    h = await store.record_failure("aws")  # the failed probe of a half-open endpoint
+    assert h.ejected_until == 1 + 144
+    assert (await store.record_failure("new")).failures == 1  # no hint by default
+
+
+async def test_a_probe_taken_on_a_key_scope_is_kept_in_the_view():
+    clock = Clock(0.0)
+    store = MemoryHealthStore(B, clock=clock)
+    assert await store.try_probe("healthy") is False
+    await store.record_failure("aws@k", at_least=10)
+    clock.t = 10
+    assert await store.try_probe("aws@k") is True
+    assert store.scopes.names() == ["aws@k"]
+    await store.record_success("aws@k")
+    assert store.scopes.names() == [] and dict(store.current()) == {}
+
+
+async def test_releasing_frees_only_the_probe_this_store_took():
+    clock = Clock(0.0)
+    store = MemoryHealthStore(B, clock=clock)
+    await store.record_failure("aws", at_least=10)
+    clock.t = 10
+    assert await store.try_probe("aws") is True
+    clock.t = 10 + 30  # the probe expired; another instance took it since
+    store._states["aws"] = replace(store._states["aws"], probe_until=100)
+    await store.release_probe("aws")
+    assert store.current()["aws"].probe_until == 100
+    assert await store.try_probe("aws") is False
+    await store.record_success("aws")
+    await store.release_probe("aws")  # nothing held any more
+    assert "aws" not in store.current()
+
+
+async def test_disabling_an_endpoint_and_enabling_it_again():
+    store = MemoryHealthStore(B, clock=Clock())
+    await store.set_disabled("aws", True)
+    await store.set_disabled("gcp", True)
+    assert store.disabled == frozenset({"aws", "gcp"})
+    await store.set_disabled("aws", False)
+    assert store.disabled == frozenset({"gcp"})
+
+
+async def test_reset_of_one_endpoint_clears_it_and_its_key_scopes_only():
+    clock = Clock(0.0)
+    store = MemoryHealthStore(B, clock=clock)
+    for name in ("aws", "aws@k1", "aws@k2", "gcp", "gcp@k1", "awsx@k1"):
+        await store.record_failure(name, at_least=10)
+    clock.t = 10
+    assert await store.try_probe("aws") is True
+    await store.reset("aws")
+    assert set(store.current()) == {"gcp", "gcp@k1", "awsx@k1"}
+    assert store.scopes.names() == ["gcp@k1", "awsx@k1"]
+    assert await store.try_probe("aws") is False  # healthy: nothing to probe
+    await store.reset()
+    assert dict(store.current()) == {} and store.scopes.names() == []
+
+
+async def test_reset_of_a_healthy_endpoint_changes_nothing():
+    store = MemoryHealthStore(B, clock=Clock())
+    await store.reset("aws")
+    assert dict(store.current()) == {}

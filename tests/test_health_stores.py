@@ -105,7 +105,8 @@ async def test_success_on_a_healthy_endpoint_writes_nothing(env, request):
     await store.record_success("aws")
     assert dict(await store.view()) == {}
     if isinstance(store, RedisHealthStore):
-        assert request.getfixturevalue("redis_server").cli("DBSIZE") == "0"
+        keys = request.getfixturevalue("redis_server").cli("KEYS", "*").split()
+        assert all(k.endswith(("|salt", "|epoch")) for k in keys)  # no health state
 
 
 async def test_reset_heals(env):
@@ -302,7 +303,8 @@ async def test_prefixes_that_prefix_each_other_do_not_collide(redis_server):
     assert phase(p2.current()["adisabled"], clock()) is Phase.COOLING and p2.disabled == {"aevents"}
     assert pa2.current()["events"].failures == 1 and pa2.disabled == {"disabled"}
     assert set(redis_server.cli("KEYS", "*").split()) == {
-        "p|ep|adisabled", "p|disabled", "p|version", "pa|ep|events", "pa|disabled", "pa|version"}
+        "p|ep|adisabled", "p|disabled", "p|version", "pa|ep|events", "pa|disabled", "pa|version",
+        "p|salt", "pa|salt", "p|epoch", "pa|epoch"}
     for s in (p, pa, p2, pa2):
         await s.close()
 
@@ -664,9 +666,104 @@ async def test_redis_turning_to_garbage_mid_run_fails_no_call(redis_server, mode
     assert not store._supervisor.done() and not store.connected
     fake.mode = "pass"
     assert await _eventually(lambda: store.connected, 5)
-    assert store.current()["aws"].failures == 1  # re-synced: Redis's state wins
+    # Re-synced: Redis holds nothing newer about aws than the failure this store wrote, so the
+    # cooldown learned meanwhile is kept, and put back in Redis for the other instances.
+    assert phase(store.current()["aws"], clock()) is Phase.COOLING
+    assert int(redis_server.cli("HGET", P + "ep|aws", "u")) == int(store.current()["aws"].ejected_until * 1000)
     messages = [r.getMessage() for r in caplog.records]
+    assert sum("kept 1 cooldown(s) learned while Redis was away (aws)" in m for m in messages) == 1
     assert sum("unavailable" in m for m in messages) == 1
     assert sum("reachable again" in m for m in messages) == 1
     await store.close()
     await fake.close()
+
+
+async def test_instances_sharing_redis_share_one_salt_so_a_key_is_scoped_alike(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    assert a.salt == b.salt and len(a.salt) >= 32
+    for s in (a, b):
+        await s.close()
+
+
+async def test_a_key_scope_learned_by_one_instance_cools_it_for_that_key_on_another(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await a.record_failure("aws@0123456789abcdef", at_least=30)
+    for _ in range(500):  # the change reaches b over the events channel
+        if "aws@0123456789abcdef" in b.current():
+            break
+        await asyncio.sleep(0.01)
+    assert phase(b.current()["aws@0123456789abcdef"], clock()) is Phase.COOLING
+    assert "aws" not in b.current()
+    c = await synced(redis_server, clock, ("aws",))  # a re-sync keeps the scopes it holds
+    await c.record_failure("aws@0123456789abcdef", at_least=1)
+    await c._resync()
+    assert phase(c.current()["aws@0123456789abcdef"], clock()) is Phase.COOLING
+    for s in (a, b, c):
+        await s.close()
+
+
+async def test_a_disabled_endpoint_is_put_back_after_redis_loses_its_state(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws", "droid"))
+    b = await synced(redis_server, clock, ("aws", "droid"))
+    await a.set_disabled("aws", True)
+    for _ in range(500):
+        if b.disabled == {"aws"}:
+            break
+        await asyncio.sleep(0.01)
+    assert b.disabled == {"aws"}
+    redis_server.cli("FLUSHALL")  # what a restart without persistence leaves
+    for _ in range(1000):  # each instance notices the new epoch and puts back what it held
+        if redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"] and \
+                a.disabled == b.disabled == {"aws"}:
+            break
+        await asyncio.sleep(0.01)
+    assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"]
+    assert a.disabled == b.disabled == {"aws"}
+    await a.set_disabled("aws", False)  # and an operator's enable still holds everywhere
+    for _ in range(500):
+        if not b.disabled:
+            break
+        await asyncio.sleep(0.01)
+    assert not b.disabled
+    for s in (a, b):
+        await s.close()
+
+
+async def test_a_cooldown_learned_while_redis_was_away_is_kept_and_shared(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws", "droid"))
+    a._up = False  # Redis away: the local transition applies
+    for _ in range(3):
+        await a.record_failure("aws")
+    assert phase(a.current()["aws"], clock()) is Phase.COOLING
+    await a._resync()  # Redis is back: its view has nothing about aws
+    assert phase(a.current()["aws"], clock()) is Phase.COOLING  # kept
+    b = await synced(redis_server, clock, ("aws", "droid"))
+    assert phase(b.current()["aws"], clock()) is Phase.COOLING  # and put back for the others
+    for s in (a, b):
+        await s.close()
+
+
+async def test_a_newer_decision_in_redis_wins_over_a_cooldown_held_here(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await b.record_failure("aws", at_least=5)
+    for _ in range(500):
+        if "aws" in a.current():
+            break
+        await asyncio.sleep(0.01)
+    a._up = False
+    await a.record_failure("aws", at_least=30)  # held here only
+    await b.record_failure("aws", at_least=10)  # a newer decision in Redis: shorter is ignored
+    await b.reset("aws")  # an operator's reset: the newest decision
+    await b.record_failure("aws", at_least=2)
+    await a._resync()
+    assert a.current()["aws"].ejected_until == clock() + 2
+    for s in (a, b):
+        await s.close()

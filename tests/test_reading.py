@@ -3,6 +3,8 @@
 import gzip
 import json
 
+import pytest
+
 from claude_router import decoding
 from claude_router.connections import Delivery
 from claude_router.redaction import scrub, scrub_headers
@@ -97,3 +99,77 @@ def test_short_pauses_are_normal_back_pressure():
     d.pause(1.0)
     d.resume(1.2)
     assert not d.stalled_recently(1.3)
+
+
+# -- stream starts at the edges (found by mutation testing, docs/mutation.md) ------------------
+
+ERROR = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}\n\n'
+
+
+def test_an_error_first_is_decided_as_an_error():
+    start = scan_start(ERROR)
+    assert (start.content, start.error_type, start.error_message) == (False, "overloaded_error", "busy")
+
+
+def test_a_crlf_split_between_chunks_is_one_line_end_once():
+    s = StartScanner()
+    assert not s.feed(b"event: ping\r").content
+    assert not s.feed(b"\n\r\n").content
+    crlf = ERROR.replace(b"\n", b"\r\n")
+    assert s.feed(crlf[:11]).error_type is None  # "event: erro" so far
+    assert s.feed(crlf[11:]).error_type == "overloaded_error"
+
+
+def test_an_error_split_at_its_cr_is_still_an_error():
+    crlf = ERROR.replace(b"\n", b"\r\n")
+    s = StartScanner()
+    assert s.feed(crlf[:13]).error_type is None  # "event: error\r"
+    assert s.feed(crlf[13:]).error_type == "overloaded_error"
+
+
+def test_leading_blank_lines_and_a_split_blank_line_are_read():
+    assert scan_start(b"\n\n" + ERROR).error_type == "overloaded_error"
+    s = StartScanner()
+    assert s.feed(ERROR[:-1]).error_type is None
+    assert s.feed(b"\n").error_type == "overloaded_error"
+
+
+def test_an_error_right_after_the_scanner_compacts_is_seen_at_once():
+    s = StartScanner()
+    s.feed(PING)
+    while s._pos:  # until the scanned bytes are dropped
+        s.feed(PING)
+    assert s.feed(ERROR).error_type == "overloaded_error"
+
+
+def test_unspaced_fields_multiline_data_and_bad_utf8_names():
+    assert scan_start(b'event:error\ndata:{"error": {"type": "x"}}\n\n').error_type == "x"
+    assert scan_start(b'event: error\ndata: {"error":\ndata: {"type": "x"}}\n\n').error_type == "x"
+    assert scan_start(b"event: \xff\xfe\ndata: {}\n\n").content
+    assert scan_start(b"data: {}\n\n").content  # an unnamed event is a "message": content
+
+
+@pytest.mark.parametrize("data, etype, message", [
+    (b"[1]", "api_error", ""), (b'{"error": "text"}', "api_error", ""),
+    (b'{"error": {"type": 5, "message": "' + b"m" * 300 + b'"}}', "api_error", "m" * 200),
+    (b"not json", "api_error", ""),
+])
+def test_an_error_event_with_an_odd_body_is_an_api_error(data, etype, message):
+    start = scan_start(b"event: error\ndata: " + data + b"\n\n")
+    assert (start.error_type, start.error_message) == (etype, message)
+
+
+def test_a_crlf_blank_line_split_between_its_cr_and_lf_ends_the_event():
+    crlf = ERROR.replace(b"\n", b"\r\n")
+    s = StartScanner()
+    assert s.feed(crlf[:-1]).error_type is None
+    assert s.feed(crlf[-1:]).error_type == "overloaded_error"
+
+
+def test_a_split_event_right_after_the_scanner_compacts_is_read():
+    s = StartScanner()
+    s.feed(PING)
+    while s._pos:
+        s.feed(PING)
+    assert s.feed(ERROR[:10]).error_type is None
+    assert s.feed(ERROR[10:]).error_type == "overloaded_error"

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from . import config
+from . import clients, config
 from .endpoints import Endpoint
 
 KEY_REQUIRED = "a valid router client key is required (x-api-key or Authorization: Bearer)"
@@ -44,9 +44,31 @@ def presented_key(headers: Mapping[str, str]) -> bytes:
     return presented.encode("utf-8", "surrogateescape")  # headers may hold any bytes
 
 
+def credential_id(key: bytes, salt: bytes) -> str:
+    """Whose request this is, without the key: a keyed hash (HMAC-SHA256 under the router's
+    salt, 16 hex digits) of the presented key. Health scopes and conversations are keyed by
+    it; it is safe to store in Redis and to show, and nobody can test a guessed key against it
+    without the salt."""
+    return hmac.new(salt, key, "sha256").hexdigest()[:16]
+
+
 def authorized(headers: Mapping[str, str], keys: Sequence[bytes]) -> bool:
     given = presented_key(headers)
     return any(hmac.compare_digest(given, key) for key in keys)
+
+
+def who(headers: Mapping[str, str], table: Sequence[clients.Client]) -> clients.Client | None:
+    """The client (named, or unnamed for a plain client key or an admin key) whose key the
+    request presents, compared in constant time; None when it presents none of them."""
+    return clients.identify(presented_key(headers), table)
+
+
+def is_admin(client: clients.Client | None, admin_keys: Sequence[bytes]) -> bool:
+    """Does ``client`` hold one of the admin keys (``admin_keys`` in the config file)?"""
+    found = False
+    for key in admin_keys:
+        found |= client is not None and hmac.compare_digest(client.key, key)
+    return found
 
 
 def open_door(endpoints: Sequence[Endpoint], keys: Sequence[bytes], listen_host: str,
@@ -72,6 +94,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def answered_here(method: str, path: str, names: Iterable[str], keyed: bool) -> bool:
+    """Is this request answered 200 by the router itself (an empty body, no upstream)? A HEAD
+    of a base URL (see ``is_base_url``) is Claude Code's reachability check, key or not; and
+    a HEAD without a valid client key (``keyed`` False: keys are required and none matched)
+    gets the very same answer whatever its path, so that nobody without a key can tell the
+    configured endpoint names from any other path."""
+    return method == "HEAD" and (not keyed or is_base_url(path, names))
 
 
 def is_base_url(path: str, names: Iterable[str]) -> bool:

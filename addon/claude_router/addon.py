@@ -10,6 +10,7 @@ mitmproxy streams it to the client event by event (see `handoff`).
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -21,12 +22,16 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-from . import access, admin, config, decoding, dispatch, options, policy, runtime, sessions, usage
+from . import access, admin, clients, config, decoding, dispatch, options, policy, runtime, sessions, usage
+from . import ledger as ledgers
+from .accounts import Accounts
+from .budgets import SharedBudgets
 from .admin import Admin, reply
 from .affinity import MemoryAffinity, RedisAffinity
 from .conversations import Conversations
 from .drain import Drain
-from .connections import Delivery, HeadDeadlines
+from .liveness import Liveness
+from .connections import Collector, Delivery, HeadDeadlines
 from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
 from .errors import error_body
 from .handoff import HandoffServer, Parked
@@ -66,12 +71,15 @@ class RouteInfo:
     handoff_path: str = ""
     tokens: usage.Usage | None = None
     logged: bool = field(default=False)
-    session_id: str | None = None  # the conversation (cost strategy), and what it was before
+    session_id: "Turn | None" = None  # the conversation (conversations.Turn), and what it was before
     session: sessions.Session | None = None
     ttl: float = 0.0
     asked_at: float = 0.0  # wall clock when the request came
     reason: str = ""
     error: str = ""  # what broke a stream after it reached the client
+    client: str = clients.UNNAMED  # whose request (the client's name, never its key)
+    model: str | None = None  # the model the client asked for
+    session_hash: str | None = None  # for the ledger: a hash of the conversation's id
 
 
 class Router:
@@ -80,13 +88,20 @@ class Router:
         self.option_endpoints: tuple[Endpoint, ...] = ()
         self.file: config.FileConfig | None = None
         self.hosts: frozenset[str] = frozenset()
-        self.client_keys: tuple[bytes, ...] = ()
+        self.client_keys: tuple[bytes, ...] = ()  # every key accepted: clients' and admins'
+        self.clients: tuple[clients.Client, ...] = ()  # who each accepted key is (clients.table)
+        self.admin_keys: tuple[bytes, ...] = ()
         self.store: HealthStore = MemoryHealthStore(Breaker(), clock=clock)
         self.upstream = Upstream()
         self.routing = Routing(self.upstream, clock)
         self.settings = Settings()
         self.handoff = HandoffServer()
         self.stats = Stats()
+        self.accounts = Accounts(clock, self.stats.registry)  # per client: spend, limits' state
+        self._admitted: dict[str, str] = {}  # flow id -> client name, until its answer is complete
+        self.ledger: ledgers.Ledger | None = None  # router_ledger: opened once running
+        self.budgets: SharedBudgets | None = None  # spend shared through Redis
+        self.accounts.on_spend = self._spent
         self._background: set[asyncio.Task] = set()
         self._routing: dict[str, set[asyncio.Task]] = {}  # client connection id -> routing tasks
         self._handed_off: dict[str, RouteInfo] = {}  # flow id -> route, until its headers pass
@@ -101,7 +116,7 @@ class Router:
         self.conversations = Conversations(clock)
         self.admin = Admin(self)
         self.drain = Drain()
-        self.addons = [self.admin, self.drain]
+        self.addons = [self.admin, self.drain, Liveness()]  # Liveness: the health page
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -132,23 +147,32 @@ class Router:
             self.hosts = frozenset(h.strip().lower() for h in opts.router_hosts if h.strip())
         if updated & {"router_client_keys", "router_config"}:
             self.client_keys = self._client_keys(self.file)
+            self.clients, self.admin_keys = self._identities(self.file)
         if updated & {"router_max_failures", "router_cooldown"}:
             self.store.breaker = options.breaker(ctx.options)
         if updated & {"router_redis_url", "router_key_prefix"}:
             self._replace_store(options.store(ctx.options, self.clock))
             c = self.conversations
+            most = opts.router_max_sessions
             old, c.affinity = c.affinity, (
-                RedisAffinity(self.store.client, self.store.prefix, self.clock)
-                if isinstance(self.store, RedisHealthStore) else MemoryAffinity(self.clock))
+                RedisAffinity(self.store.client, self.store.prefix, self.clock, max_sessions=most)
+                if isinstance(self.store, RedisHealthStore) else MemoryAffinity(self.clock, most))
             try:
                 self.spawn(old.close())
             except RuntimeError:  # no loop yet (start-up): nothing was started
                 pass
+            self._share_budgets()
+        if updated & {"router_ledger", "confdir"}:
+            self._open_ledger()
+        if "router_ledger_days" in updated and self.ledger is not None:
+            self.ledger.days = opts.router_ledger_days
         if "router_strategy" in updated:
             if opts.router_strategy not in ("cost", "order"):
                 raise exceptions.OptionsError(
                     f"router_strategy must be cost or order, got {opts.router_strategy!r}")
             self.conversations.strategy = opts.router_strategy
+        if "router_max_sessions" in updated:
+            self.affinity.max_sessions = opts.router_max_sessions
         if "router_session_horizon" in updated:
             self.conversations.horizon = opts.router_session_horizon
         if "router_cache_ttl" in updated:
@@ -162,6 +186,8 @@ class Router:
             self._refuse_open_keys(self.endpoints, self.client_keys)
         if "router_head_timeout" in updated:
             self.heads.timeout = float(opts.router_head_timeout)
+        if "router_body_timeout" in updated:
+            self.heads.body_timeout = float(opts.router_body_timeout)
         if "router_max_body_mb" in updated:
             self.body_limit = opts.router_max_body_mb * 1_000_000
             # A backstop for chunked bodies (their size is known only as they arrive):
@@ -198,10 +224,21 @@ class Router:
 
     def _client_keys(self, file: config.FileConfig | None) -> tuple[bytes, ...]:
         try:
-            return access.client_keys(ctx.options.router_client_keys,
+            keys = access.client_keys(ctx.options.router_client_keys,
                                       file.client_keys if file else ())
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
+        if file is None:
+            return keys
+        return tuple(c.key for c in file.clients) + keys + tuple(k.encode() for k in file.admin_keys)
+
+    def _identities(self, file: config.FileConfig | None
+                    ) -> tuple[tuple[clients.Client, ...], tuple[bytes, ...]]:
+        """Who each accepted key is (named clients, then every other key unnamed), and the
+        admin keys. Counters are kept by name, so a reload keeps them all."""
+        keys = self._client_keys(file)
+        named = file.clients if file else ()
+        return clients.table(named, keys[len(named):]), tuple(k.encode() for k in (file.admin_keys if file else ()))
 
     def _refuse_open_keys(self, endpoints: tuple[Endpoint, ...], client_keys: tuple[bytes, ...]) -> None:
         host = access.open_door(endpoints, client_keys, getattr(ctx.options, "listen_host", "127.0.0.1"),
@@ -211,6 +248,54 @@ class Router:
                 f"endpoints hold their own keys but no router_client_keys are set, and the router "
                 f"listens on {host or 'every interface'}: set router_client_keys (or client_keys "
                 f"in the config file), or listen on 127.0.0.1")
+
+    def _share_budgets(self) -> None:
+        """With Redis, every worker adds its clients' spend there and budgets read the totals."""
+        old, self.budgets = self.budgets, None
+        if old is not None:
+            try:
+                self.spawn(old.close())
+            except RuntimeError:
+                pass
+        if isinstance(self.store, RedisHealthStore):
+            self.budgets = SharedBudgets(self.store.client, self.store.prefix, self.accounts,
+                                         lambda: self.clients, self.clock)
+            if self._running:
+                self.budgets.start()
+
+    def _open_ledger(self) -> None:
+        """The ledger (router_ledger, else the confdir's): the spend it holds is read now, at
+        start-up (before any request: budgets survive a restart); its writer thread starts
+        when the router runs. A file that cannot be read stops start-up, naming the option."""
+        where = ctx.options.router_ledger.strip()
+        path = os.path.expanduser(where or os.path.join(ctx.options.confdir, ledgers.FILENAME))
+        if self.ledger is not None and (where != "off" and self.ledger.path == path):
+            return
+        old, self.ledger = self.ledger, None
+        if old is not None:
+            old.close()
+        if where == "off":
+            return
+        ledger = ledgers.Ledger(path, ctx.options.router_ledger_days, self.clock)
+        try:
+            spent = ledger.load_spend()
+        except (ledgers.sqlite3.Error, OSError) as e:
+            ledger.close()
+            raise exceptions.OptionsError(f"Cannot use router_ledger {path!r}: {e}") from None
+        for label, days in spent.items():
+            acct = self.accounts.get(label)
+            for day, usd in days.items():
+                acct.spend[day] = max(acct.spend.get(day, 0.0), usd)
+        self.ledger = ledger
+        if self._running:
+            ledger.start()
+
+    def _spent(self, label: str, day: str, usd: float) -> None:
+        """A client's spend (accounts counted it): to the ledger and to Redis, in the background."""
+        if self.ledger is not None:
+            self.ledger.spend(label, day, usd)
+        if self.budgets is not None:
+            self.budgets.add(label, day, usd)
 
     def _replace_store(self, store: HealthStore) -> None:
         old, self.store = self.store, store
@@ -228,6 +313,10 @@ class Router:
         runtime.raise_fd_limit()
         self.accept_errors.install(asyncio.get_running_loop())
         self._running = True
+        if self.ledger is not None:
+            self.ledger.start()
+        if self.budgets is not None:
+            self.budgets.start()
         self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
@@ -260,7 +349,13 @@ class Router:
         await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()
+        if self.budgets is not None:
+            await self.budgets.round()  # the last spend, if Redis takes it now
+            await self.budgets.close()
         await self.store.close()
+        if self.ledger is not None:
+            ledger, self.ledger = self.ledger, None
+            await asyncio.to_thread(ledger.close)
 
     async def _watch_config(self) -> None:
         """Apply edits to the config file within a second; a broken edit keeps the last good."""
@@ -281,6 +376,7 @@ class Router:
                 self._refuse_open_keys(file.endpoints, keys)  # checked before anything changes
                 self._apply_file_options(file)
                 self.file, self.client_keys = file, keys
+                self.clients, self.admin_keys = self._identities(file)
             except exceptions.OptionsError as e:
                 log.warning(f"router: keeping the last good config: {e}")
                 continue
@@ -304,6 +400,7 @@ class Router:
         host = data.client_hello.sni or (data.context.server.address or ("",))[0]
         if self.endpoints and host and host.lower() not in self.hosts:
             data.ignore_connection = True
+            self.heads.tunnel(data.context.client.id)  # passed through: no request heads to wait for
 
     def client_connected(self, client) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")
@@ -315,21 +412,109 @@ class Router:
 
         self.heads.connected(client.id, close)
 
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self.heads.connect_seen(flow.client_conn.id)  # the TLS handshake and next head: bounded
+
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self.heads.head_seen(flow.client_conn.id)
+        self.heads.head_seen(flow.client_conn.id, flow.id)
         if flow.response or flow.error or not flow.live or flow.is_replay:
             return
         req = flow.request
-        if req.method == "HEAD" and access.is_base_url(req.path, (ep.name for ep in self.endpoints)) or not self.routes(flow):
-            return  # (a reachability check is answered in `request`, key or not)
-        if self.client_keys and not access.authorized(req.headers, self.client_keys):
+        if not self.routes(flow):
+            return
+        keyed = not self.client_keys or access.authorized(req.headers, self.client_keys)
+        if access.answered_here(req.method, req.path, (ep.name for ep in self.endpoints), keyed):
+            pass  # a HEAD answered in `request`: the same for every path without a key
+        elif not keyed:
             await self._refuse_early(flow, 401, error_body(401, access.KEY_REQUIRED))
+            self.heads.body_started(flow.client_conn.id, flow.id)
             return
         length = req.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.body_limit:
             await self._refuse_early(flow, 413, error_body(
                 413, f"the request body ({int(length):,} bytes) is over the router's limit of "
                      f"{self.body_limit:,} bytes (router_max_body_mb)", "request_too_large"))
+            self.heads.body_started(flow.client_conn.id, flow.id)
+            return
+        # A routed request is routed whole. A body mitmproxy would stream (stream_large_bodies
+        # set req.stream already, or sets it once the buffered part passes that size) would
+        # go to the flow's own host before the request hook, with the client's key; and a body
+        # of unknown size (chunked, HTTP/2 without content-length) is only measured as it
+        # arrives. Both are read here as they stream, counted against the limit.
+        if req.stream or _unannounced_body(req):
+            await self._collect(flow)
+        if req.stream or (length.isdigit() and int(length) > 0):
+            self.heads.body_started(flow.client_conn.id, flow.id)
+
+    async def _collect(self, flow: http.HTTPFlow) -> None:
+        """Read the body as mitmproxy streams it: keep it (for `request`, which routes it) up
+        to the limit, and answer 413 as soon as it crosses it, dropping the rest. mitmproxy
+        sends a streamed request's head at once, to the flow's host: the head is re-pointed at
+        a pending answer of the handoff server, which `request` (or the 413) makes."""
+        req = flow.request
+        port, path, answer = await self.handoff.pending(flow.client_conn.id,
+                                                        multiplexed=flow.client_conn.alpn == b"h2")
+        collector = Collector(self.body_limit, lambda size: self._over_limit(flow, collector))
+        d = req.data
+        collector.origin = (d.scheme, d.host, d.port, d.path, d.authority, req.headers.copy())
+        collector.path, collector.answer = path, answer
+        req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
+        req.headers.pop("transfer-encoding", None)
+        req.headers["content-length"] = "0"
+        req.stream = collector
+
+    def _over_limit(self, flow: http.HTTPFlow, collector: Collector) -> None:
+        """A streaming body crossed the limit (sync, from mitmproxy's stream callable)."""
+        body = error_body(413, f"the request body is over the router's limit of {self.body_limit:,} "
+                               f"bytes (router_max_body_mb)", "request_too_large")
+        collector.origin = ()  # (it holds the client's key)
+        _redact_credentials(flow.request)
+        flow.metadata["router_refused"] = 413  # the request hook leaves it to mitmproxy
+        flow.comment = "answered 413 by the router as the body crossed the limit; body dropped"
+        if collector.answer is not None and not collector.answer.done():
+            collector.answer.set_result(Parked(
+                status=413, reason="", headers=[("content-type", "application/json")],
+                body=_once(body), close=lambda: None, length=len(body), client=flow.client_conn.id,
+                keep_open=True))
+
+    def _restore(self, flow: http.HTTPFlow, collector: Collector) -> None:
+        """The client's request again, with the body the collector read (if it streamed)."""
+        req = flow.request
+        d = req.data
+        d.scheme, d.host, d.port, d.path, d.authority, headers = collector.origin
+        headers.pop("expect", None)  # (mitmproxy answered a 100-continue itself)
+        req.headers = headers
+        req.stream = False
+        if collector.streamed:
+            req.raw_content = collector.body()
+            collector.chunks.clear()
+        else:  # the body came with the head (HTTP/2 end of stream): mitmproxy buffered it
+            self.handoff.discard(collector.path)
+
+    def _deliver(self, flow: http.HTTPFlow, collector: Collector) -> None:
+        """Give the handoff listener, which holds the streamed request's head, its answer:
+        the response the router parked for the flow, or the one it set on it."""
+        answer = collector.answer
+        if answer is None or answer.done():
+            return
+        info = self._handed_off.get(flow.id)
+        parked = self.handoff.take(info.handoff_path) if info is not None else None
+        r = flow.response
+        if parked is None and r is not None:
+            raw = r.raw_content or b""
+            length = r.headers.get("content-length", "")
+            parked = Parked(
+                status=r.status_code, reason=r.reason,
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields],
+                body=_once(raw), close=lambda: None, client=flow.client_conn.id,
+                length=int(length) if flow.request.method == "HEAD" and length.isdigit() else len(raw))
+            flow.response = None  # (mitmproxy reads it from the handoff listener)
+        if parked is None:
+            body = error_body(500, "the router failed internally")
+            parked = Parked(status=500, reason="", headers=[("content-type", "application/json")],
+                            body=_once(body), close=lambda: None, length=len(body),
+                            client=flow.client_conn.id)
+        answer.set_result(parked)
 
     async def _refuse_early(self, flow: http.HTTPFlow, status: int, body: bytes) -> None:
         """Answer from the request head, before the body is taken in: mitmproxy streams the
@@ -366,32 +551,46 @@ class Router:
         return False
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        self.heads.request_done(flow.client_conn.id, flow.id)
         if flow.metadata.get("router_refused"):
             return  # answered from its head; mitmproxy fetches the answer from the handoff
-        if flow.response or flow.error or not flow.live or not self.routes(flow):
-            return
+        collector = flow.request.stream if isinstance(flow.request.stream, Collector) else None
+        if collector is not None:
+            self._restore(flow, collector)  # the body it read, streamed through (`_collect`)
         try:
-            if flow.is_replay:
-                _as_sent_by_client(flow)
-            await self._handle(flow)
-        except Exception:
-            # Never let a routed request fall through to mitmproxy's own upstream connection.
-            log.exception("router: internal error")
-            reply(flow, 500, error_body(500, "the router failed internally"))
+            if flow.response or flow.error or not flow.live or not self.routes(flow):
+                return
+            try:
+                if flow.is_replay:
+                    _as_sent_by_client(flow)
+                await self._handle(flow)
+            except Exception:
+                # Never let a routed request fall through to mitmproxy's own upstream connection.
+                log.exception("router: internal error")
+                reply(flow, 500, error_body(500, "the router failed internally"))
+        finally:
+            if collector is not None and collector.streamed:
+                self._deliver(flow, collector)
 
     async def _handle(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        if req.method == "HEAD" and access.is_base_url(req.path, (ep.name for ep in self.endpoints)):
-            # Claude Code's reachability check: answer it here, no upstream needed.
+        keyed = not self.client_keys or flow.is_replay or access.authorized(req.headers, self.client_keys)
+        if access.answered_here(req.method, req.path, (ep.name for ep in self.endpoints), keyed):
+            # Claude Code's reachability check (and every HEAD without a key, whatever its
+            # path, so that none tells which endpoint names exist): answered here.
+            _redact_credentials(req)
             flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
             return
-        if self.client_keys and not flow.is_replay and not access.authorized(req.headers, self.client_keys):
-            # (replays are the operator's, from mitmweb or -C; their keys were redacted)
+        # (replays are the operator's, from mitmweb or -C; their keys were redacted)
+        who = access.who(req.headers, self.clients) if self.client_keys and not flow.is_replay \
+            else clients.ANONYMOUS
+        if who is None:
             reply(flow, 401, error_body(401, access.KEY_REQUIRED))
             return
         if req.path.startswith(admin.PREFIX):
             _redact_credentials(req)
-            await self.admin.page(flow)
+            is_admin = access.is_admin(who, self.admin_keys)
+            await self.admin.page(flow, who, may_admin=is_admin or not self.admin_keys, sees_all=is_admin)
             return
         problem = unsendable(req.data.method, req.headers.fields)
         pinned, raw_target = split_tier(req.data.path, {ep.name for ep in self.endpoints})
@@ -417,10 +616,30 @@ class Router:
                                               f"{self.body_limit:,} bytes (router_max_body_mb)",
                                               "request_too_large"))
             return
+        if pinned is not None and not who.allows(pinned):
+            # Not a limit (nothing to wait for) and not the key (401/403 send Claude Code's
+            # user to /login): the request, as made, cannot be served.
+            _redact_credentials(req)
+            reply(flow, 400, error_body(400, f"{who.label} may not use endpoint {pinned} "
+                                             f"(allowed: {', '.join(who.endpoints or ())})"))
+            return
+        if refusal := self.accounts.admit(who):
+            # Refused before routing: no endpoint is tried, none is blamed.
+            _redact_credentials(req)
+            reply(flow, 429, error_body(429, refusal.message, "rate_limit_error"))
+            flow.response.headers["retry-after"] = str(refusal.retry_after)
+            if refusal.final:
+                flow.response.headers["x-should-retry"] = "false"
+            flow.comment = f"refused 429 by {who.label}'s {refusal.reason} limit"
+            if self.ledger is not None:
+                self.ledger.add(ledgers.Row(self.clock(), who.label, None, None, None, "", 429,
+                                            reason=refusal.reason))
+            return
+        self._admitted[flow.id] = who.label
         flow.metadata["router"] = {"client_url": req.url}  # what a replay must route again
         # Route in a task of its own, so that a client that leaves stops its upstream attempts
         # at once (client_disconnected cancels it) instead of when they end.
-        routing = asyncio.get_running_loop().create_task(self._route(flow, target, pinned))
+        routing = asyncio.get_running_loop().create_task(self._route(flow, target, pinned, who))
         client = flow.client_conn.id
         self._routing.setdefault(client, set()).add(routing)
         try:
@@ -431,11 +650,16 @@ class Router:
                 mine.discard(routing)
                 if not mine:
                     del self._routing[client]
+            if flow.id not in self._handed_off:  # no stream to come: in flight no more
+                self._release(flow)
         if routing.cancelled():
             return  # the client is gone; mitmproxy closes the flow
         if routing.exception() is not None:
             log.error("router: internal error while routing", exc_info=routing.exception())
             reply(flow, 500, error_body(500, "the router failed internally"))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.heads.response_done(flow.client_conn.id, flow.id)
 
     def client_disconnected(self, client) -> None:
         self.heads.disconnected(client.id)
@@ -455,31 +679,48 @@ class Router:
         flow.response.stream = True
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.heads.failed(flow.client_conn.id, flow.id)
+        self._release(flow)
         info = self._handed_off.pop(flow.id, None)
         if info is not None:
             self.handoff.discard(info.handoff_path)
 
     # -- routing ---------------------------------------------------------------------------
 
-    async def _route(self, flow: http.HTTPFlow, target: str, pinned: str | None = None) -> None:
+    def _release(self, flow: http.HTTPFlow) -> None:
+        """The client's request is no longer in flight (once, whichever way it ended)."""
+        label = self._admitted.pop(flow.id, None)
+        if label is not None:
+            self.accounts.release(label)
+
+    async def _route(self, flow: http.HTTPFlow, target: str, pinned: str | None = None,
+                     who: clients.Client = clients.ANONYMOUS) -> None:
         req = flow.request
+        # A client with an allow-list sees only its endpoints, everywhere (tiers, /v1/models).
+        endpoints = self.endpoints if who.endpoints is None else tuple(
+            ep for ep in self.endpoints if who.allows(ep.name))
         started = time.monotonic()
         asked_at = self.clock()
         request = Request(req.method, target, request_headers(req.headers.items(multi=True)),
                           req.raw_content or b"")
+        # Whose request it is (a keyed hash): health and conversations are scoped by it.
+        store = self.store
+        salt = await store.shared_salt() if isinstance(store, RedisHealthStore) else store.salt
+        owner = access.credential_id(access.presented_key(req.headers), salt)
         # The flow kept for mitmweb, -w files and replays never holds the client's key.
         _redact_credentials(req)
-        sid, prev, ttl, choose = await self.conversations.place(request, target, self.endpoints)
+        sid, prev, ttl, choose = await self.conversations.place(request, target, endpoints,
+                                                                owner=owner, pinned=pinned is not None)
         path = target.split("?")[0]
         if req.method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")) and any(
-                ep.profile.models or ep.profile.model_map for ep in self.endpoints):
+                ep.profile.models or ep.profile.model_map for ep in endpoints):
             # Answered from every endpoint's list, in client ids (one id too: it may be mapped).
             listing = Request("GET", "/v1/models", request.headers, b"")
-            result = await self.routing.models(self.endpoints, self.store, self.settings, listing,
+            result = await self.routing.models(endpoints, self.store, self.settings, listing,
                                                one=path[len("/v1/models/"):] or None)
         else:
-            result = await self.routing.route(self.endpoints, self.store, self.settings, request,
-                                              pinned, choose)
+            result = await self.routing.route(endpoints, self.store, self.settings, request,
+                                              pinned, choose, credential=owner)
         self.stats.attempts(result.attempts, result.counted)
         for name in result.trips:
             self._tripped(name)
@@ -499,6 +740,10 @@ class Router:
             ttl=ttl,
             asked_at=asked_at,
             reason=result.reason,
+            client=who.label,
+            # (bounded: the client's own text goes to the ledger)
+            model=request.model[:64] if request.body and request.model else None,
+            session_hash=_hashed_session(request) if self.ledger is not None else None,
         )
         flow.metadata["router"].update(endpoint=ep.name if ep else None,
                                        attempts=policy.attempts_header(result.attempts))
@@ -585,9 +830,17 @@ class Router:
             if w.prefix:
                 seen(w.prefix)
                 yield w.prefix
+            inflater = w.inflater  # a coded stream rewritten decoded: the rest goes decoded too
             async for chunk in w.resp.chunks():
-                seen(chunk)
-                yield chunk
+                if inflater is None:
+                    seen(chunk)
+                    yield chunk
+                    continue
+                for piece in inflater.feed(chunk):
+                    seen(piece)
+                    yield piece
+                if inflater.broken:
+                    raise UpstreamError("bad_response", "its compressed stream could not be decoded")
             if must_stop and not meter.stopped and not meter.errored and not (decoder and decoder.broken):
                 raise UpstreamError("reset", "stream ended before message_stop")
         except UpstreamError as e:
@@ -638,6 +891,7 @@ class Router:
         if info.logged:
             return
         info.logged = True
+        self._release(flow)
         ep = info.endpoint
         self.stats.answered(ep.name if ep else None, status, info.ttfb)
         spent = 0.0
@@ -645,17 +899,25 @@ class Router:
         if ep is not None and info.tokens is not None:
             spent = usage.cost(u, ep.price) if ep.price else 0.0
             self.stats.used(ep.name, u, spent)
+            self.accounts.record(info.client, self.clock(), ep.name, info.model, u, spent)
             if info.session_id and status < 300:
                 try:
                     self.conversations.record_turn(info, ep, u, self.stats)
                 except Exception:  # noqa: BLE001 - what a turn teaches must never fail its answer
                     log.exception("router: could not record a conversation's turn")
+        if self.ledger is not None:
+            self.ledger.add(ledgers.Row(
+                info.asked_at, info.client, info.session_hash, info.model, ep.name if ep else None,
+                policy.attempts_header(info.attempts), status, u.input_tokens, u.output_tokens,
+                u.cache_creation_input_tokens, u.cache_read_input_tokens, spent,
+                info.reason or info.error or None))
         if not any(h.level <= logging.INFO for h in request_log.handlers or logging.getLogger().handlers):
             return  # nobody shows info lines: do not build one
         request_log.info(
             "router: " + json.dumps({
                 "method": flow.request.method,
                 "path": info.path,
+                "client": info.client,
                 "endpoint": ep.name if ep else None,
                 "attempts": policy.attempts_header(info.attempts),
                 "status": status,
@@ -672,9 +934,34 @@ class Router:
         )
 
 
+def _hashed_session(request: Request) -> str | None:
+    """The request's conversation for the ledger: a hash of its id (never the id itself), from
+    Claude Code's session header or ``metadata.user_id``; not from a hash of the prompt, which
+    would cost a pass over a large body for every request."""
+    if request.method != "POST" or not request.body:
+        return None
+    doc = request.json
+    sid = sessions.session_id(request.headers, {"metadata": doc.get("metadata")} if doc else None)
+    return hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()[:16] if sid else None
+
+
 def _drop(chunk: bytes) -> list[bytes]:
     """A request body stream that keeps nothing (an empty list: no chunk is sent on)."""
     return []
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+def _unannounced_body(req: http.Request) -> bool:
+    """Does a body of unknown size follow this head: chunked (HTTP/1), or (HTTP/2 and 3) a
+    request that may carry one without content-length?"""
+    if "content-length" in req.headers:
+        return False
+    if req.http_version.startswith("HTTP/1"):
+        return "transfer-encoding" in req.headers
+    return req.method not in ("GET", "HEAD", "OPTIONS")
 
 
 def _usage_of(answer: Answer) -> usage.Usage | None:

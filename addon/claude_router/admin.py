@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import command, exceptions, http
 
-from . import policy
+from . import clients, policy
 from .errors import error_body
 from .status import table
 
@@ -33,16 +33,27 @@ class Admin:
 
     # -- pages -------------------------------------------------------------------------------
 
-    async def page(self, flow: http.HTTPFlow) -> None:
-        """Answer a request under ``/_router/``."""
+    async def page(self, flow: http.HTTPFlow, who: clients.Client | None = None,
+                   may_admin: bool = True, sees_all: bool = False) -> None:
+        """Answer a request under ``/_router/``. ``who`` presented the key; ``may_admin``: it may
+        read the status and metrics (any key, unless admin_keys are set); ``sees_all``: it holds
+        an admin key, and its usage page shows every client."""
         name = flow.request.path[len(PREFIX):].split("?")[0]
-        if name == "status":
+        if name == "usage":
+            r = self.router
+            doc = ({"clients": r.accounts.document(r.clients, r.clock())} if sees_all
+                   else r.accounts.figures(who or clients.ANONYMOUS, r.clock()))
+            reply(flow, 200, json.dumps(doc, indent=2).encode())
+        elif name in ("status", "metrics") and not may_admin:
+            reply(flow, 403, error_body(403, f"/_router/{name} needs an admin key (admin_keys); "
+                                             "a client key reads its own /_router/usage"))
+        elif name == "status":
             reply(flow, 200, json.dumps(await self.status_document(), indent=2).encode())
         elif name == "metrics":
             reply(flow, 200, self.router.stats.metrics(), "text/plain; version=0.0.4")
         else:
-            reply(flow, 404, error_body(404, "unknown router page; try /_router/status "
-                                        "or /_router/metrics"))
+            reply(flow, 404, error_body(404, "unknown router page; try /_router/status, "
+                                        "/_router/metrics or /_router/usage"))
 
     async def status_document(self) -> dict:
         await self.router.store.view()
@@ -50,8 +61,11 @@ class Admin:
 
     def _document(self) -> dict:
         r = self.router
-        return r.stats.document(r.endpoints, r.store.current(), r.clock(), set(r.store.disabled),
-                                r.store.description, r.affinity)
+        doc = r.stats.document(r.endpoints, r.store.current(), r.clock(), set(r.store.disabled),
+                               r.store.description, r.affinity)
+        if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
+            doc["clients"] = r.accounts.document(r.clients, r.clock())
+        return doc
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -21,9 +21,30 @@ log = logging.getLogger("claude_router")
 MAX_SESSIONS = 100_000  # about 35 MiB of local state at most (./scripts/bench --affinity)
 OP_TIMEOUT = 0.1
 
+# KEYS: the session's key, the index of every session key (a sorted set scored by expiry, ms).
+# ARGV: session JSON, TTL seconds, now ms, most sessions kept. Writes the session, drops index
+# entries whose keys expired, then the sessions that expire soonest beyond the bound: Redis
+# never holds more than that many conversations, however many ids clients invent.
+PUT_SESSION_LUA = """
+local ttl, now, most = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[2]) end
+redis.call('ZADD', KEYS[2], now + ttl * 1000, KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local over = redis.call('ZCARD', KEYS[2]) - most
+if over > 0 then
+  local gone = redis.call('ZPOPMIN', KEYS[2], over)
+  for i = 1, #gone, 2 do redis.call('DEL', gone[i]) end
+end
+return 1
+"""
+
 
 class MemoryAffinity:
-    """Sessions in an LRU bounded by ``max_sessions``; each expires with its cache TTL."""
+    """Sessions in an LRU bounded by ``max_sessions``; each expires with its cache TTL. Keyed
+    by ``sessions.record_key``: the credential that started a conversation and a hash of its
+    id, so one client's request never reads or moves another's conversation."""
 
     description = "memory"
 
@@ -97,8 +118,11 @@ def _expired(s: Session, now: float) -> bool:
 
 
 class RedisAffinity(MemoryAffinity):
-    """The memory view, shared through Redis: sessions as ``{prefix}|s|{id}`` (JSON, expiring
-    with the session), learned behaviour in the hash ``{prefix}|learned``."""
+    """The memory view, shared through Redis: sessions as ``{prefix}|s|{key}`` (JSON, expiring
+    with the session; the key is the credential hash and a hash of the conversation's id, see
+    sessions.record_key), at most ``max_sessions`` of them (indexed by expiry in the sorted set
+    ``{prefix}|sessions``: those expiring soonest go first), learned behaviour in the hash
+    ``{prefix}|learned`` (see sessions.Learned.encode)."""
 
     def __init__(self, client, prefix: str, clock: Callable[[], float] = time.time,
                  max_sessions: int = MAX_SESSIONS, op_timeout: float = OP_TIMEOUT) -> None:
@@ -109,6 +133,8 @@ class RedisAffinity(MemoryAffinity):
         self._fresh: dict[str, float] = {}  # sid -> when this instance last read or wrote it
         self._tasks: set[asyncio.Task] = set()
         self._refresher: asyncio.Task | None = None
+        self._put_session = client.register_script(PUT_SESSION_LUA)
+        self._index = f"{prefix}|sessions"
 
     @property
     def description(self) -> str:
@@ -143,12 +169,12 @@ class RedisAffinity(MemoryAffinity):
         if len(self._fresh) > 2 * self.max_sessions:
             self._fresh = {k: v for k, v in self._fresh.items() if k in self._sessions}
         ttl = max(int(2 * session.ttl), 600)
-        self._spawn(self.client.set(self._key(sid), json.dumps(session.to_dict()), ex=ttl))
+        self._spawn(self._put_session(keys=[self._key(sid), self._index], args=[
+            json.dumps(session.to_dict()), ttl, int(self.clock() * 1000), self.max_sessions]))
 
     def put_learned(self, name: str, learned: Learned) -> None:
         super().put_learned(name, learned)
-        value = f"{learned.hits}:{learned.misses}:{learned.expected}"
-        self._spawn(self.client.hset(f"{self.prefix}|learned", name, value))
+        self._spawn(self.client.hset(f"{self.prefix}|learned", name, learned.encode()))
 
     async def forget(self, name: str | None = None) -> None:
         await super().forget(name)
@@ -162,9 +188,8 @@ class RedisAffinity(MemoryAffinity):
         learned = {}
         for k, v in raw.items():
             try:
-                h, m, e = (int(x) for x in v.decode().split(":"))
-                learned[k.decode()] = Learned(h, m, e)
-            except (ValueError, AttributeError, UnicodeDecodeError):
+                learned[k.decode()] = Learned.decode(v.decode())
+            except (ValueError, AttributeError, UnicodeDecodeError, OverflowError):
                 continue  # one bad field costs only itself
         self._learned = learned
 

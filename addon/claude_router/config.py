@@ -6,6 +6,7 @@ problem. Secrets are given as references (``env:NAME``) and resolved here; they 
 an error message.
 """
 
+import hmac
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
+from . import clients as client_specs
 from .endpoints import Endpoint, parse_endpoint
 from .profiles import DEFAULT, Profile
 from .upstream import HOP_BY_HOP
@@ -58,6 +60,8 @@ class FileConfig:
     endpoints: tuple[Endpoint, ...]
     client_keys: tuple[str, ...]  # resolved secrets
     options: dict[str, Any]  # router_* option values the file sets
+    clients: tuple[client_specs.Client, ...] = ()  # named clients (issue 21), keys resolved
+    admin_keys: tuple[str, ...] = ()  # resolved secrets: status, metrics, every client's usage
 
 
 def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
@@ -76,7 +80,7 @@ def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
 def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
     if not isinstance(doc, dict):
         raise ConfigError(source, "", "expected a mapping at the top level")
-    unknown = set(doc) - {"endpoints", "client_keys"} - {s for s, _ in OPTION_FIELDS}
+    unknown = set(doc) - {"endpoints", "client_keys", "clients", "admin_keys"} - {s for s, _ in OPTION_FIELDS}
     if unknown:
         raise ConfigError(source, ", ".join(sorted(map(str, unknown))), "unknown section")
     raw_eps = doc.get("endpoints")
@@ -91,7 +95,28 @@ def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
     if not isinstance(keys, list):
         raise ConfigError(source, "client_keys", "expected a list of keys or env: references")
     client_keys = tuple(_secret(k, f"client_keys[{i}]", source, env) for i, k in enumerate(keys))
-    return FileConfig(endpoints, client_keys, _options(doc, source))
+    try:
+        named = client_specs.parse(doc.get("clients"), lambda ref, where: _secret(ref, where, source, env),
+                                   names)
+    except client_specs.SpecError as e:
+        raise ConfigError(source, e.where, e.problem) from None
+    admins = doc.get("admin_keys") or []
+    if not isinstance(admins, list):
+        raise ConfigError(source, "admin_keys", "expected a list of keys or env: references")
+    admin_keys = tuple(_secret(k, f"admin_keys[{i}]", source, env) for i, k in enumerate(admins))
+    _distinct_keys(source, client_keys, named, admin_keys)
+    return FileConfig(endpoints, client_keys, _options(doc, source), named, admin_keys)
+
+
+def _distinct_keys(source: str, client_keys: tuple[str, ...], named: tuple, admin_keys: tuple[str, ...]) -> None:
+    """A named client's key must be its own: the same key in client_keys or admin_keys would
+    leave who it is (and its limits) to the order of a lookup."""
+    others = [(f"client_keys[{i}]", k.encode()) for i, k in enumerate(client_keys)]
+    others += [(f"admin_keys[{i}]", k.encode()) for i, k in enumerate(admin_keys)]
+    for i, c in enumerate(named):
+        for where, key in others:
+            if hmac.compare_digest(c.key, key):
+                raise ConfigError(source, f"clients[{i}] ({c.name}).key", f"the same key as {where}")
 
 
 def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoint:

@@ -8,8 +8,10 @@ connection is left or none has sent a request for QUIET seconds (a client that j
 end of a stream whose headers went out before the drain may send its next request on the same
 connection: it is answered, with ``Connection: close``), or after ``router_drain_timeout``
 seconds with whatever is still running. ``./scripts/run --workers N``
-uses it for rolling restarts (SIGHUP) and a graceful stop (Ctrl-C): a stream in flight ends
-as it would have. A sub-addon of the router.
+(scripts/workers.py) drains its workers this way for a rolling restart (SIGUSR2 to the
+supervisor) and for its graceful stop (Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 to the supervisor):
+a stream in flight ends as it would have. SIGUSR1 is the only signal this addon handles; the
+README's "Signals" table lists them all. A sub-addon of the router.
 """
 
 import asyncio

@@ -9,8 +9,9 @@ from urllib.parse import unquote, urlsplit
 from .profiles import DEFAULT, Profile
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# What health is kept for: an endpoint, or one model family at an endpoint ("aws~opus").
-SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(~[a-z]{1,16})?$")
+# What health is kept for: an endpoint, one model family at an endpoint ("aws~opus"), or
+# one client key at an endpoint, by the key's keyed hash ("aws@0123456789abcdef").
+SUBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(~[a-z]{1,16}|@[0-9a-f]{16})?$")
 
 
 CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})

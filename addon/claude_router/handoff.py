@@ -73,6 +73,9 @@ class Parked:
     # An answer given from the request head while the client may still be uploading a body
     # that mitmproxy drops: the connection must outlive the upload, not the idle timeout.
     keep_open: bool = False
+    # An answer not made yet (see HandoffServer.pending): the listener waits for this future,
+    # which the router resolves with the Parked to serve.
+    answer: "asyncio.Future[Parked] | None" = field(default=None, repr=False)
 
 
 class HandoffServer:
@@ -155,6 +158,29 @@ class HandoffServer:
             CLAIM_TIMEOUT, self._expire, token
         )
         return parked.port, f"/handoff/{token}"
+
+    async def pending(self, client: str, multiplexed: bool) -> tuple[int, str, "asyncio.Future[Parked]"]:
+        """Park an answer that is not made yet, for a request whose body the router reads as
+        it streams through (mitmproxy sends the request head here at once, before the body).
+        The listener that gets the head waits until the router resolves the future with the
+        Parked to serve (``take`` one it parked for itself, or a new one)."""
+        answer: asyncio.Future[Parked] = asyncio.get_running_loop().create_future()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            return
+            yield b""
+
+        parked = Parked(status=500, reason="", headers=[], body=nothing(), close=answer.cancel,
+                        client=client, keep_open=True, answer=answer)
+        port, path = await self.park(parked, multiplexed)
+        return port, path, answer
+
+    def take(self, path: str) -> Parked | None:
+        """Take back a parked response unserved, to hand it to a pending answer."""
+        parked = self._claim(path.rpartition("/")[2])
+        if parked is not None:
+            self.done(parked)
+        return parked
 
     def discard(self, path: str) -> None:
         """The flow will never fetch it (the client went away): abort the upstream."""
@@ -340,6 +366,16 @@ class _Connection(asyncio.Protocol):
             return True
         if parked.keep_open:
             self.idle = UPLOAD_TIMEOUT
+        if parked.answer is not None:  # made while the body streams through (see `pending`)
+            pending = parked
+            try:
+                parked = await pending.answer
+            except asyncio.CancelledError:
+                self.server.done(pending)
+                self.transport.abort()  # (already gone, unless the answer itself was dropped)
+                raise
+            # It is served on the slot the pending answer holds.
+            parked.client, parked.port = pending.client, pending.port
         try:
             await self._write_response(parked, head_only=method == "HEAD")
         except _Cut:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
+import itertools
+import os
 import random
 import time
 
@@ -116,6 +118,7 @@ class HealthStore(Protocol):
 
     breaker: Breaker
     description: str
+    salt: bytes  # keys credential hashes (access.credential_id); shared where health is
 
     def track(self, names: Iterable[str]) -> None:
         """The endpoint names in use (a shared store re-syncs these)."""
@@ -154,6 +157,46 @@ class HealthStore(Protocol):
 
 Clock = Callable[[], float]
 
+MAX_SCOPES = 10_000  # credential scopes (endpoint@key) a view keeps; the least recent go first
+
+
+class Scopes:
+    """The credential scopes (``endpoint@keyhash``) in a store's view, least recently changed
+    first, at most ``limit``, each kept ``ttl`` seconds after its cooldown ended (as Redis keeps
+    its key): one client presenting endless keys cannot grow the view without bound. A scope
+    dropped here is healthy again for that key."""
+
+    def __init__(self, limit: int = MAX_SCOPES, ttl: float = 120.0) -> None:
+        self.limit = limit
+        self.ttl = ttl
+        self._order: dict[str, None] = {}
+
+    def touched(self, states: dict[str, Health], name: str, now: float | None = None) -> None:
+        if "@" not in name:
+            return
+        self._order.pop(name, None)
+        if name in states:
+            self._order[name] = None
+        while len(self._order) > self.limit:
+            oldest = next(iter(self._order))
+            del self._order[oldest]
+            states.pop(oldest, None)
+        if now is not None:  # the least recently changed are the likeliest to have expired
+            for oldest in list(itertools.islice(self._order, 2)):
+                h = states.get(oldest)
+                if h is None or (h.ejected_until + self.ttl < now and h.probe_until < now):
+                    del self._order[oldest]
+                    states.pop(oldest, None)
+
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def clear(self) -> None:
+        self._order.clear()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
 
 class MemoryHealthStore:
     """Per-process health in a dict: the default store."""
@@ -170,6 +213,8 @@ class MemoryHealthStore:
         self._states: dict[str, Health] = {}
         self._disabled: set[str] = set()
         self._held: dict[str, float] = {}  # probes won here: name -> the probe_until we set
+        self.salt = os.urandom(32)  # keys credential scopes (access.credential_id); per process
+        self.scopes = Scopes(ttl=2 * breaker.cooldown)
 
     description = "memory"
 
@@ -195,6 +240,7 @@ class MemoryHealthStore:
             return False
         self._states[name] = taken
         self._held[name] = taken.probe_until
+        self.scopes.touched(self._states, name, self._clock())
         return True
 
     async def release_probe(self, name: str) -> None:
@@ -209,20 +255,25 @@ class MemoryHealthStore:
             self._states.get(name, HEALTHY), self._clock(), self.breaker, at_least, self._rand()
         )
         self._states[name] = h
+        self.scopes.touched(self._states, name, self._clock())
         return h
 
     async def record_success(self, name: str) -> None:
         # A success on a healthy endpoint writes nothing.
         self._held.pop(name, None)
         self._states.pop(name, None)
+        self.scopes.touched(self._states, name)
 
     async def reset(self, name: str | None = None) -> None:
         if name is None:
             self._states.clear()
             self._held.clear()
+            self.scopes.clear()
         else:
-            self._states.pop(name, None)
-            self._held.pop(name, None)
+            for n in [name, *(s for s in self.scopes.names() if s.partition("@")[0] == name)]:
+                self._states.pop(n, None)
+                self._held.pop(n, None)
+                self.scopes.touched(self._states, n)
 
     async def close(self) -> None:
         pass

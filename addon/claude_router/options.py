@@ -41,6 +41,15 @@ INT_OPTIONS = {  # name: (default, minimum, help)
     "router_deadline": (
         900, 1, "Seconds one request may spend on all its attempts together before it is answered."
     ),
+    "router_max_sessions": (
+        100_000, 1,
+        """
+        Cost strategy: the most conversations the router remembers (where each is, how large):
+        per process in memory, and in all in Redis when router_redis_url is set, where those
+        expiring soonest are dropped first. A dropped conversation is placed afresh on its
+        next turn. About 350 bytes each.
+        """,
+    ),
     "router_session_horizon": (
         8, 1,
         """
@@ -76,9 +85,26 @@ INT_OPTIONS = {  # name: (default, minimum, help)
     "router_head_timeout": (
         30, 0,
         """
-        Seconds a new client connection may take to send its first complete request head
-        (TLS handshake included) before the router closes it; 0 turns this off. mitmproxy's
-        own tcp_timeout only closes connections that are entirely idle.
+        Seconds a client connection may take to send a complete request head before the
+        router closes it: counted from the connection (TLS handshake included), from a
+        CONNECT, and from every answer after which the connection waits for its next
+        request; a byte now and then does not reset it. 0 turns this off. mitmproxy's own
+        tcp_timeout only closes connections that are entirely idle.
+        """,
+    ),
+    "router_ledger_days": (
+        30, 1,
+        """
+        Days the ledger keeps its request log (router_ledger); older rows are deleted once an
+        hour. Spend counters are kept at least 40 days, which a monthly budget needs.
+        """,
+    ),
+    "router_body_timeout": (
+        300, 0,
+        """
+        Seconds a client may take to send a request body, from its head; a routed request
+        whose body is not complete by then has its connection closed (and what it sent
+        dropped). 0 turns this off.
         """,
     ),
 }
@@ -135,6 +161,17 @@ STR_OPTIONS = {
         Share endpoint health between router instances through Redis, e.g.
         redis://host:6379/0 (also rediss:// and unix://; a password goes in the URL).
         Empty: health is kept in this process's memory.
+        """,
+        None,
+    ),
+    "router_ledger": (
+        "",
+        """
+        The ledger: an SQLite file with one row per request (client, hashed session, model,
+        endpoint, attempts, status, tokens, cost) and each client's spend per day, which
+        budgets read at start-up. Written in batches off the request path (a kill -9 loses at
+        most the last second). Empty: router-ledger.sqlite3 in mitmproxy's confdir; "off": no
+        ledger (spend is then kept in memory only). See ./scripts/usage.
         """,
         None,
     ),

@@ -6,7 +6,7 @@ Pure functions over data; the router applies them.
 import email.utils
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -51,6 +51,16 @@ def family_subject(endpoint: str, family: str) -> str:
     return f"{endpoint}~{family}"
 
 
+def credential_subject(endpoint: str, credential: str) -> str:
+    """The health entry of one client credential (its keyed hash) at one endpoint: a refused
+    key or a rate-limited key cools that endpoint for that key only."""
+    return f"{endpoint}@{credential}"
+
+
+def is_credential_subject(name: str) -> bool:
+    return "@" in name
+
+
 def health_subjects(names: Iterable[str]) -> list[str]:
     """Every health entry a store keeps for these endpoints: each, and each of its families."""
     from .profiles import FAMILIES
@@ -61,9 +71,23 @@ def with_family(view: Mapping[str, Health], names: Iterable[str], family: str,
                 now: float) -> Mapping[str, Health]:
     """The health to plan with for a request of ``family``: an endpoint whose family is
     cooling longer than the endpoint itself is cooling for this request."""
+    return with_scope(view, names, lambda name: family_subject(name, family), now)
+
+
+def with_credential(view: Mapping[str, Health], names: Iterable[str], credential: str,
+                    now: float) -> Mapping[str, Health]:
+    """The same for the client's credential: an endpoint cooling for this key is cooling for
+    this request, and for no other key's."""
+    return with_scope(view, names, lambda name: credential_subject(name, credential), now)
+
+
+def with_scope(view: Mapping[str, Health], names: Iterable[str], subject: Callable[[str], str],
+               now: float) -> Mapping[str, Health]:
+    """``view`` with each endpoint whose scoped entry (``subject(name)``) cools longer than the
+    endpoint itself shown as cooling until then; ``view`` itself when none does."""
     merged = None
     for name in names:
-        fam = view.get(family_subject(name, family))
+        fam = view.get(subject(name))
         if fam is None or phase(fam, now) is not Phase.COOLING:
             continue
         own = view.get(name, HEALTHY)
@@ -108,6 +132,8 @@ class Verdict(str, Enum):
     SKIP = "skip"  # try the next one without blaming this one
     CLIENT = "client"  # the request is bad: no blame; return it once a second endpoint agrees
     RETURN = "return"  # hand it to the client now, no blame
+    KEY = "key"  # the client's own key was refused or limited here: try the next endpoint,
+    # cooling this endpoint for that key only (never for other keys)
 
 
 # Keys: "NNN:error_type", "NNN", "type:error_type", "Nxx", or a transport failure kind.
@@ -133,11 +159,12 @@ DEFAULT_RULES: dict[str, Verdict] = {
     "4xx": Verdict.CLIENT,
     "5xx": Verdict.COUNT,
     # An endpoint without credentials of its own receives the client's: its credential and
-    # quota answers are about the client, so they go back to the client, blaming nobody.
-    "client-key:401": Verdict.RETURN,
-    "client-key:402": Verdict.RETURN,
-    "client-key:403": Verdict.RETURN,
-    "client-key:429": Verdict.RETURN,
+    # quota answers are about that key at that endpoint. The request fails over (another
+    # channel may accept the key or have quota left); only (endpoint, key) cools.
+    "client-key:401": Verdict.KEY,
+    "client-key:402": Verdict.KEY,
+    "client-key:403": Verdict.KEY,
+    "client-key:429": Verdict.KEY,
 }
 TRANSPORT_KINDS = ("refused", "reset", "timeout", "tls", "dns", "connect", "bad_response",
                    "error", "empty_stream", "stream_error", "redirect")
@@ -154,8 +181,11 @@ def parse_rule(spec: str) -> tuple[str, Verdict]:
     try:
         verdict = Verdict(action)
     except ValueError:
-        raise ValueError(f"action {action!r} is not one of count, skip, client, return") from None
+        raise ValueError(f"action {action!r} is not one of count, skip, client, return, key") from None
     status, _, etype = key.partition(":")
+    if verdict is Verdict.KEY and not key.startswith("client-key:"):
+        raise ValueError("action key is only for client-key:STATUS rules (answers about the "
+                         "client's own key)")
     if key.startswith("type:") and etype:
         return key, verdict
     if key.startswith("client-key:") and len(etype) == 3 and etype.isdigit():

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from . import decoding
+
 FAMILIES = ("opus", "sonnet", "haiku")
 
 
@@ -145,30 +147,85 @@ def is_signature_rejection(status: int, error_type: str | None, message: str) ->
 
 
 def without_thinking(doc: dict) -> dict | None:
-    """The request with ``thinking``/``redacted_thinking`` blocks removed from earlier
-    assistant turns, and thinking turned off if the last assistant turn would then open with
-    ``tool_use`` (the API requires a thinking block there); None if there is nothing to strip."""
+    """The request with ``thinking``/``redacted_thinking`` blocks removed from its assistant
+    turns; None if there is nothing to strip.
+
+    With thinking on, the API requires the last assistant turn, when it holds a ``tool_use``
+    (a tool-use loop), to open with a thinking block. Stripping removes that block (Claude
+    Code's usual ``[thinking, text, tool_use]`` becomes ``[text, tool_use]``), so thinking is
+    then turned off for this request, with what only works with it on (see `thinking_off`)."""
     messages = doc.get("messages")
     if not isinstance(messages, list):
         return None
-    stripped, changed, last_assistant = [], False, None
+    stripped, changed = [], False
     for msg in messages:
         if isinstance(msg, dict) and msg.get("role") == "assistant" and isinstance(msg.get("content"), list):
             kept = [b for b in msg["content"]
-                    if not (isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking"))]
+                    if not (isinstance(b, dict) and b.get("type") in THINKING_BLOCKS)]
             if len(kept) != len(msg["content"]):
                 changed = True
                 msg = {**msg, "content": kept}
-            last_assistant = msg
         stripped.append(msg)
     if not changed:
         return None
     out = {**doc, "messages": stripped}
-    content = last_assistant.get("content") if last_assistant else None
-    if (isinstance(out.get("thinking"), dict) and out["thinking"].get("type") != "disabled"
-            and isinstance(content, list) and content
-            and isinstance(content[0], dict) and content[0].get("type") == "tool_use"):
-        out.pop("thinking")
+    if thinking_on(out) and needs_thinking_first(stripped):
+        out = thinking_off(out)
+    return out
+
+
+THINKING_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def thinking_on(doc: dict) -> bool:
+    thinking = doc.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") != "disabled"
+
+
+def last_assistant_turn(messages: list) -> list:
+    """The content blocks of the last assistant turn (consecutive assistant messages count as
+    one turn, as the API merges them); string content is one text block."""
+    end = next((i for i in range(len(messages) - 1, -1, -1)
+                if isinstance(messages[i], dict) and messages[i].get("role") == "assistant"), None)
+    if end is None:
+        return []
+    start = end
+    while start > 0 and isinstance(messages[start - 1], dict) and messages[start - 1].get("role") == "assistant":
+        start -= 1
+    blocks: list = []
+    for msg in messages[start:end + 1]:
+        content = msg.get("content")
+        if isinstance(content, str):
+            blocks.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            blocks.extend(content)
+    return blocks
+
+
+def needs_thinking_first(messages: list) -> bool:
+    """Whether, with thinking on, the API would refuse these messages: the last assistant turn
+    holds a ``tool_use`` but does not open with a thinking or redacted_thinking block."""
+    blocks = last_assistant_turn(messages)
+    if not any(isinstance(b, dict) and b.get("type") == "tool_use" for b in blocks):
+        return False
+    first = blocks[0] if blocks else None
+    return not (isinstance(first, dict) and first.get("type") in THINKING_BLOCKS)
+
+
+def thinking_off(doc: dict) -> dict:
+    """The request with thinking turned off: no ``thinking`` parameter, and no context
+    management edit that only works with thinking on (``clear_thinking_*``)."""
+    out = {k: v for k, v in doc.items() if k != "thinking"}
+    cm = out.get("context_management")
+    if isinstance(cm, dict) and isinstance(cm.get("edits"), list):
+        edits = [e for e in cm["edits"]
+                 if not (isinstance(e, dict) and isinstance(e.get("type"), str)
+                         and e["type"].startswith("clear_thinking"))]
+        if len(edits) != len(cm["edits"]):
+            if edits or set(cm) - {"edits"}:
+                out["context_management"] = {**cm, "edits": edits}
+            else:
+                out.pop("context_management")
     return out
 
 
@@ -176,24 +233,128 @@ def without_thinking(doc: dict) -> dict | None:
 
 
 def answer_json(body: bytes, upstream: str, client: str) -> bytes:
-    """A JSON answer with the endpoint's model id replaced by the one the client asked for."""
-    if upstream == client or b'"model"' not in body:
+    """A JSON answer with the endpoint's model id replaced by the one the client asked for.
+    The id is compared decoded (``"claude\\/x"`` and ``"\\u0063laude/x"`` are ``claude/x``);
+    every other byte stays."""
+    if upstream == client or (b'"model"' not in body and b"\\u" not in body):
         return body
     return replace_top_level_string(body, "model", client, only_if=upstream) or body
 
 
 def answer_stream_opening(held: bytes, upstream: str, client: str) -> bytes:
-    """The held opening of a stream with the model id in ``message_start`` replaced."""
+    """The held (decoded) opening of a stream with ``message_start``'s ``message.model``
+    replaced when it is the endpoint's id (compared decoded, however it is escaped). The event
+    is found by parsing the stream's lines (LF, CRLF or CR); only that value's bytes change,
+    unless the event's data spans several lines (then it is written again as one line)."""
     if upstream == client:
         return held
-    start = held.find(b"message_start")
-    if start < 0:
-        return held
-    end = held.find(b"\n\n", start)
-    end = len(held) if end < 0 else end
-    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(upstream).encode()))
-    block, n = pattern.subn(lambda m: m.group(1) + json.dumps(client).encode(), held[start:end], count=1)
-    return held[:start] + block + held[end:] if n else held
+    for name, data in _opening_events(held):
+        if not data:
+            continue
+        try:
+            doc = json.loads(b"\n".join(held[a:b] for a, b in data))
+        except (ValueError, RecursionError):
+            return held
+        if not isinstance(doc, dict) or (name != b"message_start" and doc.get("type") != "message_start"):
+            continue
+        message = doc.get("message")
+        if not isinstance(message, dict) or message.get("model") != upstream:
+            return held
+        if len(data) == 1:
+            a, b = data[0]
+            value = held[a:b]
+            span = top_level_span(value, "message")
+            if span is not None:
+                s, e = span
+                inner = replace_top_level_string(value[s:e], "model", client, only_if=upstream)
+                if inner is not None:
+                    return held[:a] + value[:s] + inner + value[e:] + held[b:]
+        # Several data lines (or an odd shape): the event's data again, as one line.
+        line = b"data: " + json.dumps({**doc, "message": {**message, "model": client}},
+                                      ensure_ascii=False, separators=(",", ":")).encode()
+        first, last = data[0][0] - _data_prefix(held, data[0][0]), data[-1][1]
+        return held[:first] + line + held[last:]
+    return held
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _opening_events(held: bytes):
+    """Per complete event at the start of a stream: its name (``event:``, None if absent) and
+    the byte spans of its data lines' values (after ``data:`` and one optional space). Events
+    not yet ended by a blank line are left out: their last line may be cut."""
+    name, data = None, []
+    pos = 0
+    for m in _LINE_END.finditer(held):
+        line_start, line_end = pos, m.start()
+        pos = m.end()
+        if line_start == line_end:  # a blank line ends the event
+            yield name, data
+            name, data = None, []
+            continue
+        if held.startswith(b"event:", line_start):
+            name = held[line_start + 6:line_end].strip()
+        elif held.startswith(b"data", line_start):
+            colon = line_start + 4
+            if colon == line_end:
+                data.append((line_end, line_end))
+            elif held[colon] == 0x3A:  # :
+                value = colon + 1
+                if value < line_end and held[value] == 0x20:
+                    value += 1
+                data.append((value, line_end))
+
+
+def _data_prefix(held: bytes, value: int) -> int:
+    """How many bytes of ``data:`` (and its space) precede a data value at ``value``."""
+    i = value
+    while i > 0 and held[i - 1] not in b"\r\n":
+        i -= 1
+    return value - i
+
+
+def answer_body(body: bytes, coding: str, upstream: str, client: str) -> bytes | None:
+    """A complete JSON answer, perhaps content-coded, with the client's model id: decoded
+    when it had to be decoded to be rewritten (the client then gets it without
+    ``content-encoding``); None when nothing changes or its coding cannot be read (the bytes
+    then go to the client as sent)."""
+    if upstream == client:
+        return None
+    if coding:
+        plain = decoding.whole(body, coding)
+        if plain is None:
+            return None
+    else:
+        plain = body
+    out = answer_json(plain, upstream, client)
+    return None if out is plain else out
+
+
+def answer_opening(held: bytes, coding: str, upstream: str, client: str
+                   ) -> tuple[bytes, decoding.Inflater | None] | None:
+    """A stream's held opening, perhaps content-coded, with the client's model id in
+    ``message_start``: (the new opening, decoded; the decoder for the rest of the stream when
+    it was content-coded, which then reaches the client decoded). None when nothing changes
+    or the coding cannot be read (every byte then goes to the client as sent)."""
+    if upstream == client:
+        return None
+    inflater = None
+    if coding:
+        inflater = decoding.Inflater(coding)
+        pieces, size = [], 0
+        for piece in inflater.feed(held):
+            size += len(piece)
+            if size > decoding.LIMIT * 4:
+                return None
+            pieces.append(piece)
+        if inflater.broken:
+            return None
+        plain = b"".join(pieces)
+    else:
+        plain = held
+    out = answer_stream_opening(plain, upstream, client)
+    return None if out is plain else (out, inflater)
 
 
 # -- byte-exact edits of a top-level JSON string value ---------------------------------------

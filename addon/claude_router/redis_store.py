@@ -7,6 +7,12 @@ separator ``|``, then a kind:
                          u=ejected-until ms, p=probe-until ms, v=version)
     {prefix}|disabled    set: endpoints an operator took out of rotation
     {prefix}|version     integer: the version counter of every state change
+    {prefix}|salt        string: the secret that keys credential hashes (access.credential_id),
+                         set once by the first instance, so every instance scopes a key alike
+                         (an instance that knew it writes it back after Redis lost it)
+    {prefix}|epoch       string: a random id set by the first instance to find Redis empty; a
+                         new id tells the instances that Redis lost its state (restarted
+                         without persistence, or flushed)
     {prefix}|events      pub/sub channel of state changes
 
 The prefix may not contain ``|`` (the store refuses it) and endpoint names never do
@@ -36,6 +42,7 @@ above every version a counter counting from 0 has handed out.
 
 import asyncio
 import logging
+import os
 import random
 import re
 import time
@@ -47,12 +54,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from .endpoints import _NAME as ENDPOINT_NAME, SUBJECT
-from .health import HEALTHY, Breaker, Clock, Health, after_failure, release_probe, try_probe
+from .health import (HEALTHY, Breaker, Clock, Health, Scopes, after_failure, release_probe,
+                     try_probe)
 
 log = logging.getLogger("claude_router")
 
 OP_TIMEOUT = 0.25  # seconds for one Redis round trip before the local view takes over
 RETRY_EVERY = 1.0
+EPOCH_CHECK_EVERY = 2.0  # seconds between checks that Redis still holds the state it had
 SEP = "|"  # ends the prefix in every key; never in a prefix, an endpoint name or a kind
 
 # The version counter: INCR, or, when the key holds something else, restart it at now (ms).
@@ -154,6 +163,15 @@ end
 return 0
 """
 
+# KEYS: state, version. ARGV: name, channel, now_ms, f, e, u_ms, min_ttl_ms. An instance puts
+# back a cooldown it holds that Redis lost or never heard of: only if it ends later than
+# whatever Redis holds now.
+ASSERT_LUA = _LUA_COMMON + """
+if tonumber(ARGV[6]) <= u then return {f, e, u, p, -1} end
+f, e, u, p = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 0
+return save(tonumber(ARGV[7]))
+"""
+
 # KEYS: disabled set. ARGV: name, channel, '1' or '0'. A stray key of another type is replaced.
 DISABLED_LUA = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
@@ -249,9 +267,15 @@ class RedisHealthStore:
         self._release = self._client.register_script(RELEASE_LUA)
         self._success = self._client.register_script(SUCCESS_LUA)
         self._set_disabled = self._client.register_script(DISABLED_LUA)
+        self._assert = self._client.register_script(ASSERT_LUA)
+        self._epoch_key = f"{prefix}{SEP}epoch"
+        self._epoch: bytes | None = None  # the epoch of the last sync (None: never synced)
         self._states: dict[str, Health] = {}
         self._versions: dict[str, int] = {}
         self._held: dict[str, float] = {}  # probes won here: name -> the probe_until we set
+        self.salt = os.urandom(32).hex().encode()  # replaced by the one shared in Redis once synced
+        self._salt_key = f"{prefix}{SEP}salt"
+        self.scopes = Scopes(ttl=2 * breaker.cooldown)
         self._disabled: set[str] = set()
         self._names: tuple[str, ...] = ()
         self._strays: set[str] = set()  # stray keys already logged
@@ -308,7 +332,7 @@ class RedisHealthStore:
         local = try_probe(self._states.get(name, HEALTHY), now, self.breaker)
         if local is None:
             return False
-        self._states[name] = local
+        self._put(name, local)
         self._held[name] = local.probe_until
         return True
 
@@ -343,7 +367,7 @@ class RedisHealthStore:
                 self._apply(name, res)
                 return self._states.get(name, HEALTHY)
         h = after_failure(self._states.get(name, HEALTHY), now, b, at_least, rand)
-        self._states[name] = h
+        self._put(name, h)
         return h
 
     async def record_success(self, name: str) -> None:
@@ -352,7 +376,8 @@ class RedisHealthStore:
             await self._heal(name)
 
     async def reset(self, name: str | None = None) -> None:
-        for n in self._names if name is None else (name,):
+        scoped = [s for s in self.scopes.names() if name is None or s.partition("@")[0] == name]
+        for n in (self._names if name is None else (name,)) + tuple(scoped):
             self._held.pop(n, None)
             await self._heal(n)
 
@@ -373,6 +398,13 @@ class RedisHealthStore:
             await asyncio.gather(self._supervisor, return_exceptions=True)
             self._supervisor = None
         await self._client.aclose()
+
+    async def shared_salt(self, timeout: float = 1.0) -> bytes:
+        """The salt every instance shares, once this one has synced with Redis (waiting at most
+        ``timeout`` for the first sync after start; this instance's own salt if Redis is away)."""
+        if not self._synced.is_set():
+            await self.wait_synced(timeout)
+        return self.salt
 
     async def wait_synced(self, timeout: float) -> bool:
         """For start-up and tests: wait until the first sync with Redis (False on timeout)."""
@@ -395,6 +427,7 @@ class RedisHealthStore:
             if ver:
                 self._versions[name] = max(ver, self._versions.get(name, 0))
         self._states.pop(name, None)
+        self.scopes.touched(self._states, name)
 
     def _keys(self, name: str) -> list[str]:
         return [self.key(name), self._version_key]
@@ -417,6 +450,7 @@ class RedisHealthStore:
             self._states.pop(name, None)
         else:
             self._states[name] = h
+        self.scopes.touched(self._states, name, self._clock())
 
     async def _call(self, awaitable, parse: Callable = lambda reply: reply):
         """One bounded Redis round trip, its reply checked by ``parse``; None (and the outage
@@ -452,12 +486,21 @@ class RedisHealthStore:
                     await pubsub.subscribe(self.channel)
                     await self._resync()
                 self._mark_up()
+                checked = time.monotonic()
                 while True:
                     async with asyncio.timeout(RETRY_EVERY + self._op_timeout * 4):
                         msg = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=RETRY_EVERY)
                     if msg is not None:
                         self._on_message(msg)
+                    if self._up and time.monotonic() - checked >= EPOCH_CHECK_EVERY:
+                        # A flush (or a restart the connection survived) empties Redis
+                        # without an outage: a changed epoch says so, and a re-sync puts back
+                        # what this instance holds.
+                        checked = time.monotonic()
+                        epoch = await self._call(self._client.get(self._epoch_key))
+                        if self._up and epoch != self._epoch:
+                            self._up = False
                     if not self._up:  # a command failed meanwhile: check and re-sync
                         async with asyncio.timeout(self._op_timeout * 4):
                             await self._resync()
@@ -479,15 +522,26 @@ class RedisHealthStore:
 
         A stray key (another type, or fields that are not ours) is read as healthy and logged
         once; a reply that no Redis would give (the wrong shape) raises: not usable now."""
-        names = self._names
+        # The endpoints and families tracked, and the credential scopes in Redis or held here.
+        scoped = dict.fromkeys(self.scopes.names())
+        scoped.update(dict.fromkeys(await self._scan_scopes()))
+        names = self._names + tuple(scoped)
         async with self._client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hmget(self.key(name), "f", "e", "u", "p", "v")
             pipe.smembers(self._disabled_key)
+            pipe.set(self._salt_key, self.salt, nx=True)  # Redis lost it: put back the one we know
+            pipe.get(self._salt_key)
+            pipe.set(self._epoch_key, os.urandom(16).hex(), nx=True)
+            pipe.get(self._epoch_key)
             replies = await pipe.execute(raise_on_error=False)
-        if not isinstance(replies, list) or len(replies) != len(names) + 1:
+        if not isinstance(replies, list) or len(replies) != len(names) + 5:
             raise MalformedReply("a re-sync reply of the wrong length")
-        *rows, members = replies
+        *rows, members, _, salt, _, epoch = replies
+        if isinstance(salt, bytes) and len(salt) >= 32:
+            self.salt = salt
+        else:  # keep this instance's own salt: its key scopes are then its own
+            self._stray(self._salt_key, "not a salt this router wrote", "absent")
         states: dict[str, State] = {}
         for name, row in zip(names, rows):
             if _wrong_type(row):
@@ -513,11 +567,69 @@ class RedisHealthStore:
             raise members
         if not isinstance(members, (set, list)) or not all(isinstance(m, bytes) for m in members):
             raise MalformedReply("SMEMBERS did not answer a set of strings")
-        self._disabled = {m.decode("utf-8", "replace") for m in members}
+        remote_disabled = {m.decode("utf-8", "replace") for m in members}
+        if not isinstance(epoch, bytes):
+            self._stray(self._epoch_key, "not an epoch this router wrote", "unchanged")
+            epoch = self._epoch
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        held, known, held_disabled = dict(self._states), dict(self._versions), set(self._disabled)
+        self._disabled = remote_disabled | held_disabled if lost else remote_disabled
         self._states.clear()
         self._versions.clear()
+        self.scopes.clear()
         for name, state in states.items():
             self._apply(name, state)
+        # Cooldowns running here that Redis lost, or learned while Redis was away, are kept
+        # (and put back for the other instances) unless Redis holds a newer decision.
+        now = self._clock()
+        kept = [name for name, h in held.items() if now < h.ejected_until and SUBJECT.fullmatch(name)
+                and (lost or name not in states or states[name][4] <= known.get(name, 0))
+                and self._states.get(name, HEALTHY).ejected_until < h.ejected_until]
+        for name in kept:
+            self._put(name, held[name])
+        await self._reassert(kept, held, sorted(held_disabled - remote_disabled) if lost else [])
+        if lost:
+            log.warning(f"router: Redis {self.url} lost the router's state (restarted empty or "
+                        f"flushed); put back {len(held_disabled - remote_disabled)} disabled "
+                        f"endpoint(s) and {len(kept)} cooldown(s) this instance held")
+        elif kept:
+            log.info(f"router: kept {len(kept)} cooldown(s) learned while Redis was away "
+                     f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})")
+
+    async def _reassert(self, names: list[str], held: Mapping[str, Health], disabled: list[str]) -> None:
+        """Write back what this instance holds and Redis does not: cooldowns (only where they
+        end later than what Redis holds) and disabled endpoints. Each call is bounded."""
+        now = self._clock()
+        for name in names:
+            h = held[name]
+            self._versions.pop(name, None)  # whatever Redis answers is at least as new
+            res = await self._call(self._assert(keys=self._keys(name), args=[
+                name, self.channel, _ms(now), h.failures, h.ejections, _ms(h.ejected_until),
+                self._min_ttl()]), _state)
+            if res is not None and res[4] >= 0:
+                self._versions[name] = res[4]
+        for name in disabled:
+            await self._call(self._set_disabled(keys=[self._disabled_key],
+                                                args=[name, self.channel, 1]), _one)
+
+    async def _scan_scopes(self) -> list[str]:
+        """The credential scopes (``endpoint@keyhash``) Redis holds, at most ``scopes.limit``:
+        best effort within one round trip's time (what is missed arrives with its next change)."""
+        head = self.key("")
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", head) + "*@*"
+        found: list[str] = []
+        try:
+            async with asyncio.timeout(self._op_timeout * 2):
+                async for key in self._client.scan_iter(match=pattern, count=1000):
+                    name = key.decode("utf-8", "replace")[len(head):] if isinstance(key, bytes) else ""
+                    if SUBJECT.fullmatch(name):
+                        found.append(name)
+                    if len(found) >= self.scopes.limit:
+                        break
+        except TimeoutError:
+            pass
+        return found
 
     def _stray(self, key: str, what: str, read_as: str) -> None:
         """Log a stray key once (its name only: keys hold no secrets)."""

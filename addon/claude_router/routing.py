@@ -8,6 +8,7 @@ of attempts. Decisions come from `policy` and `sse`; I/O from `upstream` and the
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +27,7 @@ log = logging.getLogger("claude_router")
 BUFFER_LIMIT = 8 * 1024 * 1024  # a larger non-streaming body is streamed on, not held
 ERROR_BODY_LIMIT = 256 * 1024
 LOCAL_WARN_EVERY = 10.0  # seconds between warnings that the router itself is out of resources
+KEY_ANSWERS = 4096  # keys whose last refusal is kept, to answer their next requests at once
 HOLD_LIMIT = 256 * 1024  # bytes of a stream's opening held back while waiting for content
 _BACKOFF_STATUSES = frozenset({429, 503, 529})
 # Upstreams are asked not to compress, so the router can read errors, stream starts and usage.
@@ -102,6 +104,9 @@ class Winner:
     prefix: bytes
     complete: bool
     rewritten: bool = False  # the prefix was changed (the client's model id): its length differs
+    # Set when a content-coded stream was decoded to be rewritten: it decodes the rest of the
+    # body, which then reaches the client decoded (``resp.headers`` no longer name a coding).
+    inflater: decoding.Inflater | None = None
 
 
 @dataclass
@@ -132,6 +137,8 @@ class Routing:
         self.clock = clock
         self._background: set[asyncio.Task] = set()
         self._local_warned = float("-inf")
+        # The last answer that refused or limited each key (by its keyed hash), bounded.
+        self._key_answers: OrderedDict[str, Answer] = OrderedDict()
 
     def _warn_local(self, detail: str) -> None:
         """At most one warning per LOCAL_WARN_EVERY seconds: an exhausted router fails every
@@ -151,11 +158,13 @@ class Routing:
 
     async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
                     req: Request, pinned: str | None = None,
-                    choose: Callable[[list[Endpoint]], tuple[str, str] | None] | None = None) -> Result:
+                    choose: Callable[[list[Endpoint]], tuple[str, str] | None] | None = None,
+                    credential: str | None = None) -> Result:
         """Try endpoints in price order (from ``pinned`` on, wrapping round, when the client
         chose a tier by path) until one answers well. ``choose`` may pick, among the usable
-        endpoints, the one to try first (the cost strategy), saying why."""
-        view = await store.view()
+        endpoints, the one to try first (the cost strategy), saying why. ``credential`` (the
+        keyed hash of the client's key) scopes what endpoints said about that key."""
+        states = view = await store.view()
         secrets = tuple(s for ep in endpoints for s in ep.secrets)
         if disabled := store.disabled:
             endpoints = [ep for ep in endpoints if ep.name not in disabled]
@@ -171,6 +180,16 @@ class Routing:
         if fam is not None:
             view = policy.with_family(view, [ep.name for ep in endpoints], fam, self.clock())
         steps = policy.plan(endpoints, view, self.clock())
+        if credential is not None and steps:
+            for_key = policy.with_credential(view, [ep.name for ep in endpoints], credential,
+                                             self.clock())
+            if for_key is not view:
+                steps = policy.plan(endpoints, for_key, self.clock())
+                if not steps:
+                    # Every usable endpoint refused or limited this very key lately: its
+                    # answer again, at once, until the first of those cooldowns ends.
+                    return Result(skipped, answer=self._key_refused(credential, endpoints, for_key),
+                                  counted=[False] * len(skipped))
         if not steps:
             if not endpoints:
                 return Result(skipped, answer=_no_endpoint(), counted=[False] * len(skipped))
@@ -236,6 +255,8 @@ class Routing:
                 await store.record_success(ep.name)
                 if fam and (fs := policy.family_subject(ep.name, fam)) in view:
                     await store.record_success(fs)
+                if credential and (cs := policy.credential_subject(ep.name, credential)) in states:
+                    await store.record_success(cs)
                 result.winner = tried.winner
                 if attempts and attempts[0].endpoint != ep.name:
                     result.reason = ""  # the chosen endpoint failed over: price order took over
@@ -250,6 +271,14 @@ class Routing:
                     result.trips.append(name)
             elif tried.verdict in (Verdict.CLIENT, Verdict.RETURN):
                 await store.record_success(ep.name)  # it answered sensibly: it is up
+            elif tried.verdict is Verdict.KEY:
+                # A relay that refuses a key at its gate says nothing about its backend: no
+                # success for the endpoint (a bad key must not heal a failing channel for
+                # everyone), no failure either; only (endpoint, key) cools.
+                if step.probe:
+                    self._release_probe(store, ep.name)
+                if credential is not None:
+                    await self._cool_key(store, settings, ep.name, credential, tried, states)
             elif step.probe:
                 self._release_probe(store, ep.name)  # skipped without blame: no verdict on it
             if tried.answer is not None:
@@ -262,6 +291,41 @@ class Routing:
                 client_kinds.append(tried.kind)
         result.answer = await self._final(endpoints, store, attempts, last)
         return result
+
+    async def _cool_key(self, store: HealthStore, settings: Settings, name: str, credential: str,
+                        tried: _Tried, states: Mapping[str, Health]) -> None:
+        """The endpoint refused or limited this key: cool (endpoint, key) for as long as it
+        asked (Retry-After, a rate-limit reset), else for the base cooldown, and keep the
+        answer for the key's next requests. Never longer than asked: a key's cooldown does not
+        grow with repetition the way an endpoint's does."""
+        subject = policy.credential_subject(name, credential)
+        cooling = subject in states and phase(states[subject], self.clock()) is Phase.COOLING
+        if subject in states and not cooling:
+            await store.record_success(subject)  # an old, ended cooldown: start afresh
+        wait = min(tried.hint, settings.max_hint) if tried.hint > 0 else store.breaker.cooldown
+        await store.record_failure(subject, at_least=wait)
+        self._key_answers[credential] = tried.answer
+        self._key_answers.move_to_end(credential)
+        while len(self._key_answers) > KEY_ANSWERS:
+            self._key_answers.popitem(last=False)
+        if not cooling:
+            log.info(f"router: endpoint {name} answered {tried.attempt.outcome} to one client key "
+                     f"(id {credential}); cooling it for that key for {round(wait)} s")
+
+    def _key_refused(self, credential: str, endpoints: Sequence[Endpoint],
+                     view: Mapping[str, Health]) -> Answer:
+        """What a key every usable endpoint refused lately gets: the last such answer as the
+        endpoint sent it (kept per key in this process), else a 429 saying when to retry."""
+        wait = policy.seconds_until_usable(endpoints, view, self.clock())
+        retry = policy.retry_after_value(wait)
+        kept = self._key_answers.get(credential)
+        if kept is not None:
+            headers = [(k, v) for k, v in kept.headers if k.lower() not in ("retry-after", "retry-after-ms")]
+            return Answer(kept.status, kept.reason, headers + [("retry-after", retry)], kept.body)
+        message = (f"every endpoint refused or rate-limited this key in the last minutes; "
+                   f"retry in {retry} s")
+        return Answer(429, "", [("content-type", "application/json"), ("retry-after", retry)],
+                      error_body(429, message, "rate_limit_error"))
 
     async def models(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
                      req: Request, one: str | None = None) -> Result:
@@ -293,7 +357,7 @@ class Routing:
         if not lists:
             # The client's own answer (its key refused, ...) as sent; else what went wrong.
             own = next((t.answer for t in tried if t.answer is not None
-                        and t.verdict in (Verdict.CLIENT, Verdict.RETURN)), None)
+                        and t.verdict in (Verdict.CLIENT, Verdict.RETURN, Verdict.KEY)), None)
             local = next((a for a in attempts if a.outcome == "local"), None)
             answer = own or (_local_failure(local.detail) if local else Answer(
                 502, "", [("content-type", "application/json")],
@@ -343,13 +407,20 @@ class Routing:
                     tried = await self._stream_start(ep, resp, settings, secrets)
                     if tried.winner is not None and (m := req.model) and (up := profile.upstream_model(m)) != m:
                         w = tried.winner
-                        opening = profiles.answer_stream_opening(w.prefix, up, m)
-                        w.rewritten, w.prefix = opening != w.prefix, opening
+                        coding = decoding.encoding_of(resp.headers)
+                        if (opened := profiles.answer_opening(w.prefix, coding, up, m)) is not None:
+                            w.prefix, w.inflater = opened
+                            w.rewritten = True
+                            if coding:  # the rest is decoded on its way to the client
+                                resp.headers = _without_coding(resp.headers)
                     return tried
                 prefix, complete = await resp.read(BUFFER_LIMIT)
-                if (complete and (m := req.model) and (up := profile.upstream_model(m)) != m
-                        and not decoding.encoding_of(resp.headers)):
-                    prefix = profiles.answer_json(prefix, up, m)
+                if complete and (m := req.model) and (up := profile.upstream_model(m)) != m:
+                    coding = decoding.encoding_of(resp.headers)
+                    if (answer := profiles.answer_body(prefix, coding, up, m)) is not None:
+                        prefix = answer
+                        if coding:  # rewritten decoded: the client gets it decoded
+                            resp.headers = _without_coding(resp.headers)
         except UpstreamError as e:
             resp.close()
             return self._transport_failure(ep, e.kind, e.detail, settings)
@@ -405,7 +476,7 @@ class Routing:
             # not the client's fault and not a failure; the next endpoint may have it.
             verdict, outcome = Verdict.SKIP, "model_not_found"
         hint = 0.0
-        if resp.status in _BACKOFF_STATUSES and verdict is Verdict.COUNT:
+        if resp.status in _BACKOFF_STATUSES and verdict in (Verdict.COUNT, Verdict.KEY):
             hint = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
         return _Tried(
             verdict,
@@ -458,7 +529,7 @@ class Routing:
 
     async def _final(self, endpoints: Sequence[Endpoint], store: HealthStore,
                      attempts: list[Attempt], last: _Tried | None) -> Answer:
-        if last is not None and last.verdict in (Verdict.CLIENT, Verdict.RETURN):
+        if last is not None and last.verdict in (Verdict.CLIENT, Verdict.RETURN, Verdict.KEY):
             return last.answer  # the request's own answer: as the upstream sent it
         if last is not None and last.attempt.outcome == "model_not_found" and all(
                 a.outcome in ("model_not_found", "skipped:model") for a in attempts):
@@ -476,6 +547,10 @@ class Routing:
                               if k.lower() not in ("retry-after", "retry-after-ms")]
             answer.headers.append(("retry-after", policy.retry_after_value(max(wait, min(upstream_says, 60)))))
         return answer
+
+
+def _without_coding(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() != "content-encoding"]
 
 
 def _signature_rejected(tried: _Tried) -> bool:

@@ -147,12 +147,134 @@ def after_turn(prev: Session | None, endpoint: str, prompt_tokens: int, output_t
                    last=now, turns=n, why=why)
 
 
+# -- whose conversation it is ------------------------------------------------------------------
+
+def record_key(owner: str, sid: str, family: str) -> str:
+    """The key of a conversation's record: the credential that started it (``owner``, a keyed
+    hash: access.credential_id), a hash of its id (never the id itself: not in memory, Redis or
+    the status) and its model family. A request that carries another client's session id
+    finds, and changes, only its own credential's record."""
+    digest = hashlib.sha256(f"{owner}\n{sid}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{owner}:{digest}#{family}"
+
+
+def shown(key: str) -> dict:
+    """What the status shows of a record's key: the credential hash and 12 hex digits of the
+    conversation's hash (with its family), never a session id."""
+    owner, _, rest = key.partition(":")
+    digest, _, family = rest.partition("#")
+    return {"session": f"{digest[:12]}#{family}" if family else digest[:12], "client": owner[:16]}
+
+
+def source(key: str) -> str:
+    """A record's short, stable name among the evidence for a learned fact."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+# -- how much of a request a cache could hold ----------------------------------------------------
+
+# Tokens. The smallest prefix an endpoint caches depends on the model it serves (Anthropic:
+# 1,024 for Sonnet 4.5 and Opus 4/4.1, 2,048 for Sonnet 4.6 and the Haiku 3 models, 4,096 for
+# Opus 4.5/4.6 and Haiku 4.5), and relays map ids, so each family gets its largest minimum and
+# an unknown model the largest of all: below it, no read or write is expected and none is missed.
+MIN_CACHEABLE = 4096
+MIN_CACHEABLE_BY_FAMILY = {"sonnet": 2048, "haiku": 4096, "opus": 4096}
+
+_PIECE = re.compile(r"\s?\w+|\s?[^\w\s]|\s+")
+MAX_TOKEN_CHARS = 16  # a word longer than this counts one token per 16 characters
+_SKIPPED = frozenset({"cache_control", "type", "source", "signature", "data", "id", "tool_use_id"})
+
+
+def min_cacheable(*models: str | None) -> int:
+    """The smallest prefix cached for these model ids (the client's, and the one an endpoint
+    maps it to): the largest of their minimums."""
+    def one(model: str | None) -> int:
+        lowered = model.lower() if isinstance(model, str) else ""
+        return next((n for fam, n in MIN_CACHEABLE_BY_FAMILY.items() if fam in lowered), MIN_CACHEABLE)
+
+    return max((one(m) for m in models), default=MIN_CACHEABLE)
+
+
+def text_tokens(text: str, cap: int) -> int:
+    """A low estimate of a text's tokens, counted up to ``cap``: one per word, mark or run of
+    space (a word of more than 16 characters one per 16), and never more than one per 4
+    characters. Padding that tokenizes into few tokens ("aaaa...", long runs of spaces) is not
+    counted as many."""
+    quarter = (len(text) + 3) // 4
+    limit = min(cap, quarter)
+    n = 0
+    for m in _PIECE.finditer(text):
+        n += -(-(m.end() - m.start()) // MAX_TOKEN_CHARS)
+        if n >= limit:
+            return limit
+    return n
+
+
+def _block_tokens(node, cap: int, depth: int = 0) -> int:
+    """Tokens of the strings a block renders (not its type, ids, signatures, image or document
+    payloads, nor earlier turns' thinking, which the API drops), counted up to ``cap``."""
+    if depth > 12 or cap <= 0:
+        return 0
+    if isinstance(node, str):
+        return text_tokens(node, cap)
+    n = 0
+    if isinstance(node, dict):
+        if node.get("type") in ("thinking", "redacted_thinking", "image"):
+            return 0
+        items = (v for k, v in node.items() if k not in _SKIPPED)
+    elif isinstance(node, list):
+        items = iter(node)
+    else:
+        return 0
+    for v in items:
+        n += _block_tokens(v, cap - n, depth + 1)
+        if n >= cap:
+            break
+    return n
+
+
+def _prompt_blocks(doc: dict):
+    """The prompt's blocks in the order a cache prefix covers them: tools, system, messages."""
+    for section in ("tools", "system"):
+        part = doc.get(section)
+        if isinstance(part, list):
+            yield from part
+        elif isinstance(part, str):
+            yield part
+    messages = doc.get("messages")
+    for msg in messages if isinstance(messages, list) else ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            yield from content
+        elif isinstance(content, str):
+            yield content
+
+
+def breakpoint_prefix_tokens(doc: dict | None, cap: int = 1 << 40) -> int:
+    """A low estimate of the tokens of a request's prompt up to its last ``cache_control``
+    breakpoint (a top-level ``cache_control`` marks the last block), counted up to ``cap``;
+    0 without a breakpoint. Pure over the request JSON. A tiny marked first block before a
+    long unmarked one is tiny: no cache could have held it."""
+    if not isinstance(doc, dict):
+        return 0
+    top = isinstance(doc.get("cache_control"), dict)
+    n = upto = 0
+    for block in _prompt_blocks(doc):
+        if n < cap:
+            n += _block_tokens(block, cap - n)
+        if isinstance(block, dict) and isinstance(block.get("cache_control"), dict):
+            upto = n
+            if upto >= cap:
+                return cap
+    return min(cap, n if top else upto)
+
+
 # -- what an endpoint showed about its prompt cache ------------------------------------------
 
-# Tokens: a shorter prompt is not expected to have been cached (1,024 is the API's minimum for
-# most models, 4,096 for some), so no read is expected and no miss is learned below it.
-MIN_CACHEABLE = 4096
-MISSES_TO_LEARN = 2  # consecutive expected reads that did not happen: it does not cache
+MISSES_TO_LEARN = 2  # consecutive expected reads or writes that did not happen...
+SOURCES_TO_LEARN = 2  # ...in as many conversations (of one client or several): it does not cache
+MAX_SOURCES = 4
+LEARNED_TTL = 3600.0  # seconds: a fact not seen again for this long is forgotten, then re-checked
 
 
 @dataclass(frozen=True)
@@ -162,24 +284,61 @@ class Learned:
     hits: int = 0
     misses: int = 0  # consecutive
     expected: int = 0
+    sources: tuple[str, ...] = ()  # the distinct conversations those misses came from
+    at: float = 0.0  # when it was last observed
 
     @property
     def caches(self) -> bool:
-        return self.misses < MISSES_TO_LEARN
+        return self.misses < MISSES_TO_LEARN or len(self.sources) < SOURCES_TO_LEARN
+
+    def fresh(self, now: float) -> bool:
+        return now - self.at < LEARNED_TTL
+
+    def encode(self) -> str:
+        """As the shared store holds it: ``hits:misses:expected:at:source,source``."""
+        return f"{self.hits}:{self.misses}:{self.expected}:{self.at:.3f}:{','.join(self.sources)}"
+
+    @classmethod
+    def decode(cls, raw: str) -> "Learned":
+        """From the shared store; ValueError for anything else (garbage, or an older router's
+        three counts, which carry no time nor sources: they are not believed)."""
+        h, m, e, at, srcs = raw.split(":")
+        sources = tuple(s for s in srcs.split(",") if s)
+        learned = cls(int(h), int(m), int(e), sources, float(at))
+        if not (0 <= learned.hits < 1 << 62 and 0 <= learned.misses < 1 << 62
+                and 0 <= learned.expected < 1 << 62 and 0 <= learned.at < 1e11
+                and len(sources) <= MAX_SOURCES and len(set(sources)) == len(sources)
+                and all(len(s) <= 16 and s.isalnum() for s in sources)):
+            raise ValueError("learned state out of range")
+        return learned
 
 
 UNKNOWN = Learned()
 
 
-def expects_cache(ttl: float, prompt_tokens: int) -> bool:
-    """Should an endpoint that caches show cache activity for this turn? With breakpoints on a
-    prompt of a cacheable size, it either reads the prefix (warm) or writes it (cold); a relay
-    that ignores ``cache_control`` does neither."""
-    return ttl > 0 and prompt_tokens >= MIN_CACHEABLE
+def fresh(learned: dict[str, "Learned"], now: float) -> dict[str, "Learned"]:
+    """The facts still believed: each expires ``LEARNED_TTL`` after it was last observed, so an
+    endpoint once judged not to cache is tried again (and re-judged by its answers)."""
+    return {name: lr for name, lr in learned.items() if lr.fresh(now)}
 
 
-def observe(learned: Learned, cache_tokens: int) -> Learned:
-    """An expected cache read or write happened (or did not)."""
+def expects_cache(ttl: float, prefix_tokens: int, prompt_tokens: int, minimum: int) -> bool:
+    """Should an endpoint that caches show cache activity for this turn? With breakpoints whose
+    prefix (up to the last one, estimated from the request) reaches the model's minimum
+    cacheable size, in a prompt the endpoint itself counted at least that long, it either reads
+    the prefix (warm) or writes it (cold); a relay that ignores ``cache_control`` does neither.
+    Below the minimum nothing is cached anywhere, so no miss is learned."""
+    return ttl > 0 and prefix_tokens >= minimum and prompt_tokens >= minimum
+
+
+def observe(learned: Learned, cache_tokens: int, source: str, now: float) -> Learned:
+    """An expected cache read or write happened (or did not) in conversation ``source``. A
+    stale fact is started afresh; a read or write clears the misses and their sources."""
+    if not learned.fresh(now):
+        learned = UNKNOWN
     if cache_tokens > 0:
-        return Learned(learned.hits + 1, 0, learned.expected + 1)
-    return Learned(learned.hits, learned.misses + 1, learned.expected + 1)
+        return Learned(learned.hits + 1, 0, learned.expected + 1, (), now)
+    sources = learned.sources
+    if source not in sources:
+        sources = (sources + (source,))[-MAX_SOURCES:]
+    return Learned(learned.hits, learned.misses + 1, learned.expected + 1, sources, now)

@@ -10,6 +10,7 @@ from .endpoints import Endpoint
 from .health import HEALTHY, Health, Phase, phase
 from .policy import Attempt
 from .profiles import FAMILIES
+from .sessions import fresh, shown
 from .usage import Usage
 
 
@@ -112,14 +113,19 @@ class Stats:
 
     def document(self, endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float,
                  disabled: set[str], store: str, affinity=None) -> dict:
+        keys: dict[str, int] = {}  # endpoint -> client keys it is cooling for (issue 19)
+        for name, h in view.items():
+            if "@" in name and phase(h, now) is Phase.COOLING:
+                ep_name = name.partition("@")[0]
+                keys[ep_name] = keys.get(ep_name, 0) + 1
         doc = {
             "store": store,
             "endpoints": [self._endpoint_doc(ep, view, now, ep.name in disabled)
-                          for ep in endpoints],
+                          | {"cooling_for_keys": keys.get(ep.name, 0)} for ep in endpoints],
         }
         if affinity is not None:
             pinned = affinity.pinned()
-            learned = affinity.learned
+            learned = fresh(affinity.learned, now)  # an expired fact is unknown again
             for e in doc["endpoints"]:
                 name = e["name"]
                 t = e["tokens"]
@@ -131,10 +137,11 @@ class Stats:
                 e["rewrite_cost_usd"] = round(self.endpoints.get(name, EndpointStats()).rewrite_cost, 6)
             doc["sessions"] = {
                 "count": len(affinity),
-                "recent": [{"session": sid[:48], "endpoint": sess.endpoint, "turns": sess.turns,
+                # Hashed ids only (sessions.shown): any client key may read this page.
+                "recent": [{**shown(key), "endpoint": sess.endpoint, "turns": sess.turns,
                             "prompt_tokens": sess.prompt_tokens, "warm": sess.warm(now),
                             "moved_from": sess.moved_from, "why": sess.why}
-                           for sid, sess in affinity.recent(20)],
+                           for key, sess in affinity.recent(20)],
             }
         return doc
 
@@ -184,4 +191,20 @@ def table(doc: dict) -> str:
                      e["last_error"][:40]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([f"health store: {doc['store']}", *lines])
+    return "\n".join([f"health store: {doc['store']}", *lines, *_clients_table(doc.get("clients"))])
+
+
+def _clients_table(clients: list[dict] | None) -> list[str]:
+    """Named clients (issue 21): spend this period against the budget, and what is in flight."""
+    if not clients:
+        return []
+    rows = [("client", "period", "spent $", "budget $", "left $", "resets (UTC)", "in flight",
+             "requests", "refused")]
+    for c in clients:
+        money = (lambda v: "" if v is None else f"{v:.4f}")
+        rows.append((c["client"] or "-", c["period"], money(c["spent_usd"]), money(c["budget_usd"]),
+                     money(c["remaining_usd"]), c["resets_at"].replace("T", " ").rstrip("Z"),
+                     str(c["in_flight"]), str(c["requests"]),
+                     ", ".join(f"{k}:{v}" for k, v in sorted(c["refused"].items()))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["", *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)]
