@@ -61,6 +61,7 @@ log = logging.getLogger("claude_router")
 
 OP_TIMEOUT = 0.25  # seconds for one Redis round trip before the local view takes over
 RETRY_EVERY = 1.0
+REASSERT_SCOPES = 200  # client-key scopes one re-sync writes back at most
 EPOCH_CHECK_EVERY = 2.0  # seconds between checks that Redis still holds the state it had
 SEP = "|"  # ends the prefix in every key; never in a prefix, an endpoint name or a kind
 
@@ -601,7 +602,11 @@ class RedisHealthStore:
         """Write back what this instance holds and Redis does not: cooldowns (only where they
         end later than what Redis holds) and disabled endpoints. Each call is bounded."""
         now = self._clock()
-        for name in names:
+        # Endpoints and families first; client-key scopes only up to REASSERT_SCOPES (a
+        # re-sync must stay within its bound; a scope not put back is re-learned on its key's
+        # next refusal).
+        endpoints = [n for n in names if "@" not in n]
+        for name in endpoints + [n for n in names if "@" in n][:REASSERT_SCOPES]:
             h = held[name]
             self._versions.pop(name, None)  # whatever Redis answers is at least as new
             res = await self._call(self._assert(keys=self._keys(name), args=[
