@@ -304,7 +304,7 @@ async def test_prefixes_that_prefix_each_other_do_not_collide(redis_server):
     assert pa2.current()["events"].failures == 1 and pa2.disabled == {"disabled"}
     assert set(redis_server.cli("KEYS", "*").split()) == {
         "p|ep|adisabled", "p|disabled", "p|version", "pa|ep|events", "pa|disabled", "pa|version",
-        "p|salt", "pa|salt", "p|epoch", "pa|epoch"}
+        "p|salt", "pa|salt", "p|epoch", "pa|epoch", "p|decided", "pa|decided"}
     for s in (p, pa, p2, pa2):
         await s.close()
 
@@ -718,8 +718,9 @@ async def test_a_disabled_endpoint_is_put_back_after_redis_loses_its_state(redis
     assert b.disabled == {"aws"}
     redis_server.cli("FLUSHALL")  # what a restart without persistence leaves
     for _ in range(1000):  # each instance notices the new epoch and puts back what it held
+        epoch = redis_server.cli("GET", "endpoint_health_|epoch").encode()
         if redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"] and \
-                a.disabled == b.disabled == {"aws"}:
+                a._epoch == b._epoch == epoch and a.disabled == b.disabled == {"aws"}:
             break
         await asyncio.sleep(0.01)
     assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"]
@@ -730,6 +731,34 @@ async def test_a_disabled_endpoint_is_put_back_after_redis_loses_its_state(redis
             break
         await asyncio.sleep(0.01)
     assert not b.disabled
+    for s in (a, b):
+        await s.close()
+
+
+async def test_an_enable_after_redis_lost_its_state_holds_against_a_late_instance(redis_server):
+    # b notices the lost state only after a put "aws" back and an operator enabled it again:
+    # b's stale copy must not disable it anew.
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await a.set_disabled("aws", True)
+    for _ in range(500):
+        if b.disabled == {"aws"}:
+            break
+        await asyncio.sleep(0.01)
+    redis_server.cli("FLUSHALL")
+    await a._resync()  # a notices first and puts it back
+    assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"]
+    await a.set_disabled("aws", False)  # the operator enables it
+    for _ in range(500):  # b hears both messages (but checks the epoch only every 2 s)
+        if not b.disabled:
+            break
+        await asyncio.sleep(0.01)
+    assert not b.disabled
+    b._disabled.add("aws")  # as if b had not heard them: its copy from before the loss
+    await b._resync()
+    assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == []
+    assert "aws" not in b.disabled
     for s in (a, b):
         await s.close()
 

@@ -6,6 +6,9 @@ separator ``|``, then a kind:
     {prefix}|ep|{name}   hash: one endpoint's breaker state (fields f=failures, e=ejections,
                          u=ejected-until ms, p=probe-until ms, v=version)
     {prefix}|disabled    set: endpoints an operator took out of rotation
+    {prefix}|decided     hash: endpoints an operator enabled or disabled since Redis last
+                         lost its state (an instance putting back a disabled endpoint it
+                         held leaves a later decision alone)
     {prefix}|version     integer: the version counter of every state change
     {prefix}|salt        string: the secret that keys credential hashes (access.credential_id),
                          set once by the first instance, so every instance scopes a key alike
@@ -173,10 +176,20 @@ f, e, u, p = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 0
 return save(tonumber(ARGV[7]))
 """
 
-# KEYS: disabled set. ARGV: name, channel, '1' or '0'. A stray key of another type is replaced.
+# KEYS: disabled set, decided hash. ARGV: name, channel, '1' or '0', 'operator' or 'assert'.
+# An operator's decision is recorded in the decided hash; an instance putting back a disabled
+# endpoint after Redis lost its state ('assert') leaves alone one an operator decided since
+# (returns 0). A stray key of another type is replaced.
 DISABLED_LUA = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'set' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[2]) end
+if ARGV[4] == 'assert' then
+  if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+else
+  redis.call('HSET', KEYS[2], ARGV[1], '1')
+end
 if ARGV[3] == '1' then
   redis.call('SADD', KEYS[1], ARGV[1])
 else
@@ -259,6 +272,7 @@ class RedisHealthStore:
         self.prefix = prefix
         self.channel = f"{prefix}{SEP}events"
         self._disabled_key = f"{prefix}{SEP}disabled"
+        self._decided_key = f"{prefix}{SEP}decided"
         self._version_key = f"{prefix}{SEP}version"
         self._clock = clock
         self._rand = rand
@@ -390,8 +404,9 @@ class RedisHealthStore:
         """Shared: every instance takes the endpoint out of (or back into) rotation."""
         (self._disabled.add if disabled else self._disabled.discard)(name)
         if self._up:
-            await self._call(self._set_disabled(keys=[self._disabled_key],
-                                                args=[name, self.channel, int(disabled)]), _one)
+            await self._call(self._set_disabled(keys=[self._disabled_key, self._decided_key],
+                                                args=[name, self.channel, int(disabled),
+                                                      "operator"]), _one)
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -615,8 +630,11 @@ class RedisHealthStore:
             if res is not None and res[4] >= 0:
                 self._versions[name] = res[4]
         for name in disabled:
-            await self._call(self._set_disabled(keys=[self._disabled_key],
-                                                args=[name, self.channel, 1]), _one)
+            put = await self._call(self._set_disabled(keys=[self._disabled_key, self._decided_key],
+                                                      args=[name, self.channel, 1, "assert"]),
+                                   _int)
+            if put == 0:  # an operator enabled it since Redis lost its state: that holds
+                self._disabled.discard(name)
 
     async def _scan_scopes(self) -> list[str]:
         """The credential scopes (``endpoint@keyhash``) Redis holds, at most ``scopes.limit``:
