@@ -1,5 +1,6 @@
 # Shared by scripts/run, scripts/test and scripts/bench: find Python >= 3.12 and keep a venv
-# per Python version under .venv/ with the project installed (editable, with dev extras).
+# per Python version under .venv/ with the project installed (editable; dev extras for the
+# tests and benches, none for running).
 # shellcheck shell=bash
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,23 +44,48 @@ MSG
   exit 1
 }
 
-# ensure_venv PYTHON -> prints the venv's python; installs or updates the project when needed.
+# ensure_venv PYTHON [KIND] [PIN] [NAME] -> prints the venv's python; installs or updates the
+# project when needed.
+#   KIND  dev (default): the project with its dev extras (tests, benches);
+#         run: only what running needs (a dev venv serves as well). pip shows its progress.
+#   PIN   a pip requirement installed with the project, e.g. mitmproxy==12.2.3
+#   NAME  the venv's folder under .venv/ (default py3.12; give one with a PIN, e.g.
+#         py3.12-mitmproxy-lowest, so the pinned venv is not the one ./scripts/run uses)
 ensure_venv() {
-  local py="$1" ver venv stamp want
+  local py="$1" kind="${2:-dev}" pin="${3:-}" name="${4:-}" ver venv stamp want have spec quiet=()
+  case "$kind" in
+    dev) spec="$ROOT[dev]" quiet=(-q) ;;
+    run) spec="$ROOT" ;;
+    *) echo "ensure_venv: KIND must be dev or run, not $kind" >&2; exit 2 ;;
+  esac
   ver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-  venv="$ROOT/.venv/py$ver"
+  venv="$ROOT/.venv/${name:-py$ver}"
   stamp="$venv/.installed"
-  want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+  want="$(sha256sum <"$ROOT/pyproject.toml" | cut -d' ' -f1) $pin"
+  have="$(cat "$stamp" 2>/dev/null || true)"
   if [ ! -x "$venv/bin/python" ]; then
     echo "creating $venv" >&2
     "$py" -m venv "$venv" >&2 || exit 1
   fi
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "installing the project into $venv (Python $ver) ..." >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]" >&2 || exit 1
-    echo "$want" >"$stamp"
+  # The stamp is "HASH PIN KIND"; a dev install serves a run as well.
+  if [ "$have" != "$want $kind" ] && { [ "$kind" = dev ] || [ "$have" != "$want dev" ]; }; then
+    echo "installing the project ($kind${pin:+, $pin}) into $venv (Python $ver) ..." >&2
+    "$venv/bin/python" -m pip install "${quiet[@]}" --disable-pip-version-check -e "$spec" ${pin:+"$pin"} >&2 || exit 1
+    echo "$want $kind" >"$stamp"
   fi
   echo "$venv/bin/python"
+}
+
+# The mitmproxy versions the suite runs against: "lowest" is pyproject's lower bound pinned
+# (mitmproxy==12.2.3 for mitmproxy>=12.2.3,<13); "highest" is what pip resolves unpinned.
+mitmproxy_lowest() {
+  sed -n 's/^ *"mitmproxy>=\([0-9][0-9.]*\)[,"].*/\1/p' "$ROOT/pyproject.toml" | head -n 1 |
+    awk -F. '{ printf "mitmproxy==%d.%d.%d\n", $1, ($2 == "" ? 0 : $2), ($3 == "" ? 0 : $3) }'
+}
+
+# The mitmproxy version a venv's python has, e.g. 12.2.3.
+mitmproxy_version() {
+  "$1" -c 'from mitmproxy.version import VERSION; print(VERSION)' 2>/dev/null || echo "?"
 }
 
 # ensure_tools BINARY:PACKAGE ...: install the Debian packages of missing server binaries with

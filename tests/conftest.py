@@ -1,113 +1,32 @@
-"""Real parts for end-to-end tests: the mock relay and mitmdump run as subprocesses on loopback."""
+"""Real parts for end-to-end tests: the mock relay and mitmdump run as subprocesses on loopback.
+The parts themselves (ports, processes, the mock's control client, redis-server, SSE parsing) are
+in ``claude_router_dev.harness``; the fixtures are here."""
 
-import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
-MITMWEB = str(BIN / "mitmweb")
+from claude_router_dev.harness import (  # noqa: F401 - re-exported: tests import them from conftest
+    BIN,
+    MITMDUMP,
+    MITMWEB,
+    ROOT,
+    ROUTER_SCRIPT,
+    MockRelay,
+    RedisServer,
+    free_port,
+    have_redis,
+    router_argv,
+    sse_events,
+    start_mock,
+    stop,
+    wait_port,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class MockRelay:
-    """Control client for scripts/mock_relay.py running in a subprocess."""
-
-    def __init__(self, proc: subprocess.Popen, port: int) -> None:
-        self.proc = proc
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-
-    def url(self, endpoint: str) -> str:
-        return f"{self.base}/{endpoint}"
-
-    def _call(self, method: str, path: str, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("content-type", "application/json")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw = r.read()
-        return json.loads(raw) if raw else None
-
-    def fault(self, endpoint: str, **fault) -> None:
-        self._call("PUT", f"/_mock/faults/{endpoint}", fault)
-
-    def profile(self, endpoint: str, **fields) -> None:
-        """Replace the endpoint's profile (no fields: back to a plain relay)."""
-        self._call("PUT", f"/_mock/profiles/{endpoint}", fields)
-
-    def profiles(self) -> dict:
-        return self._call("GET", "/_mock/profiles")
-
-    def cache(self, endpoint: str) -> list[dict]:
-        """Live prompt-cache entries of an endpoint: key, tokens, ttl, expires_in."""
-        return self._call("GET", f"/_mock/cache/{endpoint}")
-
-    def clear_cache(self, endpoint: str | None = None) -> None:
-        self._call("DELETE", "/_mock/cache" + (f"/{endpoint}" if endpoint else ""))
-
-    def requests(self, endpoint: str | None = None) -> list[dict]:
-        q = f"?endpoint={endpoint}" if endpoint else ""
-        return self._call("GET", f"/_mock/requests{q}")
-
-    def count(self, endpoint: str) -> int:
-        return len(self.requests(endpoint))
-
-    def stats(self) -> dict:
-        return self._call("GET", "/_mock/stats")
-
-    def reset(self) -> None:
-        self._call("DELETE", "/_mock/state")
-
-
-def start_mock(*args: str) -> MockRelay:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "mock_relay.py"), "--port", "0", "--quiet", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        stop(proc)
-        raise RuntimeError(f"mock relay did not start: {line!r}")
-    return MockRelay(proc, int(line.rsplit(":", 1)[1]))
+pytest_plugins = ["scripted"]  # the `scripted` fixture (tests/scripted.py), for test_e2e_bad_relays
 
 
 @pytest.fixture(scope="session")
@@ -165,17 +84,8 @@ def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
     confdir.mkdir()
     if config is not None:
         (confdir / "config.yaml").write_text(config.read_text())
-    args = [tool, *([] if tool == MITMDUMP else ["--no-web-open-browser"]),
-            "-s", str(ROOT / "addon" / "router.py"), *(a for s in scripts for a in ("-s", str(s))),
-            "--listen-host", (options or {}).get("listen_host", "127.0.0.1"), "--listen-port", str(port),
-            "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info"]
-    if mode == "reverse":
-        args += ["--mode", "reverse:https://api.anthropic.com"]
-    for ep in endpoints:
-        args += ["--set", f"router_endpoints={ep}"]
-    for k, v in (options or {}).items():
-        for item in (v if isinstance(v, list) else [v]):
-            args += ["--set", f"{k}={item}"]
+    args = router_argv(port, endpoints, mode=mode, confdir=confdir, options=options, scripts=scripts,
+                       tool=tool, listen_host=(options or {}).get("listen_host", "127.0.0.1"))
     log = workdir / f"router{name}.log"
     environ = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()} | (env or {})
     proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ,
@@ -184,9 +94,9 @@ def launch_router(workdir: Path, name: str, endpoints, mode: str = "reverse",
     if wait:
         try:
             wait_port(port, proc)
-        except Exception:
+        except Exception as e:
             stop(proc)
-            raise RuntimeError(f"router did not start:\n{router.log()}")
+            raise RuntimeError(f"router did not start:\n{router.log()}") from e
     return router
 
 
@@ -208,43 +118,8 @@ def start_router(tmp_path):
         stop(r.proc)
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, started (and restartable) by the tests."""
-
-    def __init__(self, tmp: Path, password: str | None = None) -> None:
-        self.port = free_port()
-        self.password = password
-        self.dir = tmp
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def cli(self, *args: str) -> str:
-        cmd = ["redis-cli", "-p", str(self.port)] + (["-a", self.password, "--no-auth-warning"] if self.password else [])
-        return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=10).stdout.strip()
-
-
 def _need_redis() -> None:
-    import shutil
-    if shutil.which("redis-server") is None:
+    if not have_redis():
         pytest.skip("redis-server is not installed (./scripts/test installs it as root)")
 
 

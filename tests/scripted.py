@@ -204,7 +204,7 @@ def _read_chunked(conn: socket.socket, buf: bytearray) -> bytes:
             data = conn.recv(65536)
             if not data:
                 raise ConnectionError("request body cut")
-            buf += data
+            buf.extend(data)  # in place: `buf += data` here would make buf local to need()
 
     while True:
         while (eol := buf.find(b"\r\n")) < 0:

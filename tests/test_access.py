@@ -92,3 +92,23 @@ def test_a_keyed_head_is_answered_here_only_for_a_base_url(path, here):
 @pytest.mark.parametrize("keyed", [True, False])
 def test_only_head_is_answered_here(method, keyed):
     assert access.answered_here(method, "/", ["droid"], keyed) is False
+
+
+def test_the_key_of_mitmproxy_headers_follows_every_change_to_them():
+    from mitmproxy.http import Headers
+    h = Headers(x_api_key="k1")
+    assert access.presented_key(h) == b"k1" and access.authorized(h, (b"k0", b"k1"))
+    h["x-api-key"] = "k2"  # (mitmproxy replaces the fields tuple the answer is kept by)
+    assert access.presented_key(h) == b"k2" and not access.authorized(h, (b"k0", b"k1"))
+    del h["x-api-key"]
+    h["authorization"] = "Bearer k0"
+    assert access.presented_key(h) == b"k0"
+    other = Headers(x_api_key="k1")
+    assert access.presented_key(other) == b"k1" and access.presented_key(h) == b"k0"
+
+
+def test_keys_in_a_list_are_compared_too():
+    keys = [b"k0"]
+    assert access.authorized({"x-api-key": "k0"}, keys)
+    keys[0] = b"k9"  # a list may change: it is never indexed
+    assert not access.authorized({"x-api-key": "k0"}, keys)

@@ -1,7 +1,7 @@
 """Named clients (issue 21), pure: the spec and its parser, who a key is, the calendar periods
 budgets run over, the decision to admit or refuse, and the per-client accounts (injected clock)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,7 +16,7 @@ SRC = "router.yaml"
 
 
 def ts(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 NOW = ts("2026-12-09T15:30:00")  # a Wednesday
@@ -404,3 +404,16 @@ def test_the_status_table_lists_the_clients():
 def test_the_status_table_has_no_clients_part_without_clients():
     from claude_router.status import table
     assert "client" not in table({"store": "memory", "endpoints": []})
+
+
+def test_of_two_entries_with_one_key_the_first_is_the_client():
+    table = (Client("alice", b"same"), Client(None, b"same"))
+    assert clients.identify(b"same", table).name == "alice"
+
+
+def test_a_new_table_is_looked_up_anew():
+    first = clients.table([Client("alice", b"ka")], [])
+    assert clients.identify(b"ka", first).name == "alice"
+    second = clients.table([Client("carol", b"ka")], [])
+    assert clients.identify(b"ka", second).name == "carol"
+    assert clients.identify(b"ka", list(second)).name == "carol"  # a list: compared key by key

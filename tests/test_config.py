@@ -206,3 +206,78 @@ def test_value_problem_is_usable_for_keys_given_as_options():
     for bad in (f"{SECRET}\r\n", f" {SECRET}", f"{SECRET}é", f"{SECRET}\x00"):
         problem = config.value_problem(bad)
         assert problem and SECRET not in problem
+
+
+# --- misspelt names and out-of-range settings: named, with the closest known name ---
+
+@pytest.mark.parametrize("d, message", [
+    ({**doc(), "helth": {"cooldown": 5}}, "helth: unknown section (did you mean health?)"),
+    ({**doc(), "health": {"coldown": 5}}, "health.coldown: unknown field (did you mean cooldown?)"),
+    (doc(prise={"input": 1}), "endpoints[1].prise: unknown field (did you mean price?)"),
+    (doc(price={"inptu": 1}), "endpoints[1] (droid).price.inptu: unknown field (did you mean input?)"),
+    ({**doc(), "clients": [{"name": "alice", "key": SECRET, "budgte": {"usd": 1, "per": "day"}}]},
+     "clients[0].budgte: unknown field (did you mean budget?)"),
+])
+def test_a_misspelt_name_is_refused_with_did_you_mean(d, message):
+    assert refused(d) == f"{SRC}: {message}"
+
+
+def test_a_name_close_to_nothing_lists_the_known_ones():
+    assert refused({**doc(), "health": {"zzz": 1}}) == (
+        f"{SRC}: health.zzz: unknown field (expected one of cooldown, max_failures)")
+
+
+@pytest.mark.parametrize("section, field, value, minimum", [
+    ("health", "cooldown", -5, 1), ("health", "max_failures", 0, 1), ("timeouts", "connect", 0, 1),
+    ("policy", "max_attempts", -1, 0), ("policy", "deadline", 0, 1), ("timeouts", "head", -1, 0),
+])
+def test_a_setting_below_its_option_minimum_names_the_field(section, field, value, minimum):
+    assert refused({**doc(), section: {field: value}}) == (
+        f"{SRC}: {section}.{field}: must be at least {minimum}, got {value}")
+
+
+def test_settings_at_their_minimum_pass():
+    cfg = config.parse({**doc(), "health": {"cooldown": 1}, "policy": {"max_attempts": 0}}, SRC, {})
+    assert cfg.options == {"router_cooldown": 1, "router_max_attempts": 0}
+
+
+# --- router.example.yaml: valid as shipped, and its commented clients once uncommented ---
+
+def example_text() -> str:
+    from pathlib import Path
+    return (Path(__file__).resolve().parent.parent / "router.example.yaml").read_text()
+
+
+EXAMPLE_ENV = {"AWS_RELAY_KEY": "k-aws", "DROID_RELAY_KEY": "k-droid", "ROUTER_CLIENT_KEY": "k-client",
+               "ALICE_KEY": "k-alice", "CI_AGENT_KEY": "k-ci", "ROUTER_ADMIN_KEY": "k-admin"}
+
+
+def parse_text(text: str) -> config.FileConfig:
+    from ruamel.yaml import YAML
+    return config.parse(YAML(typ="safe").load(text), SRC, EXAMPLE_ENV)
+
+
+def test_the_example_parses_as_shipped():
+    cfg = parse_text(example_text())
+    assert [ep.name for ep in cfg.endpoints] == ["aws", "droid", "claude"]
+    assert cfg.clients == () and cfg.admin_keys == ()
+
+
+def test_the_examples_commented_clients_and_admin_keys_parse_once_uncommented():
+    lines = example_text().splitlines()
+    start = lines.index("# clients:")
+    block = []
+    for line in lines[start:]:
+        if line.startswith("# ") and (line[2:3] in (" ", "-") or line[2:].split(":")[0] in ("clients", "admin_keys")):
+            block.append(line[2:])
+        elif line.startswith("#") or not line.strip():
+            continue
+        else:
+            break
+    cfg = parse_text(example_text() + "\n" + "\n".join(block) + "\n")
+    alice, ci = cfg.clients
+    assert (alice.name, alice.key, alice.rpm, alice.max_concurrency, alice.endpoints) == (
+        "alice", b"k-alice", 60, 4, ("aws", "droid"))
+    assert (alice.budget.usd, alice.budget.per) == (20.0, "day")
+    assert (ci.name, ci.budget.per) == ("ci-agent", "month")
+    assert cfg.admin_keys == ("k-admin",)

@@ -4,7 +4,6 @@ anthropic SDK or raw HTTP: thinking-signature repair for the turn Claude Code se
 writes its id JSON-escaped, or compresses its answers whatever accept-encoding says."""
 
 import gzip
-import importlib.util
 import json
 import zlib
 from pathlib import Path
@@ -13,13 +12,11 @@ import anthropic
 import httpx
 import pytest
 
-from conftest import ROOT
+from claude_router_dev import mock_relay
+from claude_router_dev.harness import sse_events
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-_spec = importlib.util.spec_from_file_location("mock_relay", ROOT / "scripts" / "mock_relay.py")
-mock_relay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mock_relay)
 
 SONNET = "claude-sonnet-4-5"
 RELAY_SONNET = "vendor/claude-sonnet-4-5-v1:0"  # the relay's own id: has a "/" to escape
@@ -44,15 +41,6 @@ def sdk(router) -> anthropic.Anthropic:
 
 def attempts(resp) -> str:
     return resp.headers["x-router-attempts"]
-
-
-def events_of(raw: bytes) -> list[tuple[str, dict]]:
-    out = []
-    for block in raw.decode().replace("\r\n", "\n").strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
-        if "event" in fields:
-            out.append((fields["event"], json.loads(fields["data"])))
-    return out
 
 
 def configured(start_router, mock, tmp_path: Path, endpoints: list[dict]):
@@ -142,7 +130,7 @@ def test_escaped_id_in_message_start_reaches_the_client_as_its_own(mock, mapped)
     with httpx.stream("POST", f"{mapped.base}/v1/messages", json=body, timeout=30) as r:
         raw = r.read()
     assert r.status_code == 200 and attempts(r) == "relay:200"
-    events = events_of(raw)
+    events = sse_events(raw)
     assert events[0][0] == "message_start" and events[0][1]["message"]["model"] == SONNET
     assert events[-1][0] == "message_stop"
     assert not relay_id_in(raw)
@@ -200,7 +188,7 @@ def test_gzip_stream_reaches_the_client_decoded_with_its_own_id_event_by_event(m
         assert "content-encoding" not in r.headers and "content-length" not in r.headers
         for chunk in r.iter_raw():
             raw += chunk
-            now = sum(1 for name, _ in events_of(raw.rsplit(b"\n\n", 1)[0] + b"\n\n")
+            now = sum(1 for name, _ in sse_events(raw.rsplit(b"\n\n", 1)[0] + b"\n\n")
                       if name == "content_block_delta")
             if now == 5 and deltas < 5:
                 # Every delta is here while the relay still holds back the rest: the stream
@@ -208,7 +196,7 @@ def test_gzip_stream_reaches_the_client_decoded_with_its_own_id_event_by_event(m
                 pending_at_last_delta = mock.requests("relay")[0]["outcome"]
             deltas = now
     assert pending_at_last_delta == "pending"
-    events = events_of(raw)
+    events = sse_events(raw)
     names = [name for name, _ in events]
     assert names[0] == "message_start" and names[-1] == "message_stop"
     assert names.count("content_block_delta") == 5
@@ -236,7 +224,7 @@ def test_without_model_map_a_gzip_stream_passes_through_untouched(mock, start_ro
                       headers={"accept-encoding": "identity"}) as r:
         raw = b"".join(r.iter_raw())
     assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
-    events = events_of(zlib.decompress(raw, 47))
+    events = sse_events(zlib.decompress(raw, 47))
     assert events[0][1]["message"]["model"] == SONNET and events[-1][0] == "message_stop"
     r = httpx.post(f"{router.base}/v1/messages", timeout=30, headers={"accept-encoding": "identity"},
                    json={**body, "stream": False})

@@ -14,7 +14,7 @@ import anthropic
 import httpx
 import pytest
 
-from scripted import LAST_CHUNK, chunk, gz, head, response, scripted, sse  # noqa: F401 - fixture
+from scripted import LAST_CHUNK, chunk, gz, head, response, sse
 from streams import STREAM_MSG
 
 MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
@@ -356,8 +356,9 @@ def test_thousands_of_tiny_pings_before_content_stream_through(scripted, mock, s
     used = cpu_seconds(router.proc.pid) - before
     print(f"\nrouter CPU for one stream of {PINGS} tiny pings: {used:.2f} s")
     # The router's own CPU time (not wall time: another process's load does not count): the
-    # README quotes 0.12-0.16 s. A bound with room for a slow machine that still fails when the
-    # work per event grows with the stream (re-scanning what was held: seconds, not tenths).
+    # docs/security.md quotes 0.12-0.16 s. A bound with room for a slow machine that still fails
+    # when the work per event grows with the stream (re-scanning what was held: seconds, not
+    # tenths).
     assert used < 1.0
     assert r.status_code == 200 and r.headers["x-used-endpoint"] == "bad"
     text = r.text

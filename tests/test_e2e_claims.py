@@ -1,5 +1,6 @@
-"""README claims of this round, each through a real mitmdump: start-up checks, regular mode's
-API-only routing, body limits, metrics names, shared family cooldowns and learned caching."""
+"""Documented claims of this round (docs/), each through a real mitmdump: start-up checks,
+regular mode's API-only routing, body limits, metrics names, shared family cooldowns and
+learned caching."""
 
 import time
 import zlib
@@ -57,7 +58,7 @@ def test_the_body_size_limit_backstop_is_set_unless_the_operator_set_one(mock, s
     extra = {"body_size_limit": operator} if operator else {}
     router = start_router([f"aws={mock.url('aws')}"], tool="mitmweb",
                           options={"web_port": web_port, "web_password": "pw", **extra})
-    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": "Bearer pw"})
+    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", params={"token": "pw"})
     router.wait_log("endpoints in price order")
     opts = web.get("/options").json()
     assert opts["body_size_limit"]["value"] == expected
@@ -72,9 +73,10 @@ def _relay_gzip(writes: list[bytes]) -> bytes:
 
 @pytest.mark.parametrize("accept", ["identity", "gzip, deflate"])
 def test_response_bytes_pass_unchanged_with_their_content_encoding(mock, start_router, accept):
-    """README: response bytes are passed on unchanged, including their content encoding (no
-    model_map here: with one, the router decodes to put the client's model id back). Read raw,
-    undecoded: the gzip bytes are exactly the relay's (deterministic zlib, mtime 0).
+    """docs/failure-policy.md: response bytes are passed on unchanged, including their content
+    encoding (no model_map here: with one, the router decodes to put the client's model id
+    back). Read raw, undecoded: the gzip bytes are exactly the relay's (deterministic zlib,
+    mtime 0).
 
     Fails with the upstream session decoding (`auto_decompress=True` in upstream.py): the
     client gets plain bytes labelled gzip."""
@@ -188,7 +190,7 @@ def test_learned_caching_is_shared_and_can_be_forgotten(mock, start_router, tmp_
     wait_for(lambda: endpoint_doc(b, "cheap")["caches"] is False, what="b learned cheap does not cache")
     h = Conversation("sess-on-b").turn(b, "hi")
     assert h["x-used-endpoint"] == "dear" and "does not cache" in h["x-router-reason"]
-    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": "Bearer pw"})
+    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", params={"token": "pw"})
     web_command(web, "router.forget")
     wait_for(lambda: redis_server.cli("EXISTS", "endpoint_health_|learned") == "0", what="forgotten")
     wait_for(lambda: endpoint_doc(b, "cheap")["caches"] == "unknown", what="b forgot")

@@ -7,7 +7,7 @@ import json
 import re
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anthropic
@@ -392,7 +392,7 @@ def test_the_usage_report_prints_spend_by_client_day_endpoint_and_model(start_ro
     out = subprocess.run([sys.executable, "-m", "claude_router.spend_report", "--ledger", str(path), "--csv"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     lines = out.splitlines()
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
     assert lines[0] == ("client,day,endpoint,model,requests,refused,input_tokens,output_tokens,"
                         "cache_write_tokens,cache_read_tokens,cost_usd")
     assert any(line.startswith(f"alice,{today},aws,claude-sonnet-4-5,1,0,") for line in lines)
@@ -449,7 +449,7 @@ def test_two_routers_share_one_budget_through_redis(start_router, mock, tmp_path
     wait_for(lambda: usage(a, "alice")["spent_usd"] > 0.05, what="a sees b's spend")
     assert refused_for_budget(a).status_code == 429
     assert refused_for_budget(b).status_code == 429
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
     assert float(redis_server.cli("GET", f"endpoint_health_|spend|alice|{today}")) > 0.05
     assert ask(a, "bob").http_response.status_code == 200
 
@@ -468,15 +468,11 @@ def test_a_router_serves_on_its_own_count_when_redis_is_away(start_router, mock,
 
 def test_two_workers_of_one_supervisor_share_one_budget(mock, tmp_path):
     """`./scripts/run --workers 2`: the supervisor's own redis-server carries the budget."""
-    import importlib.util
     import shutil
-    import sys
-    from conftest import ROOT
+
+    from claude_router.cli import workers
     if shutil.which("haproxy") is None or shutil.which("redis-server") is None:
         pytest.skip("haproxy and redis-server are needed for --workers")
-    spec = importlib.util.spec_from_file_location("router_workers", ROOT / "scripts" / "workers.py")
-    workers = sys.modules.setdefault("router_workers", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(workers)
     config = write_config(tmp_path / "workers.yaml", mock, alice_budget=0.05)
     c = workers.start_cluster(2, [], tmp=tmp_path, extra=[
         "--set", f"confdir={tmp_path / 'conf'}", "--set", f"router_config={config}"])
@@ -486,7 +482,7 @@ def test_two_workers_of_one_supervisor_share_one_budget(mock, tmp_path):
         assert 0 < usage(one, "alice")["spent_usd"] < 0.05
         ask(two, "alice")
         for w in (one, two):
-            wait_for(lambda: usage(w, "alice")["spent_usd"] > 0.05, what="the shared spend")
+            wait_for(lambda w=w: usage(w, "alice")["spent_usd"] > 0.05, what="the shared spend")
             assert refused_for_budget(w).status_code == 429
         front = type("F", (), {"base": c.url})()
         assert refused_for_budget(front).status_code == 429

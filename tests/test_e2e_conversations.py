@@ -4,7 +4,6 @@ serve or calls by another name, betas and cache TTLs it rejects, tiers chosen by
 limits of one model family, and the merged models list."""
 
 import hashlib
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -14,13 +13,11 @@ import httpx
 import httpx2  # the SDK's HTTP client package: it refuses an httpx.Client
 import pytest
 
-from conftest import ROOT
+from claude_router_dev import mock_relay
+from claude_router_dev.harness import sse_events
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-_spec = importlib.util.spec_from_file_location("mock_relay", ROOT / "scripts" / "mock_relay.py")
-mock_relay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mock_relay)
 
 HI = [{"role": "user", "content": "hi"}]
 THINK = {"type": "enabled", "budget_tokens": 1024}
@@ -87,15 +84,6 @@ class Capture:
 
     def _keep(self, request) -> None:
         self.bodies.append(request.read())
-
-
-def sse_events(text: str) -> list[tuple[str, dict]]:
-    out = []
-    for chunk in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in chunk.split("\n") if ": " in line)
-        if "event" in lines:
-            out.append((lines["event"], json.loads(lines["data"])))
-    return out
 
 
 # -- 1. a thinking conversation continues across a failover ---------------------------------------

@@ -202,7 +202,7 @@ def wait_closed(sock: socket.socket, timeout: float, poke: bytes = b"") -> float
 
 @pytest.fixture
 def streaming_router(mock, start_router):
-    """Reverse mode to a catcher (the README's api.anthropic.com stand-in) that must get
+    """Reverse mode to a catcher (docs/operations.md's api.anthropic.com stand-in) that must get
     nothing, with mitmproxy's request streaming above 1 KB."""
     catcher = Catcher()
     router = start_router(tiers(mock, "aws", "droid"), mode="custom", options={

@@ -65,7 +65,7 @@ def tls_server(tmp_path):
     """An HTTPS server on loopback with its own self-signed certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -118,7 +118,7 @@ def test_mitmweb_shows_real_upstream_url_attempts_and_streamed_body(mock, start_
     )
     httpx.post(f"{router.base}/v1/messages?beta=true", json=STREAM_MSG, headers={"x-api-key": "k"})
     httpx.post(f"{router.base}/v1/messages", json=MSG, headers={"x-api-key": "k"})
-    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": "Bearer test-pass"})
+    web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", params={"token": "test-pass"})
     flows = web.get("/flows").json()
     assert len(flows) == 2  # one flow per client request, no loopback hop flows
     for flow, path in zip(flows, ["/v1/messages?beta=true", "/v1/messages"]):

@@ -108,8 +108,9 @@ HOP_BY_HOP_SENT = [("Keep-Alive", "timeout=5, max=100"), ("TE", "trailers"), ("U
 
 
 def test_hop_by_hop_headers_never_reach_an_endpoint(mock, start_router):
-    """README: Keep-Alive, TE, Upgrade and Proxy-* are dropped even when `Connection` does not
-    name them. A raw HTTP/1.1 request carries them; neither attempt's endpoint gets them.
+    """docs/failure-policy.md: Keep-Alive, TE, Upgrade and Proxy-* are dropped even when
+    `Connection` does not name them. A raw HTTP/1.1 request carries them; neither attempt's
+    endpoint gets them.
     (Not `Upgrade: h2c`: mitmproxy's own disable_h2c addon removes that one, and `Connection`.)
 
     Fails with HOP_BY_HOP (upstream.py) holding only connection and transfer-encoding."""

@@ -2,11 +2,9 @@
 model and the anthropic SDK (and a real redis-server for two instances)."""
 
 import time
-from pathlib import Path
 
 import anthropic
 import httpx
-import pytest
 
 SYSTEM = "You are a careful assistant. " + "Follow the project's conventions closely. " * 450  # ~4.8k tokens
 

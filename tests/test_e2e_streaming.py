@@ -9,8 +9,7 @@ import anthropic
 import httpx
 
 from conftest import closed_port_url
-from streams import (EVENTS, STREAM_MSG, WIRE_EVENTS, atimed_stream, h2_streams, timed_stream,
-                     timing)
+from streams import EVENTS, STREAM_MSG, WIRE_EVENTS, atimed_stream, h2_streams, timed_stream, timing
 
 
 def assert_streamed(pairs: list[tuple[float, float]]) -> None:

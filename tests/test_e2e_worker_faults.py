@@ -1,5 +1,5 @@
 """Workers that survive their own faults (issue 24), through the real supervisor
-(scripts/workers.py), HAProxy, redis-server and mitmdump workers:
+(claude_router.cli.workers), HAProxy, redis-server and mitmdump workers:
 
 - an operator's decision (a disabled endpoint) and a running cooldown outlive a kill -9 of the
   private redis-server (append-only file; the supervisor restarts it);
@@ -24,8 +24,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-from test_e2e_workers import (MSG, _alive, client_loop, haproxy, requests_served, server_up,
-                              sessions_by_port, state_on, status_cmd, wait_for, workers)
+from test_e2e_workers import (
+    MSG,
+    _alive,
+    client_loop,
+    haproxy,
+    requests_served,
+    server_up,
+    sessions_by_port,
+    state_on,
+    status_cmd,
+    wait_for,
+    workers,
+)
 
 KEY = "sk-client-key-that-must-not-leak"
 
@@ -94,7 +105,7 @@ def test_a_disabled_endpoint_and_a_cooldown_outlive_a_kill_9_of_redis(mock, tmp_
         # An operator's decision: a out on every worker, and still out after Redis was killed.
         assert "a disabled on every router" in status_cmd(c, "--disable", "a")
         for url in (w1, w2):
-            wait_for(lambda: state_on(url, "a") == "disabled", timeout=30)
+            wait_for(lambda url=url: state_on(url, "a") == "disabled", timeout=30)
         took = kill_redis_and_wait_for_resync(c, tmp_path)
         assert redis_client(c).smembers(f"{c.info['key_prefix']}|disabled") == {b"a"}
         for url in (w1, w2):
@@ -106,7 +117,7 @@ def test_a_disabled_endpoint_and_a_cooldown_outlive_a_kill_9_of_redis(mock, tmp_
               f"disabled on both, {mock.count('b')} requests on b, 0 on a")
         assert "a enabled on every router" in status_cmd(c, "--enable", "a")
         for url in (w1, w2):
-            wait_for(lambda: state_on(url, "a") == "healthy", timeout=30)
+            wait_for(lambda url=url: state_on(url, "a") == "healthy", timeout=30)
             assert post(url).headers["x-used-endpoint"] == "a"
 
         # A cooldown (a answering 529) is not forgotten across the restart either.
@@ -328,7 +339,7 @@ def test_a_restarted_worker_rejoins_only_after_staying_up_2_s(mock, tmp_path):
     back; the supervisor gives it back only once it has stayed up for 2 s, and until then it
     gets no client request, though clients keep coming through the one address.
 
-    Mutation that fails it (observed): SUCCESSOR_SETTLE = 0 in scripts/workers.py: the worker
+    Mutation that fails it (observed): SUCCESSOR_SETTLE = 0 in claude_router/cli/workers.py: the worker
     is back in rotation as soon as it answers."""
     c = start(mock, tmp_path, ("aws",))
     victim = c.info["workers"][0]
@@ -371,7 +382,7 @@ def test_a_crash_looping_worker_never_gets_a_client(mock, tmp_path):
     then the worker killed) is restarted again and again with a back-off, but never gets
     into rotation nor a single connection; the other worker serves every request.
 
-    Mutation that fails it (observed): in scripts/workers.py, restart() gives the worker back
+    Mutation that fails it (observed): in claude_router/cli/workers.py, restart() gives the worker back
     to haproxy (`state ready`) right after starting it, before it proved itself and stayed up."""
     cfg = tmp_path / "router.yaml"
     cfg.write_text(f"endpoints:\n  - name: aws\n    url: {mock.url('aws')}\n")

@@ -1,9 +1,8 @@
-"""Several router processes behind one address (scripts/workers.py, `./scripts/run --workers N`):
+"""Several router processes behind one address (claude_router.cli.workers, `./scripts/run --workers N`):
 HAProxy in front, health and commands shared through Redis, a killed worker restarted while
 the clients of the other worker see nothing."""
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from claude_router.cli import workers
 from conftest import ROOT, free_port
 
 if shutil.which("haproxy") is None:
@@ -26,9 +26,6 @@ if shutil.which("haproxy") is None:
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed (./scripts/test installs it as root)", allow_module_level=True)
 
-_spec = importlib.util.spec_from_file_location("router_workers", ROOT / "scripts" / "workers.py")
-workers = sys.modules.setdefault("router_workers", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(workers)
 
 MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True,
@@ -57,7 +54,7 @@ def _alive(pid: int) -> bool:
 
 
 def status_cmd(c, *args: str) -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "status.py"), "--redis", c.redis_url,
+    out = subprocess.run([sys.executable, "-m", "claude_router.cli.status", "--redis", c.redis_url,
                           *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -110,7 +107,7 @@ def test_one_address_serves_and_every_worker_takes_a_share(cluster, mock):
     print(f"\nrequests per worker: {gained}")
     assert sum(gained) == 16 and all(g > 0 for g in gained), gained
     # One view: scripts/status over both workers sums their counters.
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "status.py"), "--json",
+    out = subprocess.run([sys.executable, "-m", "claude_router.cli.status", "--json",
                           *(a for u in cluster.worker_urls for a in ("--url", u))],
                          capture_output=True, text=True, timeout=30)
     doc = json.loads(out.stdout)
@@ -119,7 +116,7 @@ def test_one_address_serves_and_every_worker_takes_a_share(cluster, mock):
 
 
 def test_front_config_for_several_machines_is_valid_haproxy(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "workers.py"), "--front-config",
+    out = subprocess.run([sys.executable, "-m", "claude_router.cli.workers", "--front-config",
                           "10.0.0.1:8080", "10.0.0.2:8080", "--host", "0.0.0.0", "--port", "8080"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     assert "server m1 10.0.0.1:8080" in out and "balance leastconn" in out
@@ -134,7 +131,7 @@ def test_status_disable_takes_an_endpoint_out_on_every_worker(cluster, mock):
     assert "aws disabled on every router" in out and re.search(r"aws\s+disabled", out)
     try:
         for url in cluster.worker_urls:
-            wait_for(lambda: state_on(url, "aws") == "disabled")
+            wait_for(lambda url=url: state_on(url, "aws") == "disabled")
             for _ in range(3):
                 r = httpx.post(f"{url}/v1/messages", json=MSG, timeout=30)
                 assert r.headers["x-router-attempts"] == "droid:200"
@@ -142,7 +139,7 @@ def test_status_disable_takes_an_endpoint_out_on_every_worker(cluster, mock):
     finally:
         status_cmd(cluster, "--enable", "aws")
     for url in cluster.worker_urls:
-        wait_for(lambda: state_on(url, "aws") == "healthy")
+        wait_for(lambda url=url: state_on(url, "aws") == "healthy")
         assert httpx.post(f"{url}/v1/messages", json=MSG, timeout=30).headers["x-used-endpoint"] == "aws"
 
 
@@ -163,7 +160,7 @@ def test_failures_seen_by_one_worker_cool_the_endpoint_for_the_other(cluster, mo
         out = status_cmd(cluster, "--reset", "aws")  # the operator's reset reaches both
         assert "health reset for aws" in out
         for url in (w1, w2):
-            wait_for(lambda: state_on(url, "aws") == "healthy")
+            wait_for(lambda url=url: state_on(url, "aws") == "healthy")
             assert httpx.post(f"{url}/v1/messages", json=MSG, timeout=30).headers[
                 "x-router-attempts"] == "aws:200"
     finally:
@@ -288,7 +285,7 @@ def test_drill_kill_9_one_worker_under_load(cluster, mock):
     requests on kept-alive connections wait until the client has seen its connection to the
     killed worker closed (as a pool learns of it), then reconnect.
 
-    Mutation that fails it (observed): in scripts/workers.py, haproxy not told of the death
+    Mutation that fails it (observed): in claude_router/cli/workers.py, haproxy not told of the death
     (no `state maint` in watch()) and no redispatch (`retries 0`, no `option redispatch`):
     requests started after the kill fail on the dead worker's port."""
     mock.fault("aws", event_gap_ms=round(DRILL_GAP * 1000), words=DRILL_WORDS)  # ~1 s streams
@@ -416,7 +413,7 @@ def test_a_second_ctrl_c_stops_at_once(mock, tmp_path):
     stops everything at once: the stream is cut and every process is gone within seconds, long
     before the stream or the drain (60 s) would have ended.
 
-    Mutation that fails it (observed): in scripts/workers.py, on_signal() without its
+    Mutation that fails it (observed): in claude_router/cli/workers.py, on_signal() without its
     ``signals > 1`` branch (a second Ctrl-C ignored): the supervisor waits for the stream."""
     mock.fault("aws", event_gap_ms=100, words=300)  # a stream of about 30 s
     info_file = tmp_path / "workers.json"
@@ -467,7 +464,7 @@ def test_tls_and_http2_pass_through_the_balancer_untouched(cluster, mock):
     when the upstream sent it (the checks of tests/test_e2e_streaming.py, margins for a busy
     machine), not bunched at the end.
 
-    Mutation that fails it (observed): in scripts/workers.py, every worker also loads an addon
+    Mutation that fails it (observed): in claude_router/cli/workers.py, every worker also loads an addon
     that sets ``flow.response.stream = False`` after the router (buffered answers): the gaps
     collapse to ~0 and the stream arrives at once."""
     from streams import GAP, WIRE_EVENTS, h2_streams, timing
@@ -490,7 +487,7 @@ def test_tls_and_http2_pass_through_the_balancer_untouched(cluster, mock):
     assert_streamed(pairs)
 
 
-ROLLING_AT_LEAST = 1000  # requests answered while the workers are being replaced (README)
+ROLLING_AT_LEAST = 1000  # answered while the workers are being replaced (docs/operations.md)
 
 
 def test_a_rolling_restart_under_load_loses_no_request(mock, tmp_path):
@@ -499,7 +496,7 @@ def test_a_rolling_restart_under_load_loses_no_request(mock, tmp_path):
     sending requests and streams: not one fails, even with the SDK's retries off, out of the
     thousand or so answered while the workers are being replaced.
 
-    Mutation that fails it (observed): in scripts/workers.py, rolling_restart() stops the
+    Mutation that fails it (observed): in claude_router/cli/workers.py, rolling_restart() stops the
     worker with SIGTERM (mitmproxy's own stop, at once) instead of SIGUSR1 (drain): the
     requests it had in flight fail."""
     import threading

@@ -274,6 +274,13 @@ async def test_the_memory_store_keeps_a_key_scope_for_twice_the_cooldown():
     assert set(await store.view()) == {"aws@j"}
 
 
+def test_a_new_cooldown_changes_how_long_key_scopes_are_kept():
+    """router_cooldown changed live: the store gets a new breaker, and its key scopes follow."""
+    store = MemoryHealthStore(B)
+    store.breaker = replace(B, cooldown=300)
+    assert store.scopes.ttl == 600
+
+
 async def test_the_memory_store_passes_the_hint_and_the_random_draw():
     clock = Clock(0.0)
     store = MemoryHealthStore(B, clock=clock, rand=lambda: 1.0)

@@ -735,6 +735,34 @@ async def test_a_disabled_endpoint_is_put_back_after_redis_loses_its_state(redis
         await s.close()
 
 
+async def test_an_operator_decision_given_while_redis_is_away_is_written_when_it_is_back(redis_server):
+    """An enable given while this instance's Redis link is down (or while it re-syncs) holds at
+    once, survives the re-sync, and reaches every instance: it is never undone by what Redis
+    held before."""
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await a.set_disabled("aws", True)
+    for _ in range(500):
+        if b.disabled == {"aws"}:
+            break
+        await asyncio.sleep(0.01)
+    assert b.disabled == {"aws"}
+    a._up = False  # Redis away for a (or a re-sync under way)
+    await a.set_disabled("aws", False)
+    assert "aws" not in a.disabled  # it holds here at once
+    await a._resync()  # Redis still says disabled: the operator's later word wins
+    assert "aws" not in a.disabled
+    assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == []
+    for _ in range(500):
+        if not b.disabled:
+            break
+        await asyncio.sleep(0.01)
+    assert not b.disabled
+    for s in (a, b):
+        await s.close()
+
+
 async def test_an_enable_after_redis_lost_its_state_holds_against_a_late_instance(redis_server):
     # b notices the lost state only after a put "aws" back and an operator enabled it again:
     # b's stale copy must not disable it anew.

@@ -6,7 +6,7 @@ it; the Redis-shared budget counters' arithmetic; and its throughput (it must ke
 import asyncio
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,7 +16,7 @@ from claude_router.budgets import SharedBudgets
 from claude_router.clients import Budget, Client
 from claude_router.ledger import Ledger, Row
 
-NOW = datetime(2026, 12, 9, 15, 30, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 12, 9, 15, 30, tzinfo=UTC).timestamp()
 DAY = 86400
 
 

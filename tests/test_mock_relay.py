@@ -2,21 +2,17 @@
 limits and the prompt-cache model. Talks to the mock directly (no router)."""
 
 import asyncio
-import importlib.util
 import json
 import subprocess
-import sys
 import time
 
 import anthropic
 import httpx
 import pytest
 
-from conftest import ROOT, start_mock, stop
-
-_spec = importlib.util.spec_from_file_location("mock_relay", ROOT / "scripts" / "mock_relay.py")
-mock_relay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mock_relay)
+from claude_router_dev import mock_relay
+from claude_router_dev.harness import mock_argv
+from conftest import start_mock, stop
 
 BEDROCK = ["anthropic.claude-sonnet-4-5-v1:0", "anthropic.claude-haiku-4-5-v1:0"]
 HI = [{"role": "user", "content": "hi"}]
@@ -304,8 +300,7 @@ def test_cli_profile_option():
         assert r.status_code == 404
     finally:
         stop(relay.proc)
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "mock_relay.py"), "--profile",
-                          'x={"nope": 1}'], capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(mock_argv("--profile", 'x={"nope": 1}'), capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unknown profile keys" in bad.stderr
 
 

@@ -366,6 +366,7 @@ def test_a_gzip_stream_is_decoded_from_its_opening_on_when_it_must_be_rewritten(
 
 def test_the_inflater_reads_members_in_turn_bounds_pieces_and_flags_corruption():
     import gzip
+
     from claude_router import decoding
     inflater = decoding.Inflater("gzip", piece=1000)
     pieces = list(inflater.feed(gzip.compress(b"a" * 5000) + gzip.compress(b"b" * 10)))
@@ -406,9 +407,11 @@ def test_a_body_without_json_or_rewrites_goes_unchanged():
 
 
 def test_removing_ttls_maps_the_model_and_writes_compact_ascii_json():
-    doc = {"model": "claude-x", "system": [{"type": "text", "text": "é", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+    doc = {"model": "claude-x",
+           "system": [{"type": "text", "text": "é", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
            "tools": [{"name": "t", "cache_control": {"ttl": "1h"}}, "odd"],
-           "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"ttl": "1h"}}, "s"]},
+           "messages": [{"role": "user",
+                         "content": [{"type": "text", "text": "hi", "cache_control": {"ttl": "1h"}}, "s"]},
                         {"role": "user", "content": "plain"}, "odd"]}
     p = Profile(model_map=(("claude-x", "up-x"),), cache_ttl=False)
     out = profiles.request_body(json.dumps(doc).encode(), doc, p)
@@ -437,7 +440,8 @@ def test_a_body_without_ttls_is_kept_byte_for_byte():
 
 def test_dropped_betas_leave_the_others_joined_by_commas():
     p = Profile(drop_betas=("b",))
-    assert profiles.request_headers([("anthropic-beta", "a, b ,c"), ("x", "1")], p) == [("anthropic-beta", "a,c"), ("x", "1")]
+    assert profiles.request_headers([("anthropic-beta", "a, b ,c"), ("x", "1")], p) == [
+        ("anthropic-beta", "a,c"), ("x", "1")]
     assert profiles.request_headers([("anthropic-beta", "b"), ("x", "1")], p) == [("x", "1")]
 
 
@@ -515,7 +519,8 @@ def test_a_stream_opening_gets_the_clients_model_id_back():
 
 
 def test_a_stream_opening_on_several_data_lines_is_written_again_as_one():
-    held = b'event: message_start\ndata: {"type":"message_start",\ndata: "message":{"model":"up-x","n":"\xc3\xa9"}}\n\nevent: ping\n\n'
+    held = (b'event: message_start\ndata: {"type":"message_start",\n'
+            b'data: "message":{"model":"up-x","n":"\xc3\xa9"}}\n\nevent: ping\n\n')
     out = profiles.answer_stream_opening(held, "up-x", "c")
     assert out == ('event: message_start\ndata: {"type":"message_start","message":{"model":"c","n":"é"}}'
                    '\n\nevent: ping\n\n').encode()
@@ -576,6 +581,7 @@ def _padded_opening(size: int) -> bytes:
 
 def test_a_compressed_opening_of_exactly_the_bound_is_rewritten_whole():
     import gzip
+
     from claude_router import decoding
     plain = _padded_opening(4 * decoding.LIMIT)  # decoded in four pieces, at the bound
     opening, _ = profiles.answer_opening(gzip.compress(plain), "gzip", UP, CLIENT)
@@ -584,6 +590,7 @@ def test_a_compressed_opening_of_exactly_the_bound_is_rewritten_whole():
 
 def test_a_compressed_opening_past_the_bound_is_sent_as_it_came():
     import gzip
+
     from claude_router import decoding
     plain = _padded_opening(4 * decoding.LIMIT + 1)
     assert profiles.answer_opening(gzip.compress(plain), "gzip", UP, CLIENT) is None

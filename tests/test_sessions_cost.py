@@ -30,7 +30,8 @@ def test_a_sub_agent_is_its_own_conversation():
 
 
 def test_user_id_in_the_old_string_format():
-    uid = "user_" + "a" * 64 + "_account_11111111-2222-3333-4444-555555555555_session_66666666-7777-8888-9999-000000000000"
+    uid = ("user_" + "a" * 64 + "_account_11111111-2222-3333-4444-555555555555"
+           "_session_66666666-7777-8888-9999-000000000000")
     assert sessions.session_id([], {"metadata": {"user_id": uid}}) == "u:66666666-7777-8888-9999-000000000000"
 
 
@@ -336,7 +337,7 @@ async def test_tiny_breakpoints_before_long_unmarked_blocks_teach_nothing():
 async def test_a_relay_is_judged_not_to_cache_only_on_misses_in_two_conversations():
     clock = Clock()
     conv = Conversations(clock)
-    for text_ in ("t1", "t2", "t3"):  # one conversation's misses: not enough
+    for _ in range(3):  # one conversation's misses: not enough
         await turn(conv, body(CACHED, "one"), A, "cheap", MISS)
     assert conv.affinity.learned["cheap"].caches
     await turn(conv, body(CACHED, "two"), A, "cheap", MISS)  # a second conversation (same client)
@@ -396,6 +397,7 @@ async def test_the_status_shows_hashed_ids_and_facts_that_are_still_believed():
 
 async def test_a_prefix_under_the_minimum_of_the_model_an_endpoint_maps_to_teaches_nothing():
     from dataclasses import replace as copy
+
     from claude_router.profiles import Profile
     conv = Conversations(Clock())
     mapped = copy(EPS[0], profile=Profile(model_map=(("claude-sonnet-4-5", "claude-haiku-4-5"),)))
@@ -438,7 +440,7 @@ BASE = {"e": "x", "p": 10, "o": 1.0, "t": 300.0, "l": 5.0, "n": 2, "m": "", "w":
     ("n", 1), ("n", (1 << 31) - 1), ("e", "e" * 64),
 ])
 def test_session_state_at_the_edge_of_its_range_is_believed(field, value):
-    assert getattr(Session.from_dict({**BASE, field: value}).to_dict(), "get")(field) is not None
+    assert Session.from_dict({**BASE, field: value}).to_dict().get(field) is not None
 
 
 @pytest.mark.parametrize("field, value", [
@@ -522,11 +524,13 @@ def test_a_relays_own_cache_prices_are_used_for_short_caches():
 
 def test_a_turn_costs_its_prompt_and_its_output():
     # no caching: every turn is the prompt at input price plus the output
-    assert cost.total(PRICED, Learned(), 0, 1000, 100, 0.0, 2) == pytest.approx(2 * (1000 * 3e-6 + 100 * 15e-6), rel=1e-12)
+    assert cost.total(PRICED, Learned(), 0, 1000, 100, 0.0, 2) == pytest.approx(
+        2 * (1000 * 3e-6 + 100 * 15e-6), rel=1e-12)
     assert cost.total(PRICED, Learned(), 0, 1000, 100, 0.5, 1) == pytest.approx(1000 * 4e-6 + 100 * 15e-6)
     # cached: the held part read, the rest written, then later turns read the whole prompt
     first = 600 * 0.5e-6 + 400 * 4e-6 + 100 * 15e-6
-    assert cost.total(PRICED, Learned(), 600, 1000, 100, 300, 3) == pytest.approx(first + 2 * (1000 * 0.5e-6 + 100 * 15e-6))
+    assert cost.total(PRICED, Learned(), 600, 1000, 100, 300, 3) == pytest.approx(
+        first + 2 * (1000 * 0.5e-6 + 100 * 15e-6))
     assert cost.total(PRICED, Learned(), 600, 1000, 100, 300, 1) == pytest.approx(first)
 
 

@@ -1,19 +1,13 @@
 """Token usage: read from JSON answers and from streams as they pass, and priced."""
 
-import importlib.util
 import json
 import random
 import timeit
-from pathlib import Path
 
 import pytest
 
 from claude_router.usage import MAX_PARTIAL, Price, StreamUsage, Usage, cost, from_json
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("mock_relay", ROOT / "scripts" / "mock_relay.py")
-mock_relay = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mock_relay)
+from claude_router_dev import mock_relay
 
 
 class _Call:

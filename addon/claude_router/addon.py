@@ -1,85 +1,51 @@
-"""The mitmproxy addon: its hooks and options, gluing the router's pieces together. Who may
-use it is in `access`, its pages and commands in `admin` (a sub-addon), the cost strategy's
-conversations in `conversations`, what the options make in `options`, draining in `drain`
-(a sub-addon).
+"""The mitmproxy addon: its options, its lifecycle and its hooks, gluing the router's pieces
+together. The hooks stay thin: each request's work is `exchange`'s (a request's walk from its
+head to the last byte of its answer). Who may use the router is in `access`, its pages and
+commands in `admin` (a sub-addon), the cost strategy's conversations in `conversations`, what
+the options make in `options`, draining in `drain` (a sub-addon).
 
-Request path (all async, every wait bounded): the `request` hook checks the client's key, runs
-the attempt loop (`routing`), then either sets a complete `flow.response` or parks the
-still-unread winning response with the handoff server and re-points the flow at it, so
-mitmproxy streams it to the client event by event (see `handoff`).
+Request path (all async, every wait bounded): ``requestheaders`` and ``request`` hand a routed
+flow to `exchange.Exchange`, which checks the client's key, runs the attempt loop (`routing`),
+then either sets a complete `flow.response` or parks the still-unread winning response with
+the handoff server and re-points the flow at it, so mitmproxy streams it to the client event
+by event (see `handoff`); ``responseheaders`` and ``error`` let it finish or drop its part.
 """
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-from . import access, admin, clients, config, decoding, dispatch, options, policy, runtime, sessions, usage
-from . import ledger as ledgers
+from . import access, clients, compat, config, dispatch, ledger as ledgers, options, policy, runtime
 from .accounts import Accounts
-from .budgets import SharedBudgets
-from .admin import Admin, reply
+from .admin import Admin
 from .affinity import MemoryAffinity, RedisAffinity
+from .budgets import SharedBudgets
+from .connections import HeadDeadlines
 from .conversations import Conversations
 from .drain import Drain
+from .endpoints import Endpoint, parse_endpoints
+from .exchange import Exchange, quiet_request_log
+from .handoff import HandoffServer
+from .health import Breaker, HealthStore, MemoryHealthStore
 from .liveness import Liveness
-from .connections import Collector, Delivery, HeadDeadlines
-from .endpoints import CREDENTIAL_HEADERS, REDACTED, Endpoint, parse_endpoints
-from .errors import error_body
-from .handoff import HandoffServer, Parked
-from .health import HEALTHY, Breaker, HealthStore, MemoryHealthStore, Phase, phase
-from .policy import Attempt
 from .redis_store import RedisHealthStore
-from .requests import Refused, split_tier, unsendable, upstream_target
-from .routing import Answer, Request, Routing, Settings, Winner
+from .routing import Routing, Settings
 from .status import Stats
-from .upstream import Upstream, UpstreamError, request_headers
+from .upstream import Upstream
 
 log = logging.getLogger("claude_router")
-# One line per request goes here. It skips mitmproxy's legacy `add_log` hook (one more hook
-# dispatch through every addon for each line, the largest per-request cost of logging) but
-# keeps the terminal and mitmweb's event log; see `_quiet_request_log`.
-request_log = logging.getLogger("claude_router.requests")
 
 RELOAD_EVERY = 0.5  # seconds between checks of the config file
-# A stream that breaks right after its client held it up this long is not blamed on the
-# endpoint: relays give up on clients that stop reading.
-CLIENT_STALL = 1.0
-
-
-@dataclass
-class RouteInfo:
-    """What the router did with a flow, for the handoff, logs and stats. Kept by the router,
-    not in flow.metadata, which mitmproxy must be able to save (and which is shown)."""
-
-    path: str  # the client's path, without the query
-    target: str  # the upstream path and query (after the endpoint's own path)
-    content: bytes | None
-    content_length: str | None
-    endpoint: Endpoint | None
-    attempts: list[Attempt]
-    started: float
-    ttfb: float | None = None
-    handoff_path: str = ""
-    tokens: usage.Usage | None = None
-    logged: bool = field(default=False)
-    session_id: "Turn | None" = None  # the conversation (conversations.Turn), and what it was before
-    session: sessions.Session | None = None
-    ttl: float = 0.0
-    asked_at: float = 0.0  # wall clock when the request came
-    reason: str = ""
-    error: str = ""  # what broke a stream after it reached the client
-    client: str = clients.UNNAMED  # whose request (the client's name, never its key)
-    model: str | None = None  # the model the client asked for
-    session_hash: str | None = None  # for the ledger: a hash of the conversation's id
+# With no endpoints every request would go unrouted to the reverse target or CONNECT host, at
+# full price with the client's own key: the router refuses to start instead, and says why.
+NO_ENDPOINTS = ("no endpoints configured (router_config or router_endpoints): nothing to route to. "
+                "Try ./scripts/run --demo, or write a router.yaml (./scripts/run --init writes a "
+                "commented starter) and start with --set router_config=router.yaml")
 
 
 class Router:
@@ -98,13 +64,10 @@ class Router:
         self.handoff = HandoffServer()
         self.stats = Stats()
         self.accounts = Accounts(clock, self.stats.registry)  # per client: spend, limits' state
-        self._admitted: dict[str, str] = {}  # flow id -> client name, until its answer is complete
         self.ledger: ledgers.Ledger | None = None  # router_ledger: opened once running
         self.budgets: SharedBudgets | None = None  # spend shared through Redis
         self.accounts.on_spend = self._spent
         self._background: set[asyncio.Task] = set()
-        self._routing: dict[str, set[asyncio.Task]] = {}  # client connection id -> routing tasks
-        self._handed_off: dict[str, RouteInfo] = {}  # flow id -> route, until its headers pass
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
         self.heads = HeadDeadlines()
@@ -115,6 +78,7 @@ class Router:
         self._running = False
         self.conversations = Conversations(clock)
         self.admin = Admin(self)
+        self.exchange = Exchange(self)  # the per-request work the hooks hand on
         self.drain = Drain()
         self.addons = [self.admin, self.drain, Liveness()]  # Liveness: the health page
 
@@ -134,6 +98,18 @@ class Router:
             log.error(problem)
 
     def configure(self, updated: set[str]) -> None:
+        if self._running or not options.ALL <= set(updated):
+            self._configure(updated)  # a change: mitmproxy rolls it back and reports the error
+            return
+        # Start-up: the script's first configure, with every option. mitmproxy would log a
+        # refusal raised here with its traceback; one line naming the file or option instead,
+        # and mitmdump/mitmweb exit ("Error logged during startup").
+        try:
+            self._configure(updated)
+        except exceptions.OptionsError as e:
+            log.error(f"router: {e}")
+
+    def _configure(self, updated: set[str]) -> None:
         opts = ctx.options
         options.check_ints(opts, updated)
         if "router_config" in updated:
@@ -182,6 +158,9 @@ class Router:
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url", "router_hook_index",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = options.settings(ctx.options)
+        if (updated & {"router_endpoints", "router_config"} and not self.endpoints
+                and (self._running or options.ALL <= set(updated))):  # start-up, or a change
+            raise exceptions.OptionsError(NO_ENDPOINTS)
         if updated & {"router_config", "router_client_keys", "router_endpoints", "listen_host", "mode"}:
             self._refuse_open_keys(self.endpoints, self.client_keys)
         if "router_head_timeout" in updated:
@@ -308,7 +287,7 @@ class Router:
 
     def running(self) -> None:
         # Sync on purpose: mitmproxy may invoke `running` synchronously for a late-loaded script.
-        _quiet_request_log()
+        quiet_request_log()
         runtime.tune_gc()
         runtime.raise_fd_limit()
         self.accept_errors.install(asyncio.get_running_loop())
@@ -317,6 +296,7 @@ class Router:
             self.ledger.start()
         if self.budgets is not None:
             self.budgets.start()
+        compat.announce(ctx.options.router_hook_index)  # one line: the mitmproxy internals in use
         self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
@@ -324,14 +304,13 @@ class Router:
 
     def _index_hooks(self, on: bool) -> None:
         if on and self.hook_index is None:
-            self.hook_index = dispatch.HookIndex.install(ctx.master.addons)
+            self.hook_index = compat.install_hook_index(ctx.master.addons)  # None: not verified here
         elif not on and self.hook_index is not None:
             self.hook_index.uninstall()
             self.hook_index = None
 
     async def _announce(self) -> None:
-        if not self.endpoints:
-            log.warning("router: no endpoints configured; requests pass through unrouted")
+        if not self.endpoints:  # refused at start-up (configure); a refused start is exiting
             return
         if isinstance(self.store, RedisHealthStore):
             await self.store.wait_synced(timeout=2.0)  # so the first log line tells the truth
@@ -403,12 +382,11 @@ class Router:
             self.heads.tunnel(data.context.client.id)  # passed through: no request heads to wait for
 
     def client_connected(self, client) -> None:
-        proxyserver = ctx.master.addons.get("proxyserver")
+        master = ctx.master
 
         def close() -> None:
-            handler = proxyserver.connections.get(client.id) if proxyserver else None
-            if handler is not None:
-                self.spawn(handler.on_timeout())  # mitmproxy's own way to drop a connection
+            # mitmproxy's own way to drop a connection (compat: none where not recognised)
+            self.spawn(compat.close_client(master, client.id))
 
         self.heads.connected(client.id, close)
 
@@ -419,124 +397,8 @@ class Router:
         self.heads.head_seen(flow.client_conn.id, flow.id)
         if flow.response or flow.error or not flow.live or flow.is_replay:
             return
-        req = flow.request
-        if not self.routes(flow):
-            return
-        keyed = not self.client_keys or access.authorized(req.headers, self.client_keys)
-        if access.answered_here(req.method, req.path, (ep.name for ep in self.endpoints), keyed):
-            pass  # a HEAD answered in `request`: the same for every path without a key
-        elif not keyed:
-            await self._refuse_early(flow, 401, error_body(401, access.KEY_REQUIRED))
-            self.heads.body_started(flow.client_conn.id, flow.id)
-            return
-        length = req.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.body_limit:
-            await self._refuse_early(flow, 413, error_body(
-                413, f"the request body ({int(length):,} bytes) is over the router's limit of "
-                     f"{self.body_limit:,} bytes (router_max_body_mb)", "request_too_large"))
-            self.heads.body_started(flow.client_conn.id, flow.id)
-            return
-        # A routed request is routed whole. A body mitmproxy would stream (stream_large_bodies
-        # set req.stream already, or sets it once the buffered part passes that size) would
-        # go to the flow's own host before the request hook, with the client's key; and a body
-        # of unknown size (chunked, HTTP/2 without content-length) is only measured as it
-        # arrives. Both are read here as they stream, counted against the limit.
-        if req.stream or _unannounced_body(req):
-            await self._collect(flow)
-        if req.stream or (length.isdigit() and int(length) > 0):
-            self.heads.body_started(flow.client_conn.id, flow.id)
-
-    async def _collect(self, flow: http.HTTPFlow) -> None:
-        """Read the body as mitmproxy streams it: keep it (for `request`, which routes it) up
-        to the limit, and answer 413 as soon as it crosses it, dropping the rest. mitmproxy
-        sends a streamed request's head at once, to the flow's host: the head is re-pointed at
-        a pending answer of the handoff server, which `request` (or the 413) makes."""
-        req = flow.request
-        port, path, answer = await self.handoff.pending(flow.client_conn.id,
-                                                        multiplexed=flow.client_conn.alpn == b"h2")
-        collector = Collector(self.body_limit, lambda size: self._over_limit(flow, collector))
-        d = req.data
-        collector.origin = (d.scheme, d.host, d.port, d.path, d.authority, req.headers.copy())
-        collector.path, collector.answer = path, answer
-        req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
-        req.headers.pop("transfer-encoding", None)
-        req.headers["content-length"] = "0"
-        req.stream = collector
-
-    def _over_limit(self, flow: http.HTTPFlow, collector: Collector) -> None:
-        """A streaming body crossed the limit (sync, from mitmproxy's stream callable)."""
-        body = error_body(413, f"the request body is over the router's limit of {self.body_limit:,} "
-                               f"bytes (router_max_body_mb)", "request_too_large")
-        collector.origin = ()  # (it holds the client's key)
-        _redact_credentials(flow.request)
-        flow.metadata["router_refused"] = 413  # the request hook leaves it to mitmproxy
-        flow.comment = "answered 413 by the router as the body crossed the limit; body dropped"
-        if collector.answer is not None and not collector.answer.done():
-            collector.answer.set_result(Parked(
-                status=413, reason="", headers=[("content-type", "application/json")],
-                body=_once(body), close=lambda: None, length=len(body), client=flow.client_conn.id,
-                keep_open=True))
-
-    def _restore(self, flow: http.HTTPFlow, collector: Collector) -> None:
-        """The client's request again, with the body the collector read (if it streamed)."""
-        req = flow.request
-        d = req.data
-        d.scheme, d.host, d.port, d.path, d.authority, headers = collector.origin
-        headers.pop("expect", None)  # (mitmproxy answered a 100-continue itself)
-        req.headers = headers
-        req.stream = False
-        if collector.streamed:
-            req.raw_content = collector.body()
-            collector.chunks.clear()
-        else:  # the body came with the head (HTTP/2 end of stream): mitmproxy buffered it
-            self.handoff.discard(collector.path)
-
-    def _deliver(self, flow: http.HTTPFlow, collector: Collector) -> None:
-        """Give the handoff listener, which holds the streamed request's head, its answer:
-        the response the router parked for the flow, or the one it set on it."""
-        answer = collector.answer
-        if answer is None or answer.done():
-            return
-        info = self._handed_off.get(flow.id)
-        parked = self.handoff.take(info.handoff_path) if info is not None else None
-        r = flow.response
-        if parked is None and r is not None:
-            raw = r.raw_content or b""
-            length = r.headers.get("content-length", "")
-            parked = Parked(
-                status=r.status_code, reason=r.reason,
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.headers.fields],
-                body=_once(raw), close=lambda: None, client=flow.client_conn.id,
-                length=int(length) if flow.request.method == "HEAD" and length.isdigit() else len(raw))
-            flow.response = None  # (mitmproxy reads it from the handoff listener)
-        if parked is None:
-            body = error_body(500, "the router failed internally")
-            parked = Parked(status=500, reason="", headers=[("content-type", "application/json")],
-                            body=_once(body), close=lambda: None, length=len(body),
-                            client=flow.client_conn.id)
-        answer.set_result(parked)
-
-    async def _refuse_early(self, flow: http.HTTPFlow, status: int, body: bytes) -> None:
-        """Answer from the request head, before the body is taken in: mitmproxy streams the
-        body into a sink that drops it as it arrives (so a 256 MiB upload costs no memory) and
-        fetches this answer from the handoff server. A client that sends its whole body before
-        it reads gets the answer once it has; none is left hanging."""
-        _redact_credentials(flow.request)
-
-        async def once() -> AsyncIterator[bytes]:
-            yield body
-
-        parked = Parked(status=status, reason="", headers=[("content-type", "application/json")],
-                        body=once(), close=lambda: None, length=len(body), client=flow.client_conn.id,
-                        keep_open=True)
-        port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
-        flow.metadata["router_refused"] = status  # the request hook leaves it to mitmproxy
-        req = flow.request
-        req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
-        req.headers.pop("transfer-encoding", None)
-        req.headers["content-length"] = "0"
-        req.stream = _drop
-        flow.comment = f"answered {status} by the router from the request head; body dropped"
+        if self.routes(flow):
+            await self.exchange.head(flow)
 
     def routes(self, flow: http.HTTPFlow) -> bool:
         if not self.endpoints:
@@ -552,460 +414,21 @@ class Router:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         self.heads.request_done(flow.client_conn.id, flow.id)
-        if flow.metadata.get("router_refused"):
-            return  # answered from its head; mitmproxy fetches the answer from the handoff
-        collector = flow.request.stream if isinstance(flow.request.stream, Collector) else None
-        if collector is not None:
-            self._restore(flow, collector)  # the body it read, streamed through (`_collect`)
-        try:
-            if flow.response or flow.error or not flow.live or not self.routes(flow):
-                return
-            try:
-                if flow.is_replay:
-                    _as_sent_by_client(flow)
-                await self._handle(flow)
-            except Exception:
-                # Never let a routed request fall through to mitmproxy's own upstream connection.
-                log.exception("router: internal error")
-                reply(flow, 500, error_body(500, "the router failed internally"))
-        finally:
-            if collector is not None and collector.streamed:
-                self._deliver(flow, collector)
-
-    async def _handle(self, flow: http.HTTPFlow) -> None:
-        req = flow.request
-        keyed = not self.client_keys or flow.is_replay or access.authorized(req.headers, self.client_keys)
-        if access.answered_here(req.method, req.path, (ep.name for ep in self.endpoints), keyed):
-            # Claude Code's reachability check (and every HEAD without a key, whatever its
-            # path, so that none tells which endpoint names exist): answered here.
-            _redact_credentials(req)
-            flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
-            return
-        # (replays are the operator's, from mitmweb or -C; their keys were redacted)
-        who = access.who(req.headers, self.clients) if self.client_keys and not flow.is_replay \
-            else clients.ANONYMOUS
-        if who is None:
-            reply(flow, 401, error_body(401, access.KEY_REQUIRED))
-            return
-        if req.path.startswith(admin.PREFIX):
-            _redact_credentials(req)
-            is_admin = access.is_admin(who, self.admin_keys)
-            await self.admin.page(flow, who, may_admin=is_admin or not self.admin_keys, sees_all=is_admin)
-            return
-        problem = unsendable(req.data.method, req.headers.fields)
-        pinned, raw_target = split_tier(req.data.path, {ep.name for ep in self.endpoints})
-        try:
-            target = upstream_target(raw_target)
-        except Refused as e:
-            problem = problem or str(e)
-        if problem:
-            # The client's request, not any endpoint's doing: answered here, nobody tried.
-            _redact_credentials(req)
-            reply(flow, 400, error_body(400, f"the request cannot be forwarded: {problem}"))
-            return
-        if not isinstance(flow.client_conn.proxy_mode, ReverseMode) and not target.startswith("/v1/"):
-            # Regular mode: Claude Code also sends its own calls (settings, telemetry) to
-            # api.anthropic.com; they are not the API, and relays only 404 them.
-            _redact_credentials(req)
-            reply(flow, 404, error_body(404, f"the router routes only the API (/v1/...), "
-                                              f"not {target.split('?')[0][:100]}"))
-            return
-        if len(req.raw_content or b"") > self.body_limit:  # a chunked body, now read
-            _redact_credentials(req)
-            reply(flow, 413, error_body(413, f"the request body is over the router's limit of "
-                                              f"{self.body_limit:,} bytes (router_max_body_mb)",
-                                              "request_too_large"))
-            return
-        if pinned is not None and not who.allows(pinned):
-            # Not a limit (nothing to wait for) and not the key (401/403 send Claude Code's
-            # user to /login): the request, as made, cannot be served.
-            _redact_credentials(req)
-            reply(flow, 400, error_body(400, f"{who.label} may not use endpoint {pinned} "
-                                             f"(allowed: {', '.join(who.endpoints or ())})"))
-            return
-        if refusal := self.accounts.admit(who):
-            # Refused before routing: no endpoint is tried, none is blamed.
-            _redact_credentials(req)
-            reply(flow, 429, error_body(429, refusal.message, "rate_limit_error"))
-            flow.response.headers["retry-after"] = str(refusal.retry_after)
-            if refusal.final:
-                flow.response.headers["x-should-retry"] = "false"
-            flow.comment = f"refused 429 by {who.label}'s {refusal.reason} limit"
-            if self.ledger is not None:
-                self.ledger.add(ledgers.Row(self.clock(), who.label, None, None, None, "", 429,
-                                            reason=refusal.reason))
-            return
-        self._admitted[flow.id] = who.label
-        flow.metadata["router"] = {"client_url": req.url}  # what a replay must route again
-        # Route in a task of its own, so that a client that leaves stops its upstream attempts
-        # at once (client_disconnected cancels it) instead of when they end.
-        routing = asyncio.get_running_loop().create_task(self._route(flow, target, pinned, who))
-        client = flow.client_conn.id
-        self._routing.setdefault(client, set()).add(routing)
-        try:
-            await asyncio.wait({routing})
-        finally:
-            mine = self._routing.get(client)
-            if mine is not None:
-                mine.discard(routing)
-                if not mine:
-                    del self._routing[client]
-            if flow.id not in self._handed_off:  # no stream to come: in flight no more
-                self._release(flow)
-        if routing.cancelled():
-            return  # the client is gone; mitmproxy closes the flow
-        if routing.exception() is not None:
-            log.error("router: internal error while routing", exc_info=routing.exception())
-            reply(flow, 500, error_body(500, "the router failed internally"))
+        await self.exchange.request(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.heads.response_done(flow.client_conn.id, flow.id)
 
     def client_disconnected(self, client) -> None:
         self.heads.disconnected(client.id)
-        for task in self._routing.pop(client.id, ()):
-            task.cancel()
+        self.exchange.client_left(client.id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        info = self._handed_off.pop(flow.id, None)
-        if info is None:
-            return
-        # Show the real upstream request in mitmweb instead of the loopback hop.
-        req = flow.request
-        _show_upstream(req, info)
-        req.raw_content = info.content
-        if info.content_length is not None:
-            req.headers["content-length"] = info.content_length
-        flow.response.stream = True
+        self.exchange.response_headers(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self.heads.failed(flow.client_conn.id, flow.id)
-        self._release(flow)
-        info = self._handed_off.pop(flow.id, None)
-        if info is not None:
-            self.handoff.discard(info.handoff_path)
-
-    # -- routing ---------------------------------------------------------------------------
-
-    def _release(self, flow: http.HTTPFlow) -> None:
-        """The client's request is no longer in flight (once, whichever way it ended)."""
-        label = self._admitted.pop(flow.id, None)
-        if label is not None:
-            self.accounts.release(label)
-
-    async def _route(self, flow: http.HTTPFlow, target: str, pinned: str | None = None,
-                     who: clients.Client = clients.ANONYMOUS) -> None:
-        req = flow.request
-        # A client with an allow-list sees only its endpoints, everywhere (tiers, /v1/models).
-        endpoints = self.endpoints if who.endpoints is None else tuple(
-            ep for ep in self.endpoints if who.allows(ep.name))
-        started = time.monotonic()
-        asked_at = self.clock()
-        request = Request(req.method, target, request_headers(req.headers.items(multi=True)),
-                          req.raw_content or b"")
-        # Whose request it is (a keyed hash): health and conversations are scoped by it.
-        store = self.store
-        salt = await store.shared_salt() if isinstance(store, RedisHealthStore) else store.salt
-        owner = access.credential_id(access.presented_key(req.headers), salt)
-        # The flow kept for mitmweb, -w files and replays never holds the client's key.
-        _redact_credentials(req)
-        sid, prev, ttl, choose = await self.conversations.place(request, target, endpoints,
-                                                                owner=owner, pinned=pinned is not None)
-        path = target.split("?")[0]
-        if req.method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")) and any(
-                ep.profile.models or ep.profile.model_map for ep in endpoints):
-            # Answered from every endpoint's list, in client ids (one id too: it may be mapped).
-            listing = Request("GET", "/v1/models", request.headers, b"")
-            result = await self.routing.models(endpoints, self.store, self.settings, listing,
-                                               one=path[len("/v1/models/"):] or None)
-        else:
-            result = await self.routing.route(endpoints, self.store, self.settings, request,
-                                              pinned, choose, credential=owner)
-        self.stats.attempts(result.attempts, result.counted)
-        for name in result.trips:
-            self._tripped(name)
-        w = result.winner
-        ep = w.endpoint if w else result.answer.endpoint
-        info = RouteInfo(
-            path=req.path.split("?")[0],
-            target=target,
-            content=req.raw_content,
-            content_length=req.headers.get("content-length"),
-            endpoint=ep,
-            attempts=result.attempts,
-            started=started,
-            ttfb=time.monotonic() - started,
-            session_id=sid,
-            session=prev,
-            ttl=ttl,
-            asked_at=asked_at,
-            reason=result.reason,
-            client=who.label,
-            # (bounded: the client's own text goes to the ledger)
-            model=request.model[:64] if request.body and request.model else None,
-            session_hash=_hashed_session(request) if self.ledger is not None else None,
-        )
-        flow.metadata["router"].update(endpoint=ep.name if ep else None,
-                                       attempts=policy.attempts_header(result.attempts))
-        where = f"routed to {ep.name} (index {ep.index})" if ep else "answered by the router"
-        flow.comment = f"{where}; attempts: {policy.attempts_header(result.attempts) or 'none'}"
-        if w is None:
-            self._answer(flow, result.answer, info)
-        elif w.complete:
-            self._answer(flow, Answer(w.resp.status, w.resp.reason, w.resp.headers, w.prefix,
-                                      w.endpoint), info, head_length=w.resp.length)
-        else:
-            await self._stream(flow, w, info)
-
-    def _answer(self, flow: http.HTTPFlow, answer: Answer, info: RouteInfo,
-                head_length: int | None = None) -> None:
-        """Set a complete response on the flow (mitmproxy sends it; no upstream connection)."""
-        if info.endpoint is not None:
-            _show_upstream(flow.request, info)
-            if answer.status < 300 and len(answer.body) < 1 << 20:
-                info.tokens = _usage_of(answer)
-        fields = [
-            (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in answer.headers + self._route_headers(info)
-            if k.lower() != "content-length"
-        ]
-        response = http.Response.make(answer.status, b"", fields)
-        if answer.reason and answer.reason.isascii() and answer.reason.isprintable():
-            response.reason = answer.reason
-        response.raw_content = answer.body  # raw: any content-encoding passes through untouched
-        length = head_length if flow.request.method == "HEAD" and head_length is not None else len(answer.body)
-        response.headers["content-length"] = str(length)
-        flow.response = response
-        self._finish(flow, info, answer.status)
-
-    async def _stream(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo) -> None:
-        """Park the winning response with the handoff server and point the flow at it."""
-        delivery = Delivery(CLIENT_STALL)
-        length = None if w.rewritten else w.resp.length
-        if length is not None and length > 4 * self.body_limit:
-            length = None  # sent chunked: mitmproxy's body_size_limit backstop is for requests
-        parked = Parked(
-            status=w.resp.status,
-            reason=w.resp.reason,
-            headers=w.resp.headers + self._route_headers(info),
-            body=self._body(flow, w, info, delivery),
-            close=w.resp.close,
-            length=length,
-            event_stream=w.resp.is_event_stream,
-            client=flow.client_conn.id,
-            delivery=delivery,
-        )
-        port, path = await self.handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
-        info.handoff_path = path
-        self._handed_off[flow.id] = info
-        req = flow.request
-        req.scheme, req.host, req.port, req.path = "http", self.handoff.host, port, path
-        # The upstream already has the body; the loopback hop needs none.
-        req.raw_content = b""
-        req.headers.pop("transfer-encoding", None)
-        req.headers["content-length"] = "0"
-
-    async def _body(self, flow: http.HTTPFlow, w: Winner, info: RouteInfo,
-                    delivery: Delivery) -> AsyncIterator[bytes]:
-        """The rest of a streamed body, reading token usage on the way. A failure after content
-        reached the client counts against the endpoint (the handoff then ends the client's
-        stream with an error event), unless the client had stopped reading just before."""
-        meter = usage.StreamUsage() if w.resp.is_event_stream else None
-        coding = decoding.encoding_of(w.resp.headers)
-        decoder = decoding.Decoder(coding) if meter else None  # the meter reads decoded bytes
-        # A Messages stream must end with message_stop; one that just stops lost its tail.
-        must_stop = meter is not None and b"message_start" in (decoding.decoded(w.prefix, coding) or b"")
-        counted = False
-        name = w.endpoint.name
-
-        def seen(chunk: bytes) -> None:
-            nonlocal counted
-            if meter is not None:
-                meter.feed(decoder.feed(chunk))  # parses event names: text in a message cannot fool it
-                if meter.errored and not counted:
-                    counted = True
-                    self._midstream_failure(name, "stream_error", "error event mid-stream")
-
-        try:
-            if w.prefix:
-                seen(w.prefix)
-                yield w.prefix
-            inflater = w.inflater  # a coded stream rewritten decoded: the rest goes decoded too
-            async for chunk in w.resp.chunks():
-                if inflater is None:
-                    seen(chunk)
-                    yield chunk
-                    continue
-                for piece in inflater.feed(chunk):
-                    seen(piece)
-                    yield piece
-                if inflater.broken:
-                    raise UpstreamError("bad_response", "its compressed stream could not be decoded")
-            if must_stop and not meter.stopped and not meter.errored and not (decoder and decoder.broken):
-                raise UpstreamError("reset", "stream ended before message_stop")
-        except UpstreamError as e:
-            info.error = f"mid-stream: {e.detail}"
-            if not counted and e.kind != "local":  # (the router's own trouble blames nobody)
-                if delivery.stalled_recently(time.monotonic()):
-                    self.stats.client_stalled(name)
-                    log.info(f"router: {name}'s stream broke after its client stopped reading; "
-                             "not counted against it")
-                else:
-                    self._midstream_failure(name, e.kind, f"mid-stream: {e.detail}")
-            raise
-        finally:
-            info.tokens = meter.usage if meter else None
-            self._finish(flow, info, w.resp.status)
-
-    def _midstream_failure(self, name: str, kind: str, detail: str) -> None:
-        """A failure after the stream reached the client: counted, shown, maybe a trip."""
-        self.stats.midstream(name, kind, detail)
-
-        async def record() -> None:
-            before = phase(self.store.current().get(name, HEALTHY), self.clock())
-            after = await self.store.record_failure(name)
-            if before is not Phase.COOLING and phase(after, self.clock()) is Phase.COOLING:
-                self._tripped(name)
-
-        self.spawn(record())
-
-    def _tripped(self, name: str) -> None:
-        endpoint, _, family = name.partition("~")
-        self.stats.trip(endpoint)
-        if family:
-            log.warning(f"router: endpoint {endpoint} put in cooldown for the {family} model family")
-        else:
-            log.warning(f"router: endpoint {name} put in cooldown")
-
-    def _route_headers(self, info: RouteInfo) -> list[tuple[str, str]]:
-        ep = info.endpoint
-        headers = [("X-Router-Attempts", policy.attempts_header(info.attempts))] if info.attempts else []
-        if info.reason:
-            headers.append(("X-Router-Reason", info.reason))
-        if ep is not None:
-            headers[:0] = [("X-Used-Endpoint", ep.name), ("X-Endpoint-Index", str(ep.index))]
-        return headers
-
-    def _finish(self, flow: http.HTTPFlow, info: RouteInfo, status: int) -> None:
-        """Once per request, when its answer is complete: stats, cost and one log line."""
-        if info.logged:
-            return
-        info.logged = True
-        self._release(flow)
-        ep = info.endpoint
-        self.stats.answered(ep.name if ep else None, status, info.ttfb)
-        spent = 0.0
-        u = info.tokens or usage.Usage()
-        if ep is not None and info.tokens is not None:
-            spent = usage.cost(u, ep.price) if ep.price else 0.0
-            self.stats.used(ep.name, u, spent)
-            self.accounts.record(info.client, self.clock(), ep.name, info.model, u, spent)
-            if info.session_id and status < 300:
-                try:
-                    self.conversations.record_turn(info, ep, u, self.stats)
-                except Exception:  # noqa: BLE001 - what a turn teaches must never fail its answer
-                    log.exception("router: could not record a conversation's turn")
-        if self.ledger is not None:
-            self.ledger.add(ledgers.Row(
-                info.asked_at, info.client, info.session_hash, info.model, ep.name if ep else None,
-                policy.attempts_header(info.attempts), status, u.input_tokens, u.output_tokens,
-                u.cache_creation_input_tokens, u.cache_read_input_tokens, spent,
-                info.reason or info.error or None))
-        if not any(h.level <= logging.INFO for h in request_log.handlers or logging.getLogger().handlers):
-            return  # nobody shows info lines: do not build one
-        request_log.info(
-            "router: " + json.dumps({
-                "method": flow.request.method,
-                "path": info.path,
-                "client": info.client,
-                "endpoint": ep.name if ep else None,
-                "attempts": policy.attempts_header(info.attempts),
-                "status": status,
-                "ttfb_ms": round(1000 * info.ttfb, 1) if info.ttfb is not None else None,
-                "duration_ms": round(1000 * (time.monotonic() - info.started), 1),
-                "input_tokens": u.input_tokens,
-                "output_tokens": u.output_tokens,
-                "cache_read_tokens": u.cache_read_input_tokens,
-                "cache_write_tokens": u.cache_creation_input_tokens,
-                "cost_usd": round(spent, 6),
-                **({"error": info.error} if info.error else {}),
-                **({"reason": info.reason} if info.reason else {}),
-            })
-        )
-
-
-def _hashed_session(request: Request) -> str | None:
-    """The request's conversation for the ledger: a hash of its id (never the id itself), from
-    Claude Code's session header or ``metadata.user_id``; not from a hash of the prompt, which
-    would cost a pass over a large body for every request."""
-    if request.method != "POST" or not request.body:
-        return None
-    doc = request.json
-    sid = sessions.session_id(request.headers, {"metadata": doc.get("metadata")} if doc else None)
-    return hashlib.sha256(sid.encode("utf-8", "surrogatepass")).hexdigest()[:16] if sid else None
-
-
-def _drop(chunk: bytes) -> list[bytes]:
-    """A request body stream that keeps nothing (an empty list: no chunk is sent on)."""
-    return []
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
-def _unannounced_body(req: http.Request) -> bool:
-    """Does a body of unknown size follow this head: chunked (HTTP/1), or (HTTP/2 and 3) a
-    request that may carry one without content-length?"""
-    if "content-length" in req.headers:
-        return False
-    if req.http_version.startswith("HTTP/1"):
-        return "transfer-encoding" in req.headers
-    return req.method not in ("GET", "HEAD", "OPTIONS")
-
-
-def _usage_of(answer: Answer) -> usage.Usage | None:
-    """Token usage of a complete Messages answer (compressed or not); nothing else is parsed."""
-    body = answer.body
-    if coding := decoding.encoding_of(answer.headers):
-        body = decoding.decoded(body, coding) or b""
-    return usage.from_json(body) if b'"usage"' in body else None
-
-
-def _redact_credentials(req: http.Request) -> None:
-    """Replace the client's credentials in a flow's request (shown, saved and replayable)."""
-    for name in CREDENTIAL_HEADERS:
-        if name in req.headers:
-            req.headers[name] = REDACTED
-
-
-def _show_upstream(req: http.Request, info: RouteInfo) -> None:
-    """Point the flow at the upstream request as sent (without URL credentials), for mitmweb,
-    saved flows and logs."""
-    if info.endpoint is None:
-        return
-    scheme, host, port, prefix = info.endpoint.shown_parts
-    req.scheme, req.host, req.port = scheme, host, port
-    req.path = prefix + (info.target if info.target.startswith("/") else "/" + info.target)
-
-
-def _as_sent_by_client(flow: http.HTTPFlow) -> None:
-    """A replayed routed flow: back to the URL the client asked for, without redacted keys
-    (an endpoint with keys of its own serves it; one that needs the client's answers 401)."""
-    url = (flow.metadata.get("router") or {}).get("client_url")
-    if url:
-        flow.request.url = url
-    for name in CREDENTIAL_HEADERS:
-        if flow.request.headers.get(name) == REDACTED:
-            del flow.request.headers[name]
-
-
-def _quiet_request_log() -> None:
-    """Give the request log the root logger's handlers except mitmproxy's legacy add_log one."""
-    handlers = [h for h in logging.getLogger().handlers if type(h).__name__ != "LegacyLogEvents"]
-    if handlers:
-        request_log.handlers = handlers
-        request_log.propagate = False
+        self.exchange.failed(flow)
 
 
 def _stamp(path: str) -> tuple | None:

@@ -46,14 +46,15 @@ class MemoryAffinity:
     by ``sessions.record_key``: the credential that started a conversation and a hash of its
     id, so one client's request never reads or moves another's conversation."""
 
-    description = "memory"
+    @property
+    def description(self) -> str:
+        return "memory"
 
     def __init__(self, clock: Callable[[], float] = time.time, max_sessions: int = MAX_SESSIONS) -> None:
         self.clock = clock
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._learned: dict[str, Learned] = {}
-        self.rewrites = Counter()  # endpoint -> USD spent re-writing prefixes after moves
 
     # -- sessions --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ problem. Secrets are given as references (``env:NAME``) and resolved here; they 
 an error message.
 """
 
+import difflib
 import hmac
 import math
 import os
@@ -55,6 +56,21 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
 
 
+def did_you_mean(name: object, known) -> str:
+    """`` (did you mean X?)`` for a misspelt field or option name, else ""."""
+    close = difflib.get_close_matches(str(name), sorted(map(str, known)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown(source: str, where: str, fields: set, known) -> ConfigError:
+    """The first unknown field (or section) of ``fields``, with the closest known name."""
+    name = sorted(map(str, fields))[0]
+    what = "unknown section" if not where else "unknown field"
+    at = f"{where}.{name}" if where else name
+    hint = did_you_mean(name, known) or f" (expected one of {', '.join(sorted(map(str, known)))})"
+    return ConfigError(source, at, what + hint)
+
+
 @dataclass(frozen=True)
 class FileConfig:
     endpoints: tuple[Endpoint, ...]
@@ -67,7 +83,9 @@ class FileConfig:
 def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
     try:
         with open(path, encoding="utf-8") as f:
-            doc = YAML(typ="safe").load(f)
+            # The pure-Python parser (YAML 1.2) on every install: ruamel.yaml up to 0.18 picks
+            # its C loader for "safe", which follows YAML 1.1 and refuses `[env:KEY]`.
+            doc = YAML(typ="safe", pure=True).load(f)
     except OSError as e:
         raise ConfigError(path, "", f"cannot read the file ({e.strerror})") from None
     except YAMLError as e:
@@ -80,9 +98,9 @@ def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
 def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
     if not isinstance(doc, dict):
         raise ConfigError(source, "", "expected a mapping at the top level")
-    unknown = set(doc) - {"endpoints", "client_keys", "clients", "admin_keys"} - {s for s, _ in OPTION_FIELDS}
-    if unknown:
-        raise ConfigError(source, ", ".join(sorted(map(str, unknown))), "unknown section")
+    sections = {"endpoints", "client_keys", "clients", "admin_keys"} | {s for s, _ in OPTION_FIELDS}
+    if unknown := set(doc) - sections:
+        raise _unknown(source, "", unknown, sections)
     raw_eps = doc.get("endpoints")
     if not isinstance(raw_eps, list) or not raw_eps:
         raise ConfigError(source, "endpoints", "a non-empty list of endpoints is required")
@@ -99,7 +117,10 @@ def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
         named = client_specs.parse(doc.get("clients"), lambda ref, where: _secret(ref, where, source, env),
                                    names)
     except client_specs.SpecError as e:
-        raise ConfigError(source, e.where, e.problem) from None
+        problem = e.problem
+        if problem == "unknown field":
+            problem += did_you_mean(e.where.rsplit(".", 1)[-1], client_specs.FIELDS)
+        raise ConfigError(source, e.where, problem) from None
     admins = doc.get("admin_keys") or []
     if not isinstance(admins, list):
         raise ConfigError(source, "admin_keys", "expected a list of keys or env: references")
@@ -124,7 +145,7 @@ def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoin
     if not isinstance(item, dict):
         raise ConfigError(source, where, "expected a mapping with name and url")
     if unknown := set(item) - _ENDPOINT_FIELDS:
-        raise ConfigError(source, f"{where}.{sorted(unknown)[0]}", "unknown field")
+        raise _unknown(source, where, unknown, _ENDPOINT_FIELDS)
     try:
         ep = parse_endpoint(f"{item.get('name', '')}={item.get('url', '')}", i)
     except ValueError as e:
@@ -215,8 +236,10 @@ def _check_value(value: str, where: str, source: str, origin: str = "") -> None:
 def _price(raw: Any, where: str, source: str) -> Price | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) - _PRICE_FIELDS:
+    if not isinstance(raw, dict):
         raise ConfigError(source, where, f"expected a mapping with {', '.join(sorted(_PRICE_FIELDS))}")
+    if unknown := set(raw) - _PRICE_FIELDS:
+        raise _unknown(source, where, unknown, _PRICE_FIELDS)
     values = {}
     for k, v in raw.items():
         problem = "must be a number >= 0 (USD per million tokens)"
@@ -262,7 +285,7 @@ def _options(doc: dict, source: str) -> dict[str, Any]:
         if not isinstance(block, dict):
             raise ConfigError(source, section, "expected a mapping")
         if unknown := set(block) - {f for s, f in OPTION_FIELDS if s == section}:
-            raise ConfigError(source, f"{section}.{sorted(unknown)[0]}", "unknown field")
+            raise _unknown(source, section, unknown, {f for s, f in OPTION_FIELDS if s == section})
         if fld in block:
             out[option] = _option_value(block[fld], f"{section}.{fld}", option, source)
     return out
@@ -283,4 +306,8 @@ def _option_value(value: Any, where: str, option: str, source: str) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(source, where, f"must be a whole number, got {value!r}")
+    from .options import INT_OPTIONS  # the same bounds as --set (options imports mitmproxy)
+    minimum = INT_OPTIONS[option][1]
+    if value < minimum:
+        raise ConfigError(source, where, f"must be at least {minimum}, got {value}")
     return value

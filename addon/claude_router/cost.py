@@ -25,7 +25,7 @@ Endpoints without prices cannot be weighed: then the price order holds unchanged
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .sessions import LONG_TTL, Learned, Session, UNKNOWN
+from .sessions import LONG_TTL, UNKNOWN, Learned, Session
 from .usage import CACHE_READ_FACTOR, CACHE_WRITE_FACTOR, Price
 
 LONG_WRITE_FACTOR = 2.0
@@ -72,7 +72,8 @@ def choose(candidates: Sequence[tuple[str, Price | None]], learned: dict[str, Le
            horizon: int) -> Choice | None:
     """The endpoint (among healthy ``candidates``, in price order) for this session's next
     turn; None when they cannot be weighed (an endpoint without a price)."""
-    if not candidates or any(p is None for _, p in candidates):
+    priced = [(name, p) for name, p in candidates if p is not None]
+    if not candidates or len(priced) < len(candidates):
         return None
     turns = turns_to_come(session, ttl, horizon)
 
@@ -80,7 +81,7 @@ def choose(candidates: Sequence[tuple[str, Price | None]], learned: dict[str, Le
         return session.cached_at(name, now) if session is not None else 0
 
     costs = [(total(p, learned.get(name, UNKNOWN), held(name), prompt, output, ttl, turns), i, name)
-             for i, (name, p) in enumerate(candidates)]
+             for i, (name, p) in enumerate(priced)]
     best_cost, _, best = min(costs)
     first_cost, _, first = costs[0]
     if best == first:

@@ -28,24 +28,37 @@ What the index cannot see: a hook method set on or deleted from an addon object 
 or the chain reordered in place. An addon that does that calls ``invalidate()``.
 """
 
+import enum
 import inspect
 import logging
 import types
 from collections.abc import Callable
+from typing import Any, Final
 
 from mitmproxy import addonmanager, exceptions, hooks
 
 log = logging.getLogger("claude_router")
 
 _MARK = "_claude_router_hook_index"
-_UNINDEXABLE = object()
+
+
+class _Unindexable(enum.Enum):
+    """The sentinel's type: an enum member, so that ``is _UNINDEXABLE`` narrows."""
+    UNINDEXABLE = enum.auto()
+
+
+_UNINDEXABLE: Final = _Unindexable.UNINDEXABLE
 # Events during which addons are added, removed or reordered (the script loader does it while
 # configuring): delivered by mitmproxy's own walk, the index dropped before and after.
 _CHANGING = frozenset({"configure", "load", "running", "done"})
 # mitmproxy's own dispatch, all of which must be unchanged for the index to stand in for it.
 _DISPATCH = ("trigger_event", "trigger", "invoke_addon", "invoke_addon_sync", "_iter_hooks",
              "register", "remove", "clear")
-_LIVE = None  # an index entry delivered by mitmproxy's own walk of that chain element
+_LIVE: Final = None  # an index entry delivered by mitmproxy's own walk of that chain element
+# Per chain element with something to deliver: (position, element, the addons that implement
+# the hook, or _LIVE).
+_Entry = tuple[int, Any, tuple[Any, ...] | None]
+_Entries = tuple[_Entry, ...] | _Unindexable
 
 
 class HookIndex:
@@ -53,7 +66,7 @@ class HookIndex:
 
     def __init__(self, manager: addonmanager.AddonManager) -> None:
         self.manager = manager
-        self._index: dict[str, object] = {}
+        self._index: dict[str, _Entries] = {}
         self._generation = 0  # counts changes of the addons
         self._walk = manager.trigger_event  # mitmproxy's own, bound
         self._walk_sync = manager.trigger
@@ -74,8 +87,9 @@ class HookIndex:
         index = cls(manager)
         for name in ("register", "remove", "clear"):
             setattr(manager, name, index._invalidating(getattr(manager, name)))
-        manager.trigger = index.trigger
-        manager.trigger_event = index.trigger_event
+        # On this one instance, never the class (see the module docstring); uninstall pops them.
+        manager.trigger = index.trigger  # type: ignore[method-assign]
+        manager.trigger_event = index.trigger_event  # type: ignore[method-assign]
         index._wrapped = ["register", "remove", "clear", "trigger", "trigger_event"]
         setattr(manager, _MARK, index)
         return index
@@ -104,7 +118,7 @@ class HookIndex:
 
     # -- the index ---------------------------------------------------------------------------
 
-    def handlers(self, name: str) -> object:
+    def handlers(self, name: str) -> _Entries:
         """Per chain element with something to deliver, in chain order: (position, element,
         the addons that implement the hook, or _LIVE for mitmproxy's own walk of it)."""
         found = self._index.get(name)
@@ -116,8 +130,8 @@ class HookIndex:
             self._index[name] = found
         return found
 
-    def _build(self, name: str) -> object:
-        entries = []
+    def _build(self, name: str) -> _Entries:
+        entries: list[_Entry] = []
         for pos, element in enumerate(self.manager.chain):
             if hasattr(element, "addons"):
                 entries.append((pos, element, _LIVE))

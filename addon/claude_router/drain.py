@@ -8,10 +8,10 @@ connection is left or none has sent a request for QUIET seconds (a client that j
 end of a stream whose headers went out before the drain may send its next request on the same
 connection: it is answered, with ``Connection: close``), or after ``router_drain_timeout``
 seconds with whatever is still running. ``./scripts/run --workers N``
-(scripts/workers.py) drains its workers this way for a rolling restart (SIGUSR2 to the
+(claude_router/cli/workers.py) drains its workers this way for a rolling restart (SIGUSR2 to the
 supervisor) and for its graceful stop (Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 to the supervisor):
 a stream in flight ends as it would have. SIGUSR1 is the only signal this addon handles; the
-README's "Signals" table lists them all. A sub-addon of the router.
+"Signals" table in docs/operations.md lists them all. A sub-addon of the router.
 """
 
 import asyncio
@@ -21,6 +21,8 @@ import signal
 import time
 
 from mitmproxy import command, ctx, http
+
+from . import compat
 
 log = logging.getLogger("claude_router")
 
@@ -130,10 +132,10 @@ class Drain:
         if self.draining:
             return
         timeout = ctx.options.router_drain_timeout
-        self._changed = asyncio.Event()
+        changed = self._changed = asyncio.Event()
         try:
             ctx.options.update(server=False)  # closes the listening sockets, not the connections
-            self._task = asyncio.get_running_loop().create_task(self._finish(self.clock() + timeout))
+            self._task = asyncio.get_running_loop().create_task(self._finish(changed, self.clock() + timeout))
         except Exception:  # noqa: BLE001 - a drain that could not start may be asked again
             log.exception("router: could not start draining")
             return
@@ -141,37 +143,33 @@ class Drain:
         log.warning(f"router: draining: no new connections; {self.in_flight} requests in flight "
                     f"get up to {timeout} s to finish")
 
-    async def _finish(self, deadline: float) -> None:
+    async def _finish(self, changed: asyncio.Event, deadline: float) -> None:
         while not done_waiting(self.in_flight, len(self.connections), self.clock(),
                                self.last_request, deadline):
-            self._changed.clear()
+            changed.clear()
             # In flight: looked at again every QUIET seconds (a flow can stop being live without
             # a hook). Else: connections are open and a request came less than QUIET ago.
             wake = min(deadline, (self.clock() if self.in_flight else self.last_request) + QUIET)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.01, wake - self.clock())):
-                    await self._changed.wait()
+                    await changed.wait()
         if self.in_flight:
             log.warning(f"router: drain timeout: shutting down with {self.in_flight} requests in flight")
         else:
             log.warning("router: drained: no request in flight; shutting down")
-        await self._close_connections()
+        await self._close_connections(changed)
         ctx.master.shutdown()
 
-    async def _close_connections(self, wait: float = 1.0) -> None:
+    async def _close_connections(self, changed: asyncio.Event, wait: float = 1.0) -> None:
         """Close the client connections left (idle keep-alive ones) as mitmproxy closes an
         inactive one, rather than leave them to the shutdown."""
-        proxyserver = ctx.master.addons.get("proxyserver")
-        if proxyserver is None or not self.connections:
+        if not self.connections or not compat.available("client_close"):
             return
         for cid in list(self.connections):
-            handler = proxyserver.connections.get(cid)
-            if handler is not None:
-                with contextlib.suppress(Exception):
-                    await handler.on_timeout()
+            await compat.close_client(ctx.master, cid)
         deadline = self.clock() + wait
         while self.connections and self.clock() < deadline:
-            self._changed.clear()
+            changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.01, deadline - self.clock())):
-                    await self._changed.wait()
+                    await changed.wait()

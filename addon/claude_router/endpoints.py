@@ -7,6 +7,7 @@ from functools import cached_property
 from urllib.parse import unquote, urlsplit
 
 from .profiles import DEFAULT, Profile
+from .usage import Price
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # What health is kept for: an endpoint, one model family at an endpoint ("aws~opus"), or
@@ -31,7 +32,7 @@ class Endpoint:
     key: str | None = field(default=None, repr=False, compare=False)
     auth: str = "x-api-key"  # how the key is sent: "x-api-key" or "bearer"
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry tokens
-    price: object | None = None  # usage.Price, USD per million tokens
+    price: Price | None = None  # USD per million tokens
     profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
 
     # Derived once per endpoint (the spec is frozen), not on every request.
@@ -132,7 +133,7 @@ def parse_endpoint(spec: str, index: int) -> Endpoint:
     if parts.query or parts.fragment:
         raise ValueError(f"endpoint {name}: URL must not have a query or fragment")
     try:
-        parts.port
+        _ = parts.port  # only to validate: urlsplit raises ValueError on a bad port when it is read
     except ValueError as e:
         raise ValueError(f"endpoint {name}: bad port ({e})") from None
     return Endpoint(name=name, url=url.rstrip("/"), index=index)

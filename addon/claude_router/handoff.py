@@ -14,10 +14,11 @@ leaves sockets in CLOSE_WAIT.)
 
 mitmproxy opens its connections with ``asyncio.open_connection``, that is through the event
 loop's ``create_connection``. The server wraps that method on its own loop (the instance, not
-the class) so that a connection to one of its listeners from inside this process is an
-in-memory pair (``pipes``) instead of loopback TCP: no file descriptors, no connect or accept,
-no system calls per chunk. Every other connection goes to the loop's own method untouched, and
-where the wrap is impossible (another loop type) the listeners serve over TCP as before.
+the class: ``compat.divert_connections``) so that a connection to one of its listeners from
+inside this process is an in-memory pair (``pipes``) instead of loopback TCP: no file
+descriptors, no connect or accept, no system calls per chunk. Every other connection goes to
+the loop's own method untouched, and where the wrap is impossible (another loop type, or a
+mitmproxy that compat does not recognise) the listeners serve over TCP as before.
 
 The listeners accept only what mitmproxy sends them: a request head for ``/handoff/<token>``
 with no body. Anything else gets a 400 and the connection is closed; a body is never read.
@@ -30,10 +31,10 @@ import re
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from . import pipes
+from . import compat, pipes
 from .connections import Delivery
 from .errors import error_body, sse_error_event
 from .upstream import UpstreamError
@@ -62,8 +63,8 @@ class Parked:
     status: int
     reason: str
     headers: list[tuple[str, str]]  # end-to-end headers, without framing headers
-    body: AsyncIterator[bytes]  # the rest of the body, raw
-    close: Callable[[], None]  # aborts the upstream response
+    body: AsyncGenerator[bytes, None]  # the rest of the body, raw; aclose() runs its clean-up
+    close: Callable[[], object]  # aborts the upstream response (what it returns is ignored)
     length: int | None = None  # known body length, else sent chunked
     event_stream: bool = False  # end a failed SSE body with an `event: error`
     client: str = ""
@@ -89,7 +90,7 @@ class HandoffServer:
         self._inflight: defaultdict[tuple[str, int], int] = defaultdict(int)
         self._grow_lock = asyncio.Lock()
         self._wrapped: asyncio.AbstractEventLoop | None = None
-        self._wrapper = None
+        self._wrapper: Callable[[], None] | None = None
 
     async def _listen(self) -> int:
         loop = asyncio.get_running_loop()
@@ -104,24 +105,12 @@ class HandoffServer:
         """Serve this process's own connections to the listeners in memory (see above)."""
         if self._wrapped is loop:
             return
-        original = loop.create_connection
-        ports = self._ports
-
-        async def create_connection(protocol_factory, host=None, port=None, *args, **kwargs):
-            if (host == self.host and port in ports and not args
-                    and not kwargs.get("ssl") and not kwargs.get("sock")):
-                # Suspend once, as a real connect does: mitmproxy starts its connection
-                # tasks eagerly and registers the connection only after that first suspension.
-                await asyncio.sleep(0)
-                return self._connect_in_memory(loop, protocol_factory, port)
-            return await original(protocol_factory, host, port, *args, **kwargs)
-
-        try:
-            loop.create_connection = create_connection
-            self._wrapper = create_connection
-        except (AttributeError, TypeError):  # a loop whose methods cannot be replaced: TCP
-            log.info("handoff: this event loop cannot be wrapped; serving over loopback TCP")
-            return
+        undo = compat.divert_connections(
+            loop, self.host, self._ports,
+            lambda protocol_factory, port: self._connect_in_memory(loop, protocol_factory, port))
+        if undo is None:  # (compat: another loop type, or a mitmproxy that connects otherwise)
+            log.info("handoff: in-memory connections unavailable here; serving over loopback TCP")
+        self._wrapper = undo
         self._wrapped = loop
 
     def _connect_in_memory(self, loop, protocol_factory, port: int):
@@ -133,9 +122,9 @@ class HandoffServer:
         return transport, client
 
     def _unwrap(self) -> None:
-        loop, self._wrapped = self._wrapped, None
-        if loop is not None and vars(loop).get("create_connection") is self._wrapper:
-            del loop.create_connection  # the class's method again (unless wrapped since)
+        undo, self._wrapped, self._wrapper = self._wrapper, None, None
+        if undo is not None:
+            undo()  # the loop's own method again (unless wrapped since)
 
     async def _port_for(self, client: str, multiplexed: bool) -> int:
         if not multiplexed:  # HTTP/1.1 clients send one request at a time per connection
@@ -166,7 +155,7 @@ class HandoffServer:
         Parked to serve (``take`` one it parked for itself, or a new one)."""
         answer: asyncio.Future[Parked] = asyncio.get_running_loop().create_future()
 
-        async def nothing() -> AsyncIterator[bytes]:
+        async def nothing() -> AsyncGenerator[bytes, None]:
             return
             yield b""
 
@@ -233,11 +222,12 @@ class _Connection(asyncio.Protocol):
     IDLE_TIMEOUT is closed.
     """
 
+    transport: asyncio.Transport  # set by connection_made, before any other call
+
     def __init__(self, server: HandoffServer) -> None:
         self.server = server
         self.idle = IDLE_TIMEOUT
         self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
         self.readable = asyncio.Event()
         self.writable = asyncio.Event()
@@ -366,10 +356,10 @@ class _Connection(asyncio.Protocol):
             return True
         if parked.keep_open:
             self.idle = UPLOAD_TIMEOUT
-        if parked.answer is not None:  # made while the body streams through (see `pending`)
+        if (answer := parked.answer) is not None:  # made while the body streams through (see `pending`)
             pending = parked
             try:
-                parked = await pending.answer
+                parked = await answer
             except asyncio.CancelledError:
                 self.server.done(pending)
                 self.transport.abort()  # (already gone, unless the answer itself was dropped)

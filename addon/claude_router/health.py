@@ -8,14 +8,14 @@ Everything here is pure: functions over a `Health` value, a `Breaker` config and
 passed in. Stores (memory here, Redis in `redis_store`) apply these same transitions.
 """
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
-from enum import Enum
-from typing import Protocol
 import itertools
 import os
 import random
 import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,12 @@ class HealthStore(Protocol):
     """Where health lives. The router only talks to this; stores apply the pure transitions."""
 
     breaker: Breaker
-    description: str
     salt: bytes  # keys credential hashes (access.credential_id); shared where health is
+
+    @property
+    def description(self) -> str:
+        """What the store is, for the status page and the log (read-only)."""
+        ...
 
     def track(self, names: Iterable[str]) -> None:
         """The endpoint names in use (a shared store re-syncs these)."""
@@ -207,6 +211,7 @@ class MemoryHealthStore:
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        self.scopes = Scopes()
         self.breaker = breaker
         self._clock = clock
         self._rand = rand
@@ -214,9 +219,19 @@ class MemoryHealthStore:
         self._disabled: set[str] = set()
         self._held: dict[str, float] = {}  # probes won here: name -> the probe_until we set
         self.salt = os.urandom(32)  # keys credential scopes (access.credential_id); per process
-        self.scopes = Scopes(ttl=2 * breaker.cooldown)
 
     description = "memory"
+
+    @property
+    def breaker(self) -> Breaker:
+        return self._breaker
+
+    @breaker.setter
+    def breaker(self, breaker: Breaker) -> None:
+        """A new breaker (``router_cooldown`` changed live) also sets how long a credential
+        scope is kept after its cooldown: twice the cooldown, as Redis keeps it."""
+        self._breaker = breaker
+        self.scopes.ttl = 2 * breaker.cooldown
 
     @property
     def disabled(self) -> frozenset[str]:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 log = logging.getLogger("claude_router")
 
@@ -93,7 +93,7 @@ def _cut(text: str | None, most: int) -> str | None:
 
 
 def day_of(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
 
 
 def connect(path: str, timeout: float = 5.0) -> sqlite3.Connection:
@@ -197,7 +197,7 @@ class Ledger:
         """Write every row and spend increment that came in, in one transaction; prune when due.
         Returns the rows written. A failed write is retried with the next batch (the spend
         increments are put back; rows, kept in order, too)."""
-        rows = []
+        rows: list[Row] = []
         while self._rows and len(rows) < 50_000:
             rows.append(self._rows.popleft())
         with self._lock:

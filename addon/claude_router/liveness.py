@@ -4,7 +4,7 @@ event loop, never forwarded, never routed, no upstream touched.
 Because mitmproxy itself must read the request and run this hook, an answer proves more than
 an open port: a process that is stopped (SIGSTOP), hung in a blocking call or stuck in a loop
 still accepts TCP connections (the kernel queues them) but never answers here. HAProxy's check
-(``option httpchk``, scripts/workers.py) and the workers' supervisor use it.
+(``option httpchk``, claude_router/cli/workers.py) and the workers' supervisor use it.
 
     HEAD /_router/health            200, x-router-health: ok (503 and "draining" while draining)
     + x-router-challenge: C         ... and x-router-proof: HMAC-SHA256(token, C) in hex, where
@@ -22,8 +22,9 @@ Hook order: mitmproxy runs a sub-addon's hooks after the Router's own, so this r
 response there; the Router's ``request`` hook then leaves the flow alone (it has a response).
 The flow is kept out of mitmdump's flow output, and a connection that carried only health
 checks out of its "client connect"/"client disconnect" lines: each would otherwise print for
-every check (HAProxy checks every worker every second). In regular mode only a request addressed to a loopback host is answered here (HAProxy's
-check says ``Host: localhost``); every other one is the client's, and proxied as usual.
+every check (HAProxy checks every worker every second). In regular mode only a request
+addressed to a loopback host is answered here (HAProxy's check says ``Host: localhost``);
+every other one is the client's, and proxied as usual.
 """
 
 import hashlib
@@ -34,6 +35,8 @@ import os
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ReverseMode
+
+from . import compat
 
 PATH = "/_router/health"
 TOKEN_ENV = "CLAUDE_ROUTER_WORKER_TOKEN"
@@ -113,19 +116,13 @@ class Liveness:
 
     def _quiet_dumper(self) -> None:
         """Keep health checks out of mitmdump's flow output (one line a second per check)."""
-        if self._dumper_wrapped or ctx.master is None:
-            return
-        dumper = ctx.master.addons.get("dumper")
-        match = getattr(dumper, "match", None)
-        if dumper is None or not callable(match):
-            return
+        if not self._dumper_wrapped:
+            self._dumper_wrapped = compat.quiet_dumper(ctx.master, _health_flow)
 
-        def match_unless_health(f, _match=match):
-            metadata = getattr(f, "metadata", None)
-            return not (isinstance(metadata, dict) and metadata.get("router_health")) and _match(f)
 
-        dumper.match = match_unless_health
-        self._dumper_wrapped = True
+def _health_flow(f) -> bool:
+    metadata = getattr(f, "metadata", None)
+    return isinstance(metadata, dict) and bool(metadata.get("router_health"))
 
 
 SERVER_LOG = logging.getLogger("mitmproxy.proxy.server")  # "client connect", "client disconnect"

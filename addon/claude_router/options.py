@@ -4,13 +4,13 @@ mitmproxy can only parse str, int, bool and Sequence[str] options from --set, so
 whole seconds.
 """
 
+import difflib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from mitmproxy import exceptions, optmanager
-from mitmproxy.utils import typecheck
+from mitmproxy import exceptions
 
-from . import policy
+from . import compat, policy
 from .health import Breaker, HealthStore, MemoryHealthStore
 from .redis_store import RedisHealthStore, redacted
 from .routing import Settings
@@ -133,7 +133,7 @@ SEQUENCE_OPTIONS = {
         failure kind (refused, reset, timeout, tls, empty_stream, stream_error...).
         ACTION: count (fail over, count a failure), skip (fail over, no blame), client
         (the request is bad: no blame, returned once a second endpoint agrees), return
-        (hand it to the client at once). The README lists the defaults.
+        (hand it to the client at once). docs/failure-policy.md lists the defaults.
         """,
     ),
     "router_client_keys": (
@@ -217,14 +217,14 @@ ALL = frozenset({*INT_OPTIONS, *SEQUENCE_OPTIONS, *STR_OPTIONS, *BOOL_OPTIONS})
 
 
 def declare(loader) -> None:
-    for name, (default, help_text) in SEQUENCE_OPTIONS.items():
-        loader.add_option(name, Sequence[str], default, help_text)
-    for name, (default, _, help_text) in INT_OPTIONS.items():
-        loader.add_option(name, int, default, help_text)
-    for name, (default, help_text, choices) in STR_OPTIONS.items():
-        loader.add_option(name, str, default, help_text, choices=choices)
-    for name, (default, help_text) in BOOL_OPTIONS.items():
-        loader.add_option(name, bool, default, help_text)
+    for name, (sequence, help_text) in SEQUENCE_OPTIONS.items():
+        loader.add_option(name, Sequence[str], sequence, help_text)
+    for name, (number, _, help_text) in INT_OPTIONS.items():
+        loader.add_option(name, int, number, help_text)
+    for name, (text, help_text, choices) in STR_OPTIONS.items():
+        loader.add_option(name, str, text, help_text, choices=choices)
+    for name, (flag, help_text) in BOOL_OPTIONS.items():
+        loader.add_option(name, bool, flag, help_text)
 
 
 def check_ints(opts, updated: set[str]) -> None:
@@ -243,21 +243,20 @@ def unparsable(options) -> list[str]:
     """
     problems = []
     for name in [n for n in options.deferred if n in ALL]:
-        value = options.deferred[name]
-        try:
-            if isinstance(value, optmanager._UnconvertedStrings):
-                value = options._parse_setval(options._options[name], value.val)
-            typecheck.check_option_type(name, value, options._options[name].typespec)
-        except (exceptions.OptionsError, TypeError, ValueError) as e:
+        if (problem := compat.deferred_problem(options, name)) is not None:
             del options.deferred[name]
-            problems.append(f"router: cannot use {name}: {e}")
+            problems.append(f"router: cannot use {name}: {problem}")
     return problems
 
 
 def unknown(options) -> list[str]:
     """Messages for `router_*` settings no router option has: a misspelling would otherwise be
     ignored without a word (``router_cooldwn=5``)."""
-    return [f"router: no such option {name} (router options: {', '.join(sorted(ALL))})"
+    def hint(name: str) -> str:
+        close = difflib.get_close_matches(name, sorted(ALL), n=1, cutoff=0.6)
+        return f"did you mean {close[0]}?" if close else f"router options: {', '.join(sorted(ALL))}"
+
+    return [f"router: no such option {name} ({hint(name)})"
             for name in options.deferred if name.startswith("router_") and name not in ALL]
 
 

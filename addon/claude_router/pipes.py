@@ -10,7 +10,7 @@ half-close (``write_eof`` -> ``eof_received``) and the same abort (the peer sees
 """
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 HIGH_WATER = 64 * 1024  # bytes waiting for a paused reader before its writer is paused
 LOW_WATER = 16 * 1024
@@ -23,11 +23,12 @@ class End(asyncio.Transport):
     def __init__(self, loop: asyncio.AbstractEventLoop, extra: dict[str, Any]) -> None:
         super().__init__(extra)
         self._loop = loop
-        self._protocol: asyncio.BaseProtocol | None = None
+        # A streaming protocol (data goes to data_received); set by pair(), dropped once lost.
+        self._protocol: asyncio.Protocol | None = None
         self._peer: End | None = None
         self._inbox = bytearray()  # written by the peer, not yet given to our protocol
         self._eof_in = False  # the peer wrote EOF: give it to our protocol after the inbox
-        self._reset: BaseException | None = None  # the peer aborted: our protocol sees this
+        self._reset: Exception | None = None  # the peer aborted: our protocol sees this
         self._flush_due = False
         self._reading_paused = False
         self._writing_paused = False  # our protocol was told to pause writing
@@ -38,10 +39,12 @@ class End(asyncio.Transport):
     # -- asyncio.BaseTransport ---------------------------------------------------------------
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
+        # None once the connection is lost, as asyncio's own transports (typeshed omits it).
+        return self._protocol  # type: ignore[return-value]
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
+        # (typed BaseProtocol by the Transport interface: only a streaming one is served here)
+        self._protocol = cast(asyncio.Protocol, protocol)
 
     def is_closing(self) -> bool:
         return self._closing
@@ -140,8 +143,10 @@ class End(asyncio.Transport):
         if self._inbox:
             data = bytes(self._inbox[:READ_SIZE])
             del self._inbox[:READ_SIZE]
+            protocol = self._protocol
+            assert protocol is not None  # (not lost)
             try:
-                self._protocol.data_received(data)
+                protocol.data_received(data)
             except BaseException as e:  # noqa: BLE001 - as asyncio does: the connection dies
                 self._fatal(e)
                 return
@@ -154,8 +159,10 @@ class End(asyncio.Transport):
         if self._eof_in and not self._lost and not self._reading_paused:
             self._eof_in = False
             keep_open = False
+            protocol = self._protocol
+            assert protocol is not None  # (not lost)
             try:
-                keep_open = bool(self._protocol.eof_received())
+                keep_open = bool(protocol.eof_received())
             except BaseException as e:  # noqa: BLE001
                 self._fatal(e)
                 return
@@ -165,11 +172,13 @@ class End(asyncio.Transport):
     def _pause_writing(self) -> None:
         if not self._writing_paused:
             self._writing_paused = True
+            assert self._protocol is not None  # (a lost end has written EOF: it writes no more)
             self._protocol.pause_writing()
 
     def _resume_writing(self) -> None:
         if self._writing_paused and not self._lost:
             self._writing_paused = False
+            assert self._protocol is not None  # (not lost)
             self._protocol.resume_writing()
 
     def _fatal(self, exc: BaseException) -> None:
@@ -181,7 +190,7 @@ class End(asyncio.Transport):
             "exception": exc, "transport": self, "protocol": self._protocol})
         self.abort()
 
-    def _connection_lost(self, exc: BaseException | None) -> None:
+    def _connection_lost(self, exc: Exception | None) -> None:
         if self._lost:
             return
         sent_eof = self._eof_out
@@ -195,13 +204,14 @@ class End(asyncio.Transport):
             peer._resume_writing()  # its next write finds us gone and breaks
         self._writing_paused = False
         protocol, self._protocol = self._protocol, None
+        assert protocol is not None  # (set by pair(); only this, once, drops it)
         try:
             protocol.connection_lost(exc)
         finally:
             self._peer = None
 
 
-def pair(loop: asyncio.AbstractEventLoop, a: asyncio.BaseProtocol, b: asyncio.BaseProtocol,
+def pair(loop: asyncio.AbstractEventLoop, a: asyncio.Protocol, b: asyncio.Protocol,
          a_extra: dict[str, Any], b_extra: dict[str, Any]) -> tuple[End, End]:
     """Join protocols ``a`` and ``b``; both are told ``connection_made`` now."""
     ea, eb = End(loop, a_extra), End(loop, b_extra)

@@ -14,7 +14,6 @@ from enum import Enum
 from .endpoints import Endpoint
 from .health import HEALTHY, Health, Phase, phase
 
-
 # -- the plan --------------------------------------------------------------------------------
 
 
@@ -259,7 +258,9 @@ def names_unknown_model(status: int, error_type: str | None, message: str, model
     if status == 404 and error_type in (None, "not_found_error"):
         return True
     # A 400 must name the model it was asked for, and say it is unknown here.
-    return bool(model) and model.lower() in text and any(p in text for p in _UNKNOWN_MODEL)
+    if not model:
+        return False
+    return model.lower() in text and any(p in text for p in _UNKNOWN_MODEL)
 
 
 # -- back-off hints from the upstream --------------------------------------------------------

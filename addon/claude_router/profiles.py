@@ -284,7 +284,8 @@ def _opening_events(held: bytes):
     """Per complete event at the start of a stream: its name (``event:``, None if absent) and
     the byte spans of its data lines' values (after ``data:`` and one optional space). Events
     not yet ended by a blank line are left out: their last line may be cut."""
-    name, data = None, []
+    name: bytes | None = None
+    data: list[tuple[int, int]] = []
     pos = 0
     for m in _LINE_END.finditer(held):
         line_start, line_end = pos, m.start()

@@ -57,8 +57,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 
 from .endpoints import _NAME as ENDPOINT_NAME, SUBJECT
-from .health import (HEALTHY, Breaker, Clock, Health, Scopes, after_failure, release_probe,
-                     try_probe)
+from .health import HEALTHY, Breaker, Clock, Health, Scopes, after_failure, release_probe, try_probe
 
 log = logging.getLogger("claude_router")
 
@@ -268,6 +267,7 @@ class RedisHealthStore:
             client_name="claude-router",
         )
         self.url = redacted(url)
+        self.scopes = Scopes()
         self.breaker = breaker
         self.prefix = prefix
         self.channel = f"{prefix}{SEP}events"
@@ -290,14 +290,25 @@ class RedisHealthStore:
         self._held: dict[str, float] = {}  # probes won here: name -> the probe_until we set
         self.salt = os.urandom(32).hex().encode()  # replaced by the one shared in Redis once synced
         self._salt_key = f"{prefix}{SEP}salt"
-        self.scopes = Scopes(ttl=2 * breaker.cooldown)
         self._disabled: set[str] = set()
+        self._decisions: dict[str, bool] = {}  # operator's enable/disable not yet in Redis
         self._names: tuple[str, ...] = ()
         self._strays: set[str] = set()  # stray keys already logged
         self._up = False
         self._outage_logged = False
         self._supervisor: asyncio.Task | None = None
         self._synced = asyncio.Event()
+
+    @property
+    def breaker(self) -> Breaker:
+        return self._breaker
+
+    @breaker.setter
+    def breaker(self, breaker: Breaker) -> None:
+        """A new breaker (``router_cooldown`` changed live) also sets how long a credential
+        scope is kept after its cooldown: twice the cooldown, as its Redis key is."""
+        self._breaker = breaker
+        self.scopes.ttl = 2 * breaker.cooldown
 
     @property
     def description(self) -> str:
@@ -401,12 +412,26 @@ class RedisHealthStore:
         return frozenset(self._disabled)
 
     async def set_disabled(self, name: str, disabled: bool) -> None:
-        """Shared: every instance takes the endpoint out of (or back into) rotation."""
+        """Shared: every instance takes the endpoint out of (or back into) rotation. Given while
+        Redis is away (or while this instance re-syncs), the decision holds here at once and is
+        written to Redis as soon as it is reachable: a re-sync never undoes it."""
         (self._disabled.add if disabled else self._disabled.discard)(name)
+        self._decisions[name] = disabled
         if self._up:
-            await self._call(self._set_disabled(keys=[self._disabled_key, self._decided_key],
-                                                args=[name, self.channel, int(disabled),
-                                                      "operator"]), _one)
+            await self._write_decisions()
+
+    async def _write_decisions(self) -> None:
+        """Write the operator's decisions not yet in Redis, in the order given; stop at the
+        first that fails (kept for the next try)."""
+        for name, disabled in list(self._decisions.items()):
+            done = await self._call(self._set_disabled(keys=[self._disabled_key, self._decided_key],
+                                                       args=[name, self.channel, int(disabled),
+                                                             "operator"]), _one)
+            if done is None:
+                return
+            if self._decisions.get(name) is disabled:
+                del self._decisions[name]
+            (self._disabled.add if disabled else self._disabled.discard)(name)
 
     async def close(self) -> None:
         if self._supervisor is not None:
@@ -509,6 +534,8 @@ class RedisHealthStore:
                                                        timeout=RETRY_EVERY)
                     if msg is not None:
                         self._on_message(msg)
+                    if self._up and self._decisions:  # given while this instance re-synced
+                        await self._write_decisions()
                     if self._up and time.monotonic() - checked >= EPOCH_CHECK_EVERY:
                         # A flush (or a restart the connection survived) empties Redis
                         # without an outage: a changed epoch says so, and a re-sync puts back
@@ -591,6 +618,8 @@ class RedisHealthStore:
         self._epoch = epoch
         held, known, held_disabled = dict(self._states), dict(self._versions), set(self._disabled)
         self._disabled = remote_disabled | held_disabled if lost else remote_disabled
+        for name, disabled in self._decisions.items():  # (written to Redis below)
+            (self._disabled.add if disabled else self._disabled.discard)(name)
         self._states.clear()
         self._versions.clear()
         self.scopes.clear()
@@ -604,7 +633,9 @@ class RedisHealthStore:
                 and self._states.get(name, HEALTHY).ejected_until < h.ejected_until]
         for name in kept:
             self._put(name, held[name])
-        await self._reassert(kept, held, sorted(held_disabled - remote_disabled) if lost else [])
+        await self._reassert(kept, held, sorted(held_disabled - remote_disabled - set(self._decisions))
+                             if lost else [])
+        await self._write_decisions()  # an operator's word given while Redis was away wins
         if lost:
             log.warning(f"router: Redis {self.url} lost the router's state (restarted empty or "
                         f"flushed); put back {len(held_disabled - remote_disabled)} disabled "

@@ -304,6 +304,7 @@ class Routing:
             await store.record_success(subject)  # an old, ended cooldown: start afresh
         wait = min(tried.hint, settings.max_hint) if tried.hint > 0 else store.breaker.cooldown
         await store.record_failure(subject, at_least=wait)
+        assert tried.answer is not None  # a KEY verdict is only ever given to an answer (_error_answer)
         self._key_answers[credential] = tried.answer
         self._key_answers.move_to_end(credential)
         while len(self._key_answers) > KEY_ANSWERS:
@@ -529,17 +530,19 @@ class Routing:
 
     async def _final(self, endpoints: Sequence[Endpoint], store: HealthStore,
                      attempts: list[Attempt], last: _Tried | None) -> Answer:
-        if last is not None and last.verdict in (Verdict.CLIENT, Verdict.RETURN, Verdict.KEY):
-            return last.answer  # the request's own answer: as the upstream sent it
-        if last is not None and last.attempt.outcome == "model_not_found" and all(
-                a.outcome in ("model_not_found", "skipped:model") for a in attempts):
-            return last.answer  # nobody has the model: the client is told so, as sent
-        wait = policy.seconds_until_usable(endpoints, await store.view(), self.clock())
+        answer: Answer
         if last is not None:
+            assert last.answer is not None  # route() keeps as ``last`` only a try with an answer
             answer = last.answer
+            if last.verdict in (Verdict.CLIENT, Verdict.RETURN, Verdict.KEY):
+                return answer  # the request's own answer: as the upstream sent it
+            if last.attempt.outcome == "model_not_found" and all(
+                    a.outcome in ("model_not_found", "skipped:model") for a in attempts):
+                return answer  # nobody has the model: the client is told so, as sent
         else:
             answer = Answer(502, "", [("content-type", "application/json")],
                             error_body(502, policy.all_failed_message(attempts), error_type_for(502)))
+        wait = policy.seconds_until_usable(endpoints, await store.view(), self.clock())
         upstream_says = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
         if wait >= 0.5 or upstream_says > 60:
             # Say when an endpoint can be tried again, within what clients honour.

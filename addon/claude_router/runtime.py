@@ -25,6 +25,8 @@ import gc
 import logging
 import resource
 import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("claude_router")
 
@@ -89,7 +91,7 @@ class AcceptErrors:
         self.failed = 0  # accepts that failed since the last warning
         self._warned = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._previous = None
+        self._previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         current = loop.get_exception_handler()

@@ -9,11 +9,19 @@ conversation and keeps what it showed on its last turn. Pure: no I/O, times pass
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 DEFAULT_TTL = 300.0  # "cache_control": {"type": "ephemeral"}
 LONG_TTL = 3600.0  # "ttl": "1h"
 _USER_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,64})$")
+
+
+def digest(text: str, n: int) -> str:
+    """The first ``n`` hex digits of the SHA-256 of ``text`` (any str, lone surrogates too):
+    how a conversation's id, prompt or record is named wherever it must not be shown."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:n]
 
 
 def session_id(headers: list[tuple[str, str]], doc: dict | None) -> str | None:
@@ -56,7 +64,7 @@ def _from_body(doc: dict | None) -> str | None:
                            separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):
         return None
-    return "p:" + hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return "p:" + digest(basis, 32)
 
 
 def cache_ttl(doc: dict | None) -> float:
@@ -154,21 +162,21 @@ def record_key(owner: str, sid: str, family: str) -> str:
     hash: access.credential_id), a hash of its id (never the id itself: not in memory, Redis or
     the status) and its model family. A request that carries another client's session id
     finds, and changes, only its own credential's record."""
-    digest = hashlib.sha256(f"{owner}\n{sid}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"{owner}:{digest}#{family}"
+    hashed = digest(f"{owner}\n{sid}", 32)
+    return f"{owner}:{hashed}#{family}"
 
 
 def shown(key: str) -> dict:
     """What the status shows of a record's key: the credential hash and 12 hex digits of the
     conversation's hash (with its family), never a session id."""
     owner, _, rest = key.partition(":")
-    digest, _, family = rest.partition("#")
-    return {"session": f"{digest[:12]}#{family}" if family else digest[:12], "client": owner[:16]}
+    hashed, _, family = rest.partition("#")
+    return {"session": f"{hashed[:12]}#{family}" if family else hashed[:12], "client": owner[:16]}
 
 
 def source(key: str) -> str:
     """A record's short, stable name among the evidence for a learned fact."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return digest(key, 12)
 
 
 # -- how much of a request a cache could hold ----------------------------------------------------
@@ -218,6 +226,7 @@ def _block_tokens(node, cap: int, depth: int = 0) -> int:
     if isinstance(node, str):
         return text_tokens(node, cap)
     n = 0
+    items: Iterator[Any]
     if isinstance(node, dict):
         if node.get("type") in ("thinking", "redacted_thinking", "image"):
             return 0

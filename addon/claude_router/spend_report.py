@@ -52,7 +52,7 @@ def csv_text(data: Sequence[tuple]) -> str:
 
 def table(data: Sequence[tuple]) -> str:
     """A terminal table, with a total per client and a grand total."""
-    shown = [HEADER]
+    shown: list[tuple[str, ...]] = [HEADER]
     totals: dict[str, list] = {}
     for r in data:
         shown.append((*map(str, r[:-1]), f"{r[-1]:.4f}"))

@@ -1,8 +1,10 @@
 """What the router has been doing: per-endpoint counters, the status document, and Prometheus
 metrics. Nothing here ever holds a key: only endpoint names, origins and counts."""
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -114,14 +116,18 @@ class Stats:
     def document(self, endpoints: Sequence[Endpoint], view: Mapping[str, Health], now: float,
                  disabled: set[str], store: str, affinity=None) -> dict:
         keys: dict[str, int] = {}  # endpoint -> client keys it is cooling for (issue 19)
+        keys_left: dict[str, float] = {}  # endpoint -> the longest of those cooldowns
         for name, h in view.items():
             if "@" in name and phase(h, now) is Phase.COOLING:
                 ep_name = name.partition("@")[0]
                 keys[ep_name] = keys.get(ep_name, 0) + 1
-        doc = {
+                keys_left[ep_name] = max(keys_left.get(ep_name, 0.0), round(h.ejected_until - now, 1))
+        doc: dict[str, Any] = {
             "store": store,
             "endpoints": [self._endpoint_doc(ep, view, now, ep.name in disabled)
-                          | {"cooling_for_keys": keys.get(ep.name, 0)} for ep in endpoints],
+                          | {"cooling_for_keys": keys.get(ep.name, 0),
+                             "keys_cooldown_seconds_left": keys_left.get(ep.name, 0)}
+                          for ep in endpoints],
         }
         if affinity is not None:
             pinned = affinity.pinned()
@@ -178,20 +184,89 @@ class Stats:
         return doc
 
 
-def table(doc: dict) -> str:
-    """The status document as a terminal table (for the `router.status` command)."""
-    rows = [("#", "endpoint", "state", "fails", "cooldown", "served", "failures", "in/out tokens",
-             "cost $", "last error")]
+# What each column of the table means (printed under it, and in the README's status section).
+LEGEND = (
+    ("#", "position in price order: 0 is the cheapest, tried first"),
+    ("state", "healthy; failing (recent failures, still used); cooling (not used until its "
+              "cooldown ends); half_open / probing (one request tests it); partly cooling (used, "
+              "but not for what \"cooling for\" lists); disabled (taken out by a command)"),
+    ("fails", "consecutive failures now (at router_max_failures the endpoint cools)"),
+    ("cooldown", "time left of the whole endpoint's cooldown"),
+    ("cooling for", "model families cooling at this endpoint (a family's rate limit: e.g. "
+                    "\"opus 28s\"), and how many client keys it is cooling for (a key it refused "
+                    "or rate-limited; the keys themselves are never shown)"),
+    ("served", "requests it answered since the router started (summed over several --url)"),
+    ("failures", "attempts and broken streams counted against it"),
+    ("in/out tokens", "input / output tokens it served"),
+    ("cost $", "estimated cost at its configured price"),
+    ("last error", "the latest failure counted against it, in full"),
+)
+
+
+def cooling_for(e: dict) -> str:
+    """What an endpoint cools for short of the whole endpoint: families and client keys."""
+    parts = [f"{fam} {f.get('cooldown_seconds_left', 0):g}s"
+             for fam, f in sorted((e.get("families") or {}).items()) if f.get("state") == "cooling"]
+    n = e.get("cooling_for_keys") or 0
+    if n:
+        left = e.get("keys_cooldown_seconds_left") or 0
+        parts.append(f"{n} client key{'s' if n != 1 else ''}" + (f" (up to {left:g}s)" if left else ""))
+    return ", ".join(parts)
+
+
+def state_of(e: dict) -> str:
+    """The endpoint's state as the table shows it: an endpoint that is usable for some requests
+    only (a family or a client key cooling) is "partly cooling", never plain healthy."""
+    state = e["state"]
+    if state in ("healthy", "failing") and cooling_for(e):
+        return "partly cooling"
+    return state
+
+
+def table(doc: dict, width: int = 120, legend: bool = True) -> str:
+    """The status document as a terminal table (for the `router.status` command and
+    scripts/status). The last error is wrapped to fit ``width``, never cut."""
+    head = ("#", "endpoint", "state", "fails", "cooldown", "cooling for", "served", "failures",
+            "in/out tokens", "cost $", "last error")
+    rows = [head]
+    errors = [""]
     for e in doc["endpoints"]:
-        t = e["tokens"]
-        rows.append((str(e["index"]), e["name"], e["state"], str(e["consecutive_failures"]),
-                     f"{e['cooldown_seconds_left']:g}s" if e["cooldown_seconds_left"] else "",
-                     str(e["served"]), str(e["failures"]),
-                     f"{t.get('input_tokens', '-')}/{t.get('output_tokens', '-')}", f"{e['cost_usd']:.4f}",
-                     e["last_error"][:40]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([f"health store: {doc['store']}", *lines, *_clients_table(doc.get("clients"))])
+        t = e.get("tokens") or {}
+        cost = e.get("cost_usd")
+        rows.append((str(e.get("index", "")), e["name"], state_of(e), str(e.get("consecutive_failures", "")),
+                     f"{e['cooldown_seconds_left']:g}s" if e.get("cooldown_seconds_left") else "",
+                     cooling_for(e), str(e.get("served", "-")), str(e.get("failures", "-")),
+                     f"{t.get('input_tokens', '-')}/{t.get('output_tokens', '-')}",
+                     f"{cost:.4f}" if isinstance(cost, (int, float)) else "-", ""))
+        errors.append(" ".join(str(e.get("last_error") or "").split()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    room = max(30, width - indent - 1)
+    lines = []
+    for r, err in zip(rows, errors):
+        wrapped = [head[-1]] if r is head else _wrap(err, room) or [""]
+        cells = "  ".join(c.ljust(w) for c, w in zip(r, widths))
+        lines.append(f"{cells}  {wrapped[0]}".rstrip())
+        lines += [" " * indent + more for more in wrapped[1:]]
+    out = [f"health store: {doc['store']}", *lines, *_clients_table(doc.get("clients"))]
+    if legend and doc["endpoints"]:
+        pad = max(len(name) for name, _ in LEGEND)
+        out += ["", "Columns of the endpoint table:"]
+        for name, what in LEGEND:
+            text = _wrap(what, max(40, width - pad - 4))
+            out.append(f"  {name.ljust(pad)}  {text[0]}")
+            out += [" " * (pad + 4) + more for more in text[1:]]
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` characters holding every character of ``text`` (words longer
+    than a line are split, nothing is dropped)."""
+    return textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)
+
+
+def _money(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
 
 
 def _clients_table(clients: list[dict] | None) -> list[str]:
@@ -201,9 +276,8 @@ def _clients_table(clients: list[dict] | None) -> list[str]:
     rows = [("client", "period", "spent $", "budget $", "left $", "resets (UTC)", "in flight",
              "requests", "refused")]
     for c in clients:
-        money = (lambda v: "" if v is None else f"{v:.4f}")
-        rows.append((c["client"] or "-", c["period"], money(c["spent_usd"]), money(c["budget_usd"]),
-                     money(c["remaining_usd"]), c["resets_at"].replace("T", " ").rstrip("Z"),
+        rows.append((c["client"] or "-", c["period"], _money(c["spent_usd"]), _money(c["budget_usd"]),
+                     _money(c["remaining_usd"]), c["resets_at"].replace("T", " ").rstrip("Z"),
                      str(c["in_flight"]), str(c["requests"]),
                      ", ".join(f"{k}:{v}" for k, v in sorted(c["refused"].items()))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

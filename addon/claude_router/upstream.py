@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from . import compat
 from .endpoints import Endpoint
 
 # Headers that belong to one connection, never forwarded (RFC 9110 7.6.1), plus the ones the
@@ -85,7 +86,7 @@ class IdleWatch:
     SWEEP = 0.25
 
     def __init__(self) -> None:
-        self._waiting: dict["UpstreamResponse", float] = {}
+        self._waiting: dict[UpstreamResponse, float] = {}
         self._task: asyncio.Task | None = None
 
     def waiting(self, resp: "UpstreamResponse") -> None:
@@ -130,10 +131,8 @@ class UpstreamResponse:
         self.idle_timeout = idle_timeout
         self.timed_out = False
         self._watch = watch
-        protocol = resp.connection.protocol if watch is not None and resp.connection else None
-        if protocol is not None:
-            protocol.read_timeout = None  # the watch bounds the body's reads from here on
-            protocol.start_timeout()  # re-arms with no timeout: cancels the one armed already
+        if watch is not None and not compat.disarm_read_timeout(resp):
+            self._watch = None  # this aiohttp keeps its own per-read timeout (the same bound)
         self.status = resp.status
         self.reason = _reason(resp.status, resp.reason or "")
         # Framing headers go too: whoever passes the body on frames it again.
@@ -209,7 +208,7 @@ def _reason(status: int, reason: str) -> str:
 
 # The router's own process or machine ran out of something it needs to open a connection: no
 # endpoint is to blame, and the next one would most likely fail the same way ("local").
-LOCAL_ERRNOS = {
+LOCAL_ERRNOS: dict[int | None, str] = {  # looked up by OSError.errno, which may be None
     errno.EMFILE: "file descriptors (raise `ulimit -n`)",
     errno.ENFILE: "file descriptors (the system's limit)",
     errno.ENOBUFS: "socket buffers",
@@ -273,7 +272,7 @@ class Upstream:
             )
             # aiohttp quietly re-sends an idempotent request once when its connection fails;
             # the router decides about every attempt itself (and must count the failure).
-            self._session._retry_connection = False
+            compat.no_connection_retry(self._session)
         return self._session
 
     async def send(

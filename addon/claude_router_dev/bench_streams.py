@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark phase "streams": many long SSE streams held at once by one proxy process.
 
 Run through ``scripts/bench``:
@@ -18,11 +17,11 @@ level), one target at a time, the order rotated from level to level:
 
     direct            the client straight to the mock relay: the floor
     mitmdump+stream   plain ``mitmdump --mode reverse:MOCK --set stream_large_bodies=1``
-    mitmdump+stream+index   the same plus the router's hook index (``scripts/hook_index.py``):
+    mitmdump+stream+index   the same plus the router's hook index (``claude_router_dev/addons/hook_index.py``):
                       the base that shows what the router's own work costs
     router            ``mitmdump -s addon/router.py`` with one endpoint ``ok=MOCK/ok`` (memory store)
 
-Both proxies also load ``scripts/loopmon.py`` (event-loop stall and gc timing; SIGUSR1 resets
+Both proxies also load ``claude_router_dev/addons/loopmon.py`` (event-loop stall and gc timing; SIGUSR1 resets
 it after the warm-up); ``LOOPMON_CALLBACKS=1 ./scripts/bench --streams ...`` makes it also
 time every loop callback, so the JSON says what each long stall was made of (diagnosis only: it
 costs about a microsecond per callback). ``--stream-targets router`` measures only some
@@ -75,8 +74,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-LOOPMON = str(ROOT / "scripts" / "loopmon.py")
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: addon/claude_router_dev/bench_streams.py
+LOOPMON = str(Path(__file__).resolve().parent / "addons" / "loopmon.py")  # mitmdump -s
 PRELUDE = (b"message_start", b"ping")
 STAMP = re.compile(rb'"mock_t":([0-9.]+)')
 TARGETS = ["direct", "mitmdump+stream", "mitmdump+stream+index", "router"]
@@ -313,7 +312,7 @@ def max_open(intervals: list[tuple[float, float]]) -> int:
 
 class StreamsPhase:
     def __init__(self, args, procs, tmp: Path) -> None:
-        import bench as B  # bench.py registers itself under this name when run as a script
+        from claude_router_dev import bench as B  # here: bench imports this module
         self.B = B
         self.args = args
         self.procs = procs
@@ -411,7 +410,7 @@ class StreamsPhase:
                 cfg = self.tmp / f"client-{name}-{level}-{k}.cfg.json"
                 cfg.write_text(json.dumps(self.client_cfg(
                     port, path, list(range(k, level, CLIENTS)), a.stream_rate, out)))
-                c = subprocess.Popen([sys.executable, __file__, "--client", str(cfg)],
+                c = subprocess.Popen([sys.executable, "-m", "claude_router_dev.bench_streams", "--client", str(cfg)],
                                      cwd=ROOT, env=self.procs.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True,
                                      preexec_fn=B._child_setup)
@@ -458,7 +457,7 @@ class StreamsPhase:
         return self.summarize(name, level, base, samples, end, mock0, mock1, results, loopmon)
 
     def summarize(self, name, level, base, samples, end, mock0, mock1, results, loopmon):
-        B, a = self.B, self.args
+        B = self.B
         rows = [r for res in results for r in res["streams"]]
         delays = sorted(d * 1000 for res in results for d in res["delays"])
         errs = collections.Counter(r[6] for r in rows if r[6])
@@ -654,7 +653,8 @@ def render(res: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
             f"CPU: utime+stime of the proxy from after its warm-up until all streams ended, per "
             f"stream; busiest 1 s = its highest CPU use over any 1 s. Max open: most streams "
             f"open at once (client side). fds and RSS per stream: (highest /proc sample − "
-            f"before the streams) / max open; peak RSS = VmHWM. ¹ scripts/loopmon.py in both proxies: lateness of a 5 ms timer (in "
+            f"before the streams) / max open; peak RSS = VmHWM. ¹ claude_router_dev/addons/loopmon.py in both proxies: "
+            f"lateness of a 5 ms timer (in "
             f"brackets the gc time inside that stall); longest gc of any generation and the "
             f"number of gen-2 collections. Client: {s['client_processes']} processes of raw "
             f"asyncio, CPU seconds and max loop lag per run: " + "; ".join(client_notes) + "."]
@@ -669,7 +669,7 @@ def render(res: dict[str, Any], machine: dict[str, Any] | None = None) -> str:
                 if not runs:
                     continue
 
-                def series(get, digits=None):
+                def series(get, digits=None, runs=runs):  # called at once; binds this loop's runs
                     vals = [get(r) for r in runs]
                     vals = [v for v in vals if v is not None]
                     if not vals:

@@ -1,12 +1,15 @@
-#!/usr/bin/env python3
 """Benchmark: what the router costs on top of mitmproxy, and mitmproxy on top of the wire.
 
 Run it through ``scripts/bench`` (it picks the project's venv; mitmdump lives beside its
 python). Everything runs on 127.0.0.1, each server in its own process on a free port:
 
-    direct        the mock relay (scripts/mock_relay.py) itself: the physical floor
+    direct        the mock relay (claude_router_dev.mock_relay) itself: the physical floor
     mitmdump      plain ``mitmdump --mode reverse:http://MOCK`` without the addon
     router        ``mitmdump -s addon/router.py`` with one endpoint, in-memory health store
+    router+config   the router on a config file: one priced endpoint (``clients_yaml``)
+    router+clients  the same file with 50 named clients, the bench's key one of them
+                    (limits no run reaches); ``--pair-rounds`` paired rounds of these two
+                    give "named clients added p50", the median of the rounds' differences
     router+redis  the same with ``router_redis_url`` (own redis-server; "unsupported" if the
                   option is missing or the router sends Redis nothing)
     nginx         only if an nginx binary is installed (never installed by this script)
@@ -15,7 +18,7 @@ plus helpers that feed derived rows: ``direct-529`` (a 529 round trip to the moc
 endpoint), ``router-failover`` (endpoints bad=529 then ok, every request fails over once),
 ``router-cooled`` (bad is cooled down after one request, so it is skipped), their nginx
 equivalents, ``mitmdump+index`` (plain mitmdump with the router's hook index and nothing else,
-``scripts/hook_index.py``: the base that shows what the router's own work costs), and
+``claude_router_dev/addons/hook_index.py``: the base that shows what the router's own work costs), and
 ``mitmdump+stream`` (plain mitmdump with ``stream_large_bodies=1``: plain
 mitmdump buffers a whole SSE response, which makes it no baseline for SSE timing).
 
@@ -32,6 +35,14 @@ shares the CPUs with the servers, so req/s is what the whole loopback system doe
     RSS          VmRSS/VmHWM from /proc before and after --rss-requests requests
                  (concurrency 16, every 10th one streaming); growth = after - after warm-up
 
+``--baseline REF`` adds ``router@SHORTSHA``: the addon of git REF (``git archive REF addon/``
+into the run's temp directory) run exactly like ``router`` (same options, one endpoint), in the
+same interleaved rounds (RSS, latency, SSE, throughput), as the column beside ``router``, plus a
+line comparing the two (p50/p99, SSE first event, req/s per concurrency; ratio = working tree /
+REF). Both processes then also load a tiny probe script that records where ``claude_router``
+was imported from; the baseline fails unless every ``claude_router`` module came from its own
+copy (mitmproxy puts the script's directory first on sys.path, before the editable install).
+
 ``--profile SECONDS`` instead runs py-spy (if installed in the venv) on the router under
 concurrency-16 load and prints where its CPU time goes.
 """
@@ -44,6 +55,7 @@ import collections
 import contextlib
 import ctypes
 import datetime
+import io
 import json
 import os
 import platform
@@ -51,25 +63,22 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
-import bench_streams
+from claude_router_dev import bench_streams, harness
+from claude_router_dev.harness import BIN, MITMDUMP, ROOT, ROUTER_SCRIPT, free_port  # noqa: F401 - also B.*
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
-ROUTER_SCRIPT = str(ROOT / "addon" / "router.py")
-MOCK_SCRIPT = str(ROOT / "scripts" / "mock_relay.py")
-HOOK_INDEX_SCRIPT = str(ROOT / "scripts" / "hook_index.py")
+HOOK_INDEX_SCRIPT = str(Path(__file__).resolve().parent / "addons" / "hook_index.py")  # mitmdump -s
 # The same logging flags for every mitmdump target: no per-flow output, warnings and errors only.
 MITM_COMMON = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn",
                "--set", "connection_strategy=lazy"]
@@ -80,8 +89,10 @@ MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 64,
 BODY = json.dumps(MESSAGE).encode()
 STREAM_BODY = json.dumps({**MESSAGE, "stream": True}).encode()
 REQUEST_TIMEOUT = 15.0
-MAIN_COLUMNS = ["direct", "mitmdump", "mitmdump+index", "router", "router+clients", "router+redis",
-                "nginx"]
+MAIN_COLUMNS = ["direct", "mitmdump", "mitmdump+index", "router", "router+config", "router+clients",
+                "router+redis", "nginx"]
+PAIR = ("router+config", "router+clients")  # the named-clients comparison: baseline, with clients
+PAIR_BLOCK = 10  # requests per target in a row in the paired phase
 
 now = time.perf_counter
 
@@ -117,12 +128,6 @@ def _child_setup() -> None:
     """In the child: die with the benchmark even if it is SIGKILLed (PR_SET_PDEATHSIG)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Procs:
@@ -193,7 +198,7 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
 
 
 def start_mock(procs: Procs, name: str, faults: list[str]) -> str:
-    argv = [sys.executable, MOCK_SCRIPT, "--port", "0", "--quiet", "--max-log", "1000"]
+    argv = harness.mock_argv("--port", "0", "--quiet", "--max-log", "1000")
     for f in faults:
         argv += ["--fault", f]
     proc = procs.spawn(name, argv, stdout_pipe=True)
@@ -213,7 +218,7 @@ async def wait_port(port: int, proc: subprocess.Popen | None, timeout: float) ->
             _, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
             w.close()
             return None
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             await asyncio.sleep(0.05)
     return f"port {port} did not open within {timeout:g}s"
 
@@ -264,7 +269,7 @@ async def redis_command_calls(port: int) -> int | None:
             data = await asyncio.wait_for(r.readexactly(int(head[1:]) + 2), 2)
         finally:
             w.close()
-    except (OSError, asyncio.TimeoutError, ValueError, asyncio.IncompleteReadError):
+    except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError):
         return None
     calls = re.findall(r"^cmdstat_([^:]+):calls=(\d+)", data.decode(errors="replace"), re.M)
     return sum(int(n) for name, n in calls if name.lower() != "info")
@@ -310,15 +315,153 @@ def mitm_argv(port: int, confdir: Path, *extra: str) -> list[str]:
             "--set", f"confdir={confdir}", *MITM_COMMON, *extra]
 
 
-def router_argv(port: int, confdir: Path, endpoints: list[str], *extra: str) -> list[str]:
-    args = ["-s", ROUTER_SCRIPT, "--mode", "reverse:https://api.anthropic.com"]
+def router_argv(port: int, confdir: Path, endpoints: list[str], *extra: str,
+                script: str = ROUTER_SCRIPT) -> list[str]:
+    args = ["-s", script, "--mode", "reverse:https://api.anthropic.com"]
     for ep in endpoints:
         args += ["--set", f"router_endpoints={ep}"]
     return mitm_argv(port, confdir, *args, *extra)
 
 
+# ---------------------------------------------------------------------- --baseline REF
+
+def resolve_ref(ref: str, repo: Path = ROOT) -> tuple[str, str]:
+    """(full sha, short sha) of the commit git REF names in ``repo``; ValueError with a
+    one-line reason if it names no commit or the commit has no ``addon/router.py``."""
+    def git(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True,
+                              timeout=30)
+    if not ref or ref.startswith("-"):
+        raise ValueError(f"--baseline {ref!r}: not a git revision")
+    try:
+        full = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ValueError(f"--baseline {ref}: git failed: {e}") from None
+    if full.returncode or not full.stdout.strip():
+        raise ValueError(f"--baseline {ref}: no such commit in {repo} (try HEAD~1, a sha, "
+                         "origin/main)")
+    sha = full.stdout.strip()
+    if git("cat-file", "-e", f"{sha}:addon/router.py").returncode:
+        raise ValueError(f"--baseline {ref}: commit {sha[:12]} has no addon/router.py")
+    short = git("rev-parse", "--short", sha).stdout.strip() or sha[:7]
+    return sha, short
+
+
+def extract_addon(sha: str, dest: Path, repo: Path = ROOT) -> Path:
+    """``git archive SHA addon/`` unpacked under ``dest``; the path of its ``addon/router.py``."""
+    out = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha, "addon"],
+                         capture_output=True, timeout=60)
+    if out.returncode:
+        raise ValueError(f"git archive {sha[:12]} addon: "
+                         f"{out.stderr.decode(errors='replace').strip()[:200]}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    script = dest / "addon" / "router.py"
+    if not script.is_file():
+        raise ValueError(f"{sha[:12]} has no addon/router.py")
+    return script
+
+
+# An extra -s script for the router and its baseline: at `running` (every addon loaded) it
+# writes where each claude_router module and each script module came from. It imports nothing
+# of the router's, so it cannot decide which copy is loaded; the router's script comes first.
+IMPORT_PROBE = """\
+import json
+import sys
+
+
+class ImportProbe:
+    def running(self):
+        mods = {{n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())
+                if n == "claude_router" or n.startswith(("claude_router.", "__mitmproxy_script__."))}}
+        with open({out!r}, "w") as f:
+            json.dump(mods, f)
+
+
+addons = [ImportProbe()]
+"""
+
+
+def write_probe(directory: Path) -> tuple[str, Path]:
+    """An import probe in ``directory``: (its script path, the JSON file it will write)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "imports.json"
+    script = directory / "import_probe.py"
+    script.write_text(IMPORT_PROBE.format(out=str(out)))
+    return str(script), out
+
+
+def imports_outside(mods: dict[str, str | None], home: Path) -> list[str]:
+    """The claude_router modules of a probe's record not loaded from under ``home``
+    (``["no claude_router module"]`` if there is none)."""
+    ours = {n: f for n, f in mods.items() if n.split(".")[0] == "claude_router"}
+    if not ours:
+        return ["no claude_router module"]
+    home = home.resolve()
+    return [f"{n} from {f}" for n, f in sorted(ours.items())
+            if not f or not Path(f).resolve().is_relative_to(home)]
+
+
+def main_columns(targets) -> list[str]:
+    """MAIN_COLUMNS present in ``targets``, each ``router@REF`` baseline right after router."""
+    cols = []
+    for c in MAIN_COLUMNS:
+        if c in targets:
+            cols.append(c)
+        if c == "router":
+            cols += [n for n in targets if n.startswith("router@")]
+    return cols
+
+
+def baseline_comparison(results: dict[str, Any], base: str, concurrency: list[int],
+                        now_name: str = "router") -> dict[str, Any]:
+    """The working tree's router against its baseline ``base``: each figure as
+    (router, baseline, router / baseline)."""
+    L, S, T = (results.get(k, {}) for k in ("latency_ms", "sse_ms", "throughput"))
+
+    def trio(get: Callable[[str], float | None]) -> dict[str, float | None]:
+        a, b = get(now_name), get(base)
+        return {"router": a, "baseline": b,
+                "ratio": a / b if a is not None and b is not None and b > 0 else None}
+
+    out: dict[str, Any] = {"router": now_name, "baseline": base}
+    for q in ("p50", "p99"):
+        out[f"latency_{q}_ms"] = trio(lambda n, q=q: L.get(n, {}).get(q))
+    out["sse_first_event_p50_ms"] = trio(lambda n: S.get(n, {}).get("ttfe", {}).get("p50"))
+    out["rps"] = {str(c): trio(lambda n, c=c: T.get(n, {}).get(str(c), {}).get("rps"))
+                  for c in concurrency}
+    return out
+
+
+def render_baseline(c: dict[str, Any], status: str = "ok", ref: str = "") -> str:
+    """One line: the working tree's router against router@REF."""
+    name = c["baseline"] + (f" ({ref})" if ref else "")
+    if status != "ok":
+        return f"{c['router']} vs {name}: no comparison, {name} {status}"
+
+    def r(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}×"
+
+    def ms(t: dict) -> str:
+        return f"{fmt_ms(t['router'])} ms vs {fmt_ms(t['baseline'])} ms ({r(t['ratio'])})"
+
+    rps = c["rps"]
+    n = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
+    line = (f"{c['router']} vs {name}: p50 {ms(c['latency_p50_ms'])}, "
+            f"p99 {ms(c['latency_p99_ms'])}")
+    if c["sse_first_event_p50_ms"]["router"] is not None:
+        line += f", SSE first event p50 {ms(c['sse_first_event_p50_ms'])}"
+    if rps:
+        line += (f"; req/s at c={'/'.join(rps)}: "
+                 + "/".join(n(t["router"]) for t in rps.values()) + " vs "
+                 + "/".join(n(t["baseline"]) for t in rps.values())
+                 + " (" + "/".join(r(t["ratio"]) for t in rps.values()) + ")")
+    return line + " (ratio = working tree / baseline: above 1 is slower for ms, faster for req/s)"
+
+
 # One nginx of a benchmark: its files under {tmp}, quiet, and an http block the caller ends.
-# (Also scripts/bench_workers.py's fixed-answer upstream; it runs without a master process so
+# (Also bench_workers.py's fixed-answer upstream; it runs without a master process so
 # that the one pid it watches is the one that works.)
 NGINX_HEAD = """\
 worker_processes 1;
@@ -361,6 +504,22 @@ NGINX_CONF = NGINX_HEAD + """\
 """
 
 
+def clients_yaml(ok_url: str, named: bool = True, members: int = 49) -> str:
+    """The router_config of the named-clients comparison: one priced endpoint and, with
+    ``named``, 50 named clients, the bench's key (``bench``) the last of them, with a budget,
+    an rpm and a concurrency limit no run reaches. Without ``named`` it is the same router
+    without named clients (the baseline, ``router+config``)."""
+    text = ("endpoints:\n"
+            f"  - {{name: ok, url: '{ok_url}', price: {{input: 3, output: 15}}}}\n")
+    if named:
+        text += ("clients:\n"
+                 + "".join(f"  - {{name: member{i}, key: member-key-{i:04d}-0123456789}}\n"
+                           for i in range(members))
+                 + "  - {name: bench, key: bench, budget: {usd: 1000000, per: day}, rpm: 100000000,"
+                   " max_concurrency: 100000}\n")
+    return text
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
         self.args = args
@@ -379,6 +538,9 @@ class Bench:
         self.gaps: dict[str, list[float]] = collections.defaultdict(list)
         self.sse_err: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.tp: dict[tuple[str, int], dict[str, Any]] = {}
+        # --baseline: the baseline target's name, and per probed target (probe file, home)
+        self.baseline: str | None = None
+        self.probes: dict[str, tuple[Path, Path]] = {}
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -414,23 +576,27 @@ class Bench:
         self.spawn_proxy("mitmdump+index", "mitmdump", lambda p: mitm_argv(
             p, self.confdir("mitmdump+index"), "--mode", f"reverse:{self.mock}",
             "-s", HOOK_INDEX_SCRIPT), path="/ok/v1/messages")
+        probe: tuple[str, ...] = ()
+        if a.baseline:  # both routers load the import probe, so they stay alike
+            script, out = write_probe(self.tmp / "probe-router")
+            self.probes["router"] = (out, ROOT / "addon")
+            probe = ("-s", script)
         self.spawn_proxy("router", "router", lambda p: router_argv(
-            p, self.confdir("router"), [ok_ep]), check=attempts_check(must="ok:200", must_not="bad"))
+            p, self.confdir("router"), [ok_ep], *probe),
+            check=attempts_check(must="ok:200", must_not="bad"))
+        if a.baseline:
+            self.start_baseline(ok_ep)
         # The same router with named clients (issue 21): the bench's key is a client with a
         # budget, an rpm and a concurrency limit none of the runs reaches, among 50 clients,
         # on a priced endpoint, so every request is identified, admitted, priced and recorded.
-        clients_cfg = self.tmp / "clients.yaml"
-        clients_cfg.write_text(
-            "endpoints:\n"
-            f"  - {{name: ok, url: '{self.mock}/ok', price: {{input: 3, output: 15}}}}\n"
-            "clients:\n"
-            + "".join(f"  - {{name: member{i}, key: member-key-{i:04d}-0123456789}}\n" for i in range(49))
-            + "  - {name: bench, key: bench, budget: {usd: 1000000, per: day}, rpm: 100000000,"
-              " max_concurrency: 100000}\n")
-        self.spawn_proxy("router+clients", "router", lambda p: mitm_argv(
-            p, self.confdir("router+clients"), "-s", ROUTER_SCRIPT,
-            "--mode", "reverse:https://api.anthropic.com", "--set", f"router_config={clients_cfg}"),
-            check=attempts_check(must="ok:200"))
+        # Its baseline, router+config, is the very same file without `clients:`.
+        for name, named in (("router+config", False), ("router+clients", True)):
+            cfg = self.tmp / f"{name.replace('+', '-')}.yaml"
+            cfg.write_text(clients_yaml(f"{self.mock}/ok", named))
+            self.spawn_proxy(name, "router", lambda p, name=name, cfg=cfg: mitm_argv(
+                p, self.confdir(name), "-s", ROUTER_SCRIPT,
+                "--mode", "reverse:https://api.anthropic.com", "--set", f"router_config={cfg}"),
+                check=attempts_check(must="ok:200"))
         self.spawn_proxy("router-failover", "router", lambda p: router_argv(
             p, self.confdir("router-failover"), [bad_ep, ok_ep],
             "--set", "router_max_failures=1000000"),
@@ -471,6 +637,58 @@ class Bench:
             if why:
                 t.fail(f"failed: {why}; log: {self.procs.log_excerpt(t.name)}")
         await self.preflight()
+        if self.probes:
+            await self.check_imports()
+        if self.baseline and not (t := self.targets[self.baseline]).ok:
+            # mitmproxy's last words ("Error logged during startup") hide the cause: add the
+            # exception the baseline's addon raised, if its log has one
+            cause = [ln.strip() for ln in self.procs.log_tail(self.baseline, 200).splitlines()
+                     if re.match(r"\s*[\w.]*(Error|Exception)\b.*:", ln)]
+            if cause and cause[-1] not in t.status:
+                t.status += f" (cause: {cause[-1][:240]})"
+
+    def start_baseline(self, ok_ep: str) -> None:
+        """``router@SHORT``: the addon of --baseline REF, extracted into the temp directory and
+        run with router's options (and the import probe)."""
+        a = self.args
+        name = self.baseline = f"router@{a.baseline_short}"
+        home = self.tmp / f"baseline-{a.baseline_short}"
+        try:
+            script = extract_addon(a.baseline_sha, home)
+        except (OSError, ValueError, subprocess.SubprocessError, tarfile.TarError) as e:
+            self.add(Target(name, "", "router", 0, status=f"failed: extracting {a.baseline}: {e}"))
+            return
+        note(f"{name}: the addon of {a.baseline} ({a.baseline_sha[:12]}) from {home / 'addon'}")
+        probe, out = write_probe(self.tmp / "probe-baseline")
+        self.probes[name] = (out, home / "addon")
+        self.spawn_proxy(name, "router", lambda p: router_argv(
+            p, self.confdir(name), [ok_ep], "-s", probe, script=str(script)),
+            check=attempts_check(must="ok:200", must_not="bad"))
+
+    async def check_imports(self) -> None:
+        """Where each probed router imported claude_router from (--baseline): the baseline
+        fails unless all of it came from its own copy."""
+        res = self.results.setdefault("baseline", {})
+        for name, (out, home) in self.probes.items():
+            t = self.targets[name]
+            deadline = time.monotonic() + 10
+            while t.ok and not out.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            try:
+                mods = json.loads(out.read_text())
+            except (OSError, ValueError) as e:
+                if t.ok:
+                    t.fail(f"failed: the import probe wrote nothing ({type(e).__name__}); "
+                           f"log: {self.procs.log_excerpt(name)}")
+                continue
+            res.setdefault("imports", {})[name] = mods
+            wrong = imports_outside(mods, home)
+            pkg = mods.get("claude_router")
+            note(f"{name}: claude_router from {pkg}")
+            if wrong and name == self.baseline:
+                t.fail(f"failed: not the baseline's own code: {'; '.join(wrong)[:300]}")
+            elif wrong:
+                self.notes.append(f"{name}: claude_router not from {home}: {'; '.join(wrong)[:300]}")
 
     async def start_nginx(self, nginx: str) -> None:
         bad = start_mock(self.procs, "mock-503", ["ok=503"])  # nginx cannot fail over on 529
@@ -569,6 +787,37 @@ class Bench:
                     left[t.name] -= 1
                     self.record(t, ok, err, self.lat[t.name], self.lat_err[t.name], dt)
 
+    async def paired(self, sessions) -> None:
+        """The named-clients comparison, measured paired: ``--pair-rounds`` rounds, each of
+        ``--pair-requests`` sequential requests per target of ``PAIR``, alternating in blocks
+        of ``PAIR_BLOCK`` (ABBA order, so a drift hits both alike). Each round gives one
+        difference of p50s; their median is the figure (``paired_difference``)."""
+        a = self.args
+        pair = self.live(list(PAIR))
+        if len(pair) != 2:
+            self.notes.append(f"paired named-clients comparison skipped: {' and '.join(PAIR)} "
+                              "are not both up.")
+            return
+        note(f"paired named-clients comparison: {a.pair_rounds} rounds of {a.pair_requests} "
+             f"requests per target, in blocks of {PAIR_BLOCK}")
+        rounds: list[dict[str, list[float]]] = []
+        errors: dict[str, collections.Counter] = {t.name: collections.Counter() for t in pair}
+        for r in range(a.pair_rounds):
+            got: dict[str, list[float]] = {t.name: [] for t in pair}
+            blocks = -(-a.pair_requests // PAIR_BLOCK)
+            for b in range(blocks):
+                for t in (pair if (b + r) % 2 == 0 else pair[::-1]):
+                    for _ in range(min(PAIR_BLOCK, a.pair_requests - b * PAIR_BLOCK)):
+                        ok, dt, err = await timed_post(sessions[t.name], t, BODY)
+                        self.record(t, ok, err, got[t.name], errors[t.name], dt)
+            if not all(t.ok for t in pair):
+                break
+            rounds.append(got)
+        self.results["clients_paired"] = paired_difference(rounds, PAIR[0], PAIR[1]) | {
+            "requests_per_round": a.pair_requests, "block": PAIR_BLOCK,
+            "errors": {n: sum(c.values()) for n, c in errors.items()},
+            "error_kinds": {n: dict(c) for n, c in errors.items()}}
+
     def record(self, t: Target, ok: bool, err: str | None, samples: list, errors, dt=None) -> None:
         if ok:
             t.consecutive_errors = 0
@@ -614,15 +863,19 @@ class Bench:
 
     async def run(self) -> None:
         a = self.args
-        lat_names = ["direct", "direct-529", "mitmdump", "mitmdump+index", "router", "router+clients",
-                     "router+redis",
+        lat_names = ["direct", "direct-529", "mitmdump", "mitmdump+index", "router", "router+config",
+                     "router+clients", "router+redis",
                      "router-failover", "router-cooled", "nginx", "direct-503", "nginx-failover",
                      "nginx-cooled"]
         sse_names = ["direct", "mitmdump", "mitmdump+stream", "router", "router+redis",
                      "router-failover", "nginx"]
-        tp_names = ["direct", "mitmdump", "mitmdump+index", "router", "router+clients", "router+redis",
-                    "nginx"]
+        tp_names = ["direct", "mitmdump", "mitmdump+index", "router", "router+config", "router+clients",
+                    "router+redis", "nginx"]
         rss_names = ["mitmdump", "router", "router+redis", "nginx"]
+        if self.baseline:  # measured like router, right after it
+            lat_names, sse_names, tp_names, rss_names = (
+                [m for n in names for m in ((n, self.baseline) if n == "router" else (n,))]
+                for names in (lat_names, sse_names, tp_names, rss_names))
 
         note(f"RSS: {a.rss_requests} requests per proxy at concurrency 16")
         self.results["rss"] = {}
@@ -658,7 +911,7 @@ class Bench:
             per_sse = -(-a.sse_streams // rounds)
             slice_s = a.duration / rounds
             for r in range(rounds):
-                def rot(ts: list[Target]) -> list[Target]:
+                def rot(ts: list[Target], r: int = r) -> list[Target]:
                     k = r % max(1, len(ts))
                     return ts[k:] + ts[:k]
                 note(f"round {r + 1}/{rounds}: latency ({per_lat} per target)")
@@ -674,6 +927,7 @@ class Bench:
                          f"({slice_s:.2f}s per target)")
                     for t in rot(self.live(tp_names)):
                         await self.tp_slice(t, conc, slice_s)
+            await self.paired(lat_sessions)
         finally:
             for s in [*lat_sessions.values(), *sse_sessions.values()]:
                 await s.close()
@@ -693,7 +947,7 @@ class Bench:
                                  "error_kinds": dict(self.lat_err[n])}
                              for n in lat_names if n in self.targets and self.lat[n]}
         direct = res["latency_ms"].get("direct", {})
-        for n, s in res["latency_ms"].items():
+        for s in res["latency_ms"].values():
             if direct and s.get("n"):
                 s["added_p50"] = s["p50"] - direct["p50"]
                 s["added_p99"] = s["p99"] - direct["p99"]
@@ -706,7 +960,7 @@ class Bench:
                                     "errors": sum(self.sse_err[n].values()),
                                     "error_kinds": dict(self.sse_err[n])}
         d = res["sse_ms"].get("direct")
-        for n, s in res["sse_ms"].items():
+        for s in res["sse_ms"].values():
             if d:
                 s["ttfe_added_p50"] = s["ttfe"]["p50"] - d["ttfe"]["p50"]
                 s["ttfe_added_p99"] = s["ttfe"]["p99"] - d["ttfe"]["p99"]
@@ -736,6 +990,36 @@ class Bench:
                     entry[f"cooled_minus_plain_{q}"] = p(cooled, q) - p(proxy, q)
             fo[proxy] = entry
         res["failover_ms"] = fo
+        if self.baseline:
+            a = self.args
+            res.setdefault("baseline", {}).update(
+                {"ref": a.baseline, "sha": a.baseline_sha, "name": self.baseline,
+                 "status": self.targets[self.baseline].status,
+                 "comparison": baseline_comparison(res, self.baseline, a.concurrency)})
+
+
+def paired_difference(rounds: list[dict[str, list[float]]], base: str, other: str) -> dict[str, Any]:
+    """Per round, p50(other) − p50(base) in ms; the median over rounds, the quartiles of the
+    rounds' differences, and how many rounds. Rounds without samples of both are left out."""
+    diffs = []
+    for got in rounds:
+        a, b = sorted(got.get(base, [])), sorted(got.get(other, []))
+        if a and b:
+            diffs.append(1000 * (percentile(b, 0.5) - percentile(a, 0.5)))
+    s = sorted(diffs)
+    return {"base": base, "other": other, "rounds": len(s), "round_diffs_ms": diffs,
+            "median_ms": percentile(s, 0.5) if s else None,
+            "q1_ms": percentile(s, 0.25) if s else None,
+            "q3_ms": percentile(s, 0.75) if s else None}
+
+
+def render_paired(c: dict[str, Any] | None) -> str:
+    if not c or c.get("median_ms") is None:
+        return ""
+    return (f"named clients added p50: {c['median_ms']:.3f} ms (median of {c['rounds']} paired "
+            f"rounds of {c['requests_per_round']} requests per target, {c['other']} − {c['base']}; "
+            f"middle half of the rounds {c['q1_ms']:.3f} to {c['q3_ms']:.3f} ms; "
+            f"target <= 0.1 ms)")
 
 
 # ------------------------------------------------------------------------------------ client
@@ -761,7 +1045,7 @@ async def timed_post(session: aiohttp.ClientSession, t: Target, body: bytes):
                 if err:
                     return False, dt, err
             return True, dt, None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         return False, now() - t0, type(e).__name__
 
 
@@ -792,7 +1076,7 @@ async def sse_stream(session: aiohttp.ClientSession, t: Target, expected: int):
                     times.append(at)
                     if first_content is None and not last.startswith(PRELUDE_EVENTS):
                         first_content = at
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         return False, 0.0, [], type(e).__name__
     if len(times) != expected or b"message_stop" not in last:
         return False, 0.0, [], f"{len(times)} events, expected {expected}"
@@ -875,7 +1159,7 @@ async def _stream_any(s: aiohttp.ClientSession, t: Target):
             if b"message_stop" not in body:
                 return False, now() - t0, "stream without message_stop"
             return True, now() - t0, None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
         return False, now() - t0, f"stream {type(e).__name__}"
 
 
@@ -921,13 +1205,13 @@ def machine() -> dict[str, Any]:
         "redis_server": re.sub(r"^Redis server v=(\S+).*", r"redis-server \1",
                                version(["redis-server", "--version"])),
         "nginx": version(["nginx", "-v"]).replace("nginx version: ", ""),
-        "git": git, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": git, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     targets = results["targets"]
-    cols = [c for c in MAIN_COLUMNS if c in targets]
+    cols = main_columns(targets)
     L, S, T, F = results["latency_ms"], results["sse_ms"], results["throughput"], results["failover_ms"]
     R = results.get("rss", {})
     status = {c: targets[c]["status"] for c in cols}
@@ -967,10 +1251,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         lambda c: S.get(sse(c), {}).get("gap_minus_mock_gap", {}).get("p99"), use_ratio=False)
     for conc in args.concurrency:
         k = str(conc)
-        row(f"req/s @ concurrency {conc}", lambda c: T.get(c, {}).get(k, {}).get("rps"),
+        row(f"req/s @ concurrency {conc}", lambda c, k=k: T.get(c, {}).get(k, {}).get("rps"),
             fmt=lambda v: f"{v:.0f}")
         row(f"p99 @ concurrency {conc} (ms)",
-            lambda c: T.get(c, {}).get(k, {}).get("latency_ms", {}).get("p99"))
+            lambda c, k=k: T.get(c, {}).get(k, {}).get("latency_ms", {}).get("p99"))
     rows.append((f"errors @ concurrency {'/'.join(map(str, args.concurrency))}", [
         cell(c, 0) if status[c] != "ok" else "/".join(
             str(T.get(c, {}).get(str(k), {}).get("errors", "–")) for k in args.concurrency)
@@ -1013,6 +1297,13 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"mitmproxy {m['mitmproxy']}, aiohttp {m['aiohttp']}, {m['redis_server']}, "
             f"nginx: {m['nginx']}; git {m['git']}; {m['date']}. "
             f"Client, mock and proxies share these CPUs. Settings: {results['settings_text']}."]
+    if paired := render_paired(results.get("clients_paired")):
+        out += ["", paired]
+    if (b := results.get("baseline", {})).get("comparison"):
+        out += ["", render_baseline(b["comparison"], b["status"], b["ref"])]
+        if b.get("imports"):
+            out += ["claude_router imported from: " + "; ".join(
+                f"{n} {mods.get('claude_router')}" for n, mods in b["imports"].items())]
     notes = [f"{n}: {t['status']}" for n, t in targets.items() if t["status"] != "ok"]
     notes += results.get("notes", [])
     if notes:
@@ -1154,16 +1445,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sse-gap-ms", type=int, default=50, help="mock gap between SSE events (50)")
     p.add_argument("--sse-words", type=int, default=10, help="words (delta events) per stream (10)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (3)")
+    p.add_argument("--pair-rounds", type=int,
+                   help="paired rounds of router+clients vs router+config (30; quick: 6)")
+    p.add_argument("--pair-requests", type=int,
+                   help="sequential requests per target in each paired round (200; quick: 40)")
     p.add_argument("--json", default=str(ROOT / "bench-results.json"), help="results file")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument("--affinity", action="store_true",
                    help="only the in-process session placement and memory measurement")
+    p.add_argument("--clients-in-process", action="store_true",
+                   help="only the in-process cost of the named-clients path per request")
     p.add_argument("--max-seconds", type=float, default=1800, help="abort after this long (1800)")
     p.add_argument("--profile", type=int, metavar="SECONDS",
                    help="instead: py-spy the router under concurrency-16 load for SECONDS")
     p.add_argument("--profile-svg", default="/tmp/router-profile.svg",
                    help="flame graph path for --profile (-json/-sse suffixes are added)")
-    p.add_argument("--streams", metavar="N,N", help="only the streams phase (scripts/"
+    p.add_argument("--streams", metavar="N,N", help="only the streams phase (claude_router_dev/"
                    "bench_streams.py), at these levels (default, also in the full run: 1000,2000)")
     p.add_argument("--no-streams", action="store_true", help="leave the streams phase out")
     p.add_argument("--stream-events", type=int, default=40, help="events per stream (40)")
@@ -1173,13 +1470,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="streams phase targets (direct,mitmdump+stream,router)")
     p.add_argument("--stream-rounds", type=int, default=1,
                    help="run every level and target this many times, order rotated (1)")
+    p.add_argument("--baseline", metavar="REF",
+                   help="also run the addon of git REF (HEAD~1, origin/main, a sha) as "
+                        "router@SHORTSHA beside router, and compare the two")
     a = p.parse_args(argv)
-    quick = {"duration": 0.6, "requests": 60, "rss_requests": 500, "sse_streams": 4, "rounds": 2}
-    full = {"duration": 3.0, "requests": 500, "rss_requests": 10000, "sse_streams": 30, "rounds": 3}
+    quick = {"duration": 0.6, "requests": 60, "rss_requests": 500, "sse_streams": 4, "rounds": 2,
+             "pair_rounds": 6, "pair_requests": 40}
+    full = {"duration": 3.0, "requests": 500, "rss_requests": 10000, "sse_streams": 30, "rounds": 3,
+            "pair_rounds": 30, "pair_requests": 200}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.concurrency = [int(c) for c in a.concurrency.split(",") if c.strip()]
+    a.baseline_sha = a.baseline_short = None  # main() resolves --baseline (git) before the run
+    if a.baseline is not None and (not a.baseline.strip() or a.profile or a.streams is not None
+                                   or a.affinity or a.clients_in_process):
+        p.error("--baseline REF needs a REF and works with the main run only (not --profile, "
+                "--streams, --affinity, --clients-in-process)")
     a.streams_only = a.streams is not None
     a.stream_levels = [] if a.no_streams and not a.streams_only else [
         int(n) for n in (a.streams or ("100" if a.quick else "1000,2000")).split(",") if n.strip()]
@@ -1192,7 +1499,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"streams: levels must be positive, at least 7 events, a positive rate, "
                 f"targets among {','.join(bench_streams.TARGETS)}")
     if (not a.concurrency or min(a.concurrency) < 1 or max(a.concurrency) > 1024 or a.rounds < 1
-            or a.requests < 1 or a.duration <= 0 or a.rss_requests < 1 or a.sse_streams < 1):
+            or a.requests < 1 or a.duration <= 0 or a.rss_requests < 1 or a.sse_streams < 1
+            or a.pair_rounds < 1 or a.pair_requests < 1):
         p.error("counts must be positive (concurrency 1..1024)")
     return a
 
@@ -1203,7 +1511,6 @@ def affinity_bench(sessions_n: int = 100_000, samples: int = 20_000) -> dict[str
     import gc
     import tracemalloc
 
-    sys.path.insert(0, str(ROOT / "addon"))
     from claude_router import cost, sessions
     from claude_router.affinity import MemoryAffinity
     from claude_router.usage import Price
@@ -1223,7 +1530,7 @@ def affinity_bench(sessions_n: int = 100_000, samples: int = 20_000) -> dict[str
     doc = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
     times = []
     clock = time.perf_counter
-    for i in range(samples):
+    for _ in range(samples):
         t0 = clock()
         sid = sessions.session_id(headers, doc)
         prev = store.local(sid)
@@ -1234,6 +1541,120 @@ def affinity_bench(sessions_n: int = 100_000, samples: int = 20_000) -> dict[str
     return {"sessions": sessions_n, "memory_mib": mem / 2**20, "bytes_per_session": mem / sessions_n,
             "placement_p50_ms": 1000 * times[len(times) // 2],
             "placement_p99_ms": 1000 * times[int(len(times) * 0.99)]}
+
+
+def clients_bench(samples: int = 5_000, repeats: int = 9) -> dict[str, Any]:
+    """In-process cost of the named-clients path per request, with the router's real objects
+    on the bench's own config (``clients_yaml``: 50 named clients, the key the last one):
+    the key check (``access.authorized``, twice: at the request's head and at its body),
+    identifying the client (``access.who``), admitting it (``accounts.admit``: budget, rpm,
+    concurrency), releasing it, recording its tokens and spend (``accounts.record``, which
+    hands the spend to the ledger) and the ledger's row (``ledger.add``). The same steps without
+    named clients (no key to check, the anonymous client, as ``router+config`` runs them) give
+    the baseline; µs per request, the fastest of ``repeats`` runs of ``samples`` requests each
+    (noise only ever adds)."""
+    from mitmproxy.http import Headers
+
+    from claude_router import access, clients, config, ledger as ledgers, usage
+    from claude_router.accounts import Accounts
+
+    with tempfile.TemporaryDirectory(prefix="claude-router-clients-bench-") as tmp:
+        path = Path(tmp) / "router.yaml"
+        path.write_text(clients_yaml("http://127.0.0.1:9/ok", named=True))
+        file = config.load(str(path), env={})
+        named = file.clients
+        keys = access.client_keys((), file.client_keys, environ={})
+        keys = tuple(c.key for c in named) + keys
+        table = clients.table(named, keys[len(named):])
+        # the headers aiohttp sends with the bench's own, as mitmproxy hands them over
+        headers = Headers(host="127.0.0.1:8080", **{k.replace("-", "_"): v for k, v in HEADERS.items()},
+                          accept="*/*", accept_encoding="gzip, deflate",
+                          user_agent=f"Python/3.12 aiohttp/{aiohttp.__version__}",
+                          content_length=str(len(BODY)))
+        price = file.endpoints[0].price
+        u = usage.Usage(input_tokens=12, output_tokens=24)
+        usd = usage.cost(u, price)
+        model = MESSAGE["model"]
+        ledger = ledgers.Ledger(str(Path(tmp) / "ledger.sqlite3"))  # never started: no thread
+        accounts = Accounts(time.time)
+        accounts.on_spend = ledger.spend  # what the addon's _spent does without Redis
+        clock = time.time
+
+        # Every request brings its own headers: two equal ones, alternated, so nothing is
+        # answered from the last request's (access.presented_key keeps the last answer).
+        fresh = [tuple(list(headers.fields)) for _ in range(2)]
+        turn = [0]
+
+        def named_request() -> None:
+            turn[0] ^= 1
+            headers.fields = fresh[turn[0]]
+            for _ in range(2):  # the router checks the key at requestheaders and at request
+                if not access.authorized(headers, keys):
+                    raise AssertionError("the bench key is not accepted")
+            who = access.who(headers, table)
+            if accounts.admit(who) is not None:
+                raise AssertionError("the bench client was refused")
+            accounts.release(who.label)
+            now = clock()
+            accounts.record(who.label, now, "ok", model, u, usd)
+            ledger.add(ledgers.Row(now, who.label, None, model, "ok", "ok:200", 200,
+                                   u.input_tokens, u.output_tokens, 0, 0, usd, None))
+
+        def anonymous_request() -> None:
+            who = clients.ANONYMOUS
+            accounts.admit(who)
+            accounts.release(who.label)
+            now = clock()
+            accounts.record(who.label, now, "ok", model, u, usd)
+            ledger.add(ledgers.Row(now, who.label, None, model, "ok", "ok:200", 200,
+                                   u.input_tokens, u.output_tokens, 0, 0, usd, None))
+
+        bench_client = access.who(headers, table)
+
+        def key_steps() -> None:
+            turn[0] ^= 1
+            headers.fields = fresh[turn[0]]
+            access.authorized(headers, keys)
+            access.authorized(headers, keys)
+            access.who(headers, table)
+
+        steps = {
+            "key: authorized ×2 + who": key_steps,
+            "admit+release": lambda: (accounts.admit(bench_client), accounts.release("bench")),
+            "record": lambda: accounts.record("bench", clock(), "ok", model, u, usd),
+            "ledger.add": lambda: ledger.add(ledgers.Row(
+                clock(), "bench", None, model, "ok", "ok:200", 200, 12, 24, 0, 0, usd, None)),
+        }
+
+        def run_us(fn: Callable[[], Any]) -> float:
+            t0 = time.perf_counter()
+            for _ in range(samples):
+                fn()
+            dt = (time.perf_counter() - t0) / samples * 1e6
+            ledger._rows.clear()  # the writer thread's job: keep the queue short
+            ledger._spend.clear()
+            return dt
+
+        fns = {"named": named_request, "anonymous": anonymous_request, **steps}
+        for fn in fns.values():
+            run_us(fn)  # warm: accounts, metric children, caches
+        runs: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):  # interleaved, so a busy moment hits every figure alike
+            for k, fn in fns.items():
+                runs[k].append(run_us(fn))
+        best = {k: min(v) for k, v in runs.items()}  # other work on the machine only adds time
+        out = {"clients": len(named), "samples": samples, "repeats": repeats,
+               "named_us": best.pop("named"), "anonymous_us": best.pop("anonymous"),
+               "steps_us": best}
+        out["added_us"] = out["named_us"] - out["anonymous_us"]
+        return out
+
+
+def render_clients(c: dict[str, Any]) -> str:
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in c["steps_us"].items())
+    return (f"\nnamed clients' own work in-process: {c['named_us']:.1f} µs per request "
+            f"({c['clients']} named clients; without them {c['anonymous_us']:.1f} µs, so "
+            f"{c['added_us']:.1f} µs added; by step, µs: {steps})\n")
 
 
 def render_affinity(a: dict[str, Any]) -> str:
@@ -1250,6 +1671,15 @@ def main(argv: list[str] | None = None) -> int:
         a = affinity_bench()
         print(render_affinity(a))
         return 0
+    if args.clients_in_process:
+        print(render_clients(clients_bench()))
+        return 0
+    if args.baseline:
+        try:
+            args.baseline_sha, args.baseline_short = resolve_ref(args.baseline)
+        except ValueError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt
     tmp = Path(tempfile.mkdtemp(prefix="claude-router-bench-"))
     procs = Procs(tmp)
@@ -1301,14 +1731,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = {k: getattr(args, k) for k in ("duration", "requests", "concurrency", "rss_requests",
                                               "sse_streams", "sse_gap_ms", "sse_words", "rounds",
-                                              "quick")}
+                                              "pair_rounds", "pair_requests", "quick",
+                                              "baseline", "baseline_sha")}
     results["settings"] = settings
     results["settings_text"] = (
         f"{args.requests} sequential requests per target, {args.sse_streams} SSE streams, "
-        f"{args.duration:g}s per throughput cell, {args.rounds} interleaved rounds")
+        f"{args.duration:g}s per throughput cell, {args.rounds} interleaved rounds"
+        + (f", baseline {args.baseline} = {args.baseline_sha[:12]}" if args.baseline else ""))
     results["wall_seconds"] = time.monotonic() - started
     results["affinity"] = affinity_bench()
-    table = render(results, args) + render_affinity(results["affinity"])
+    results["clients_in_process"] = clients_bench(samples=1_000 if args.quick else 5_000)
+    table = (render(results, args) + render_clients(results["clients_in_process"])
+             + render_affinity(results["affinity"]))
     if "streams" in results:
         table += "\n" + bench_streams.render(results["streams"])
     results["table_markdown"] = table
@@ -1319,5 +1753,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules["bench"] = sys.modules[__name__]  # one module for scripts/bench_streams.py
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: bench_streams and bench_workers use that one.
+    from claude_router_dev import bench as _bench
+
+    sys.exit(_bench.main())

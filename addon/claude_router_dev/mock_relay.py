@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Mock Claude API relay for end-to-end tests, the demo and the benchmark.
 
 One process serves many "endpoints" (think: one relay host with price tiers).
@@ -7,7 +6,7 @@ endpoint ``aws``, path ``/v1/messages``, query ``beta=true``. Any name works.
 
 CLI::
 
-    python scripts/mock_relay.py [--host 127.0.0.1] [--port 0]
+    python -m claude_router_dev.mock_relay [--host 127.0.0.1] [--port 0]
         [--fault NAME=STATUS | --fault 'NAME={"reset":"mid_stream"}' ...]
         [--profile 'NAME={...profile JSON...}' ...]
         [--event-gap-ms N] [--max-log N] [--quiet]
@@ -162,8 +161,8 @@ import hashlib
 import hmac
 import itertools
 import json
-import os
 import logging
+import os
 import random
 import re
 import signal

@@ -1,11 +1,10 @@
-#!/usr/bin/env python3
 """Cost simulator: what the router's cost strategy spends on Claude Code traffic, against the
 original's price order and against an oracle.
 
 Run it through ``scripts/costsim`` (it picks the project's venv; mitmdump lives beside its
 python). Everything runs on 127.0.0.1:
 
-- one mock relay (scripts/mock_relay.py), every endpoint with a prompt-cache profile
+- one mock relay (claude_router_dev.mock_relay), every endpoint with a prompt-cache profile
   (``cache: true``, or ``"ignore"`` for a relay that bills every prompt token as input) and
   ``cache_ttl_scale`` compressing its clock: a 5-minute cache lives ``--ttl`` seconds;
 - per scenario two real ``mitmdump -s addon/router.py`` in reverse mode, each with a router
@@ -69,10 +68,18 @@ outage ends and how many turns each session has left, which no router does. ``ro
 near 1 means the rule chose well given what it could know; the rest of the gap is foresight
 or cooldowns.
 
-Output: per scenario what was sent and what happened (turns, upstream attempts, failures,
-moves, X-Router-Reason counts, the cost router's /_router/status ``sessions`` and ``caches``
-per endpoint, and each session's path: one letter per turn, upper case when the turn read its
-prefix from cache), then a Markdown table and a JSON file with everything.
+Your own relays: ``--config router.yaml`` takes the endpoints and prices of a router config
+(parsed by the router's own loader; ``env:`` keys need not be set, keys are never used) and
+runs three scenarios on them: calm, the cheapest failing for 0.2 TTL, and for 1.3 TTL; or,
+with ``--outage NAME:FROM-TO`` (TTL units), one scenario of those outages. ``--no-cache NAME``
+makes a relay ignore cache_control; ``--sessions``, ``--turns`` and ``--pace`` shape the trace.
+
+Output: first the summary (the table, each scenario in dollars and per 1,000 turns, and what
+a run of this size can and cannot show); then per scenario what was sent and what happened
+(turns, upstream attempts, failures, moves, the X-Router-Reasons as sent, the cost router's
+/_router/status ``sessions`` and ``caches`` per endpoint, and each session's path: one letter
+per turn, upper case when the turn read its prefix from cache), where the gap to the oracle
+comes from, and a JSON file with everything.
 """
 
 from __future__ import annotations
@@ -81,12 +88,11 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import importlib.util
+import dataclasses
 import itertools
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -94,35 +100,24 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402 - the benchmark's process handling, shared
+from claude_router_dev import (  # bench: the benchmark's process handling, shared
+    bench,
+    harness,
+    mock_relay as MOCK,  # its token rule: prompt_blocks, CACHE_LOOKBACK, CACHE_MIN_TOKENS
+)
+from claude_router_dev.harness import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-MITMDUMP = str(BIN / "mitmdump")
-ROUTER_SCRIPT = str(ROOT / "addon" / "router.py")
-MOCK_SCRIPT = str(ROOT / "scripts" / "mock_relay.py")
 MODEL = "claude-sonnet-4-5-20250929"
 OUTPUT_TOKENS = 400  # the mock's fixed output per answer (profile output_tokens)
 REAL_TTL = 300.0  # seconds: a 5-minute cache
 COOLDOWN = 1  # router_cooldown in the compressed clock (whole seconds: the option is an int)
 RUNS = ("cost", "order")
-
-
-def _load_mock():
-    spec = importlib.util.spec_from_file_location("costsim_mock_relay", MOCK_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MOCK = _load_mock()  # its token rule: prompt_blocks, CACHE_LOOKBACK, CACHE_MIN_TOKENS
 
 
 def note(msg: str) -> None:
@@ -139,6 +134,7 @@ class Ep:
     cache: bool | str = True  # True, or "ignore": bills every prompt token as input
     cache_write: float | None = None
     cache_read: float | None = None
+    label: str = ""  # the endpoint's name in the user's router.yaml (name is its path letter)
 
     @property
     def write5m(self) -> float:
@@ -168,7 +164,8 @@ class Ep:
 
     def describe(self) -> str:
         extra = " ignores caching" if self.cache == "ignore" else ""
-        return f"{self.name} {self.input:g}/{self.output:g}{extra}"
+        name = f"{self.name}={self.label}" if self.label else self.name
+        return f"{name} {self.input:g}/{self.output:g}{extra}"
 
 
 @dataclass(frozen=True)
@@ -209,6 +206,67 @@ SCENARIOS = [
              "still warm when it recovers, so moving back pays at once",
              (Ep("a", 2.4, 12.0), Ep("b", 3.0, 15.0)), outages=(("a", 0.6, 0.8),)),
 ]
+
+
+class _AnyEnv(dict):
+    """The environment costsim reads a router.yaml with: every ``env:NAME`` key resolves to a
+    placeholder, so the user's secrets are neither needed nor read (only prices are used)."""
+
+    def get(self, key, default=None):
+        return "costsim-placeholder"
+
+
+def config_endpoints(path: str, no_cache: list[str]) -> tuple[Ep, ...]:
+    """The endpoints of the user's router.yaml, parsed by the router's own loader, with their
+    prices; named a, b, c ... in price order (the letters of the session paths)."""
+    from claude_router import config
+
+    cfg = config.load(path, env=_AnyEnv())  # raises ConfigError naming the file and field
+    if len(cfg.endpoints) > 26:
+        raise config.ConfigError(path, "endpoints", "costsim simulates at most 26 endpoints")
+    names = [ep.name for ep in cfg.endpoints]
+    if bad := [n for n in no_cache if n not in names]:
+        raise config.ConfigError(path, "endpoints", f"--no-cache {bad[0]}: no such endpoint "
+                                 f"(endpoints: {', '.join(names)})")
+    eps = []
+    for i, ep in enumerate(cfg.endpoints):
+        if ep.price is None:
+            raise config.ConfigError(path, f"endpoints[{i}] ({ep.name}).price", "costsim needs a "
+                                     "price for every endpoint, e.g. price: {input: 3.0, output: 15.0}")
+        p = ep.price
+        eps.append(Ep(chr(ord("a") + i), p.input, p.output, "ignore" if ep.name in no_cache else True,
+                      p.cache_write, p.cache_read, label=ep.name))
+    return tuple(eps)
+
+
+def config_scenarios(eps: tuple[Ep, ...], outages: list[tuple[str, float, float]]) -> list[Scenario]:
+    """The user's relays: with --outage, one scenario of those outages; else a calm day, and
+    the cheapest endpoint failing for a short and for a long while (as the built-in ones)."""
+    if outages:
+        return [Scenario("your-outages", "your endpoints with the outages given", eps,
+                         outages=tuple(outages))]
+    out = [Scenario("calm", "your endpoints and prices, no outage", eps)]
+    if len(eps) > 1:
+        cheapest = eps[0].name
+        out += [Scenario("short-outage", f"the cheapest ({eps[0].label}) fails (529) for 0.2 TTL",
+                         eps, outages=((cheapest, 0.6, 0.8),)),
+                Scenario("long-outage", f"the cheapest ({eps[0].label}) fails for 1.3 TTL (its "
+                         "caches go cold)", eps, outages=((cheapest, 0.6, 1.9),), turns=16, pace=1.3)]
+    return out
+
+
+def parse_outage(spec: str) -> tuple[str, float, float]:
+    """``NAME:FROM-TO`` in TTL units (0.6-0.8: down from 0.6 to 0.8 TTL after the start)."""
+    name, sep, span = spec.rpartition(":")
+    a, dash, b = span.partition("-")
+    try:
+        start, end = float(a), float(b)
+    except ValueError:
+        start = end = -1.0
+    if not sep or not name or not dash or not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"bad outage {spec!r}: expected NAME:FROM-TO in TTL units, "
+                                         "e.g. aws:0.6-0.8")
+    return name, start, end
 
 
 # ---------------------------------------------------------------------------------- traces
@@ -357,12 +415,9 @@ class Procs(bench.Procs):
             proc.stdout.close()
 
 
-free_port = bench.free_port
-
 
 def start_mock(procs: Procs) -> str:
-    proc = procs.spawn("mock", [sys.executable, MOCK_SCRIPT, "--port", "0", "--quiet"],
-                       stdout_pipe=True)
+    proc = procs.spawn("mock", harness.mock_argv("--port", "0", "--quiet"), stdout_pipe=True)
     line = proc.stdout.readline().decode(errors="replace")
     if "listening on" not in line:
         raise RuntimeError(f"mock relay did not start: {line!r}\n{procs.log('mock')}")
@@ -391,13 +446,10 @@ def start_router(procs: Procs, workdir: Path, mock: str, n: int, scn: Scenario, 
     confdir = workdir / f"conf-{name}"
     confdir.mkdir()
     port = free_port()
-    argv = [MITMDUMP, "-s", ROUTER_SCRIPT, "--mode", "reverse:https://api.anthropic.com",
-            "--listen-host", "127.0.0.1", "--listen-port", str(port),
-            "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info",
-            "--set", "flow_detail=0", "--set", f"router_config={cfg}",
-            "--set", f"router_strategy={run}", "--set", f"router_cache_ttl={ttl}"]
+    options = {"flow_detail": 0, "router_config": cfg, "router_strategy": run, "router_cache_ttl": ttl}
     if horizon is not None:
-        argv += ["--set", f"router_session_horizon={horizon}"]
+        options["router_session_horizon"] = horizon
+    argv = harness.router_argv(port, confdir=confdir, options=options)
     proc = procs.spawn(f"router-{name}", argv)
     return proc, f"http://127.0.0.1:{port}", f"router-{name}"
 
@@ -833,8 +885,7 @@ def analyse(n: int, scn: Scenario, args, traces: list[SessionTrace], sent: list[
         client_errors = [s for s in mine_sent if s.status != 200 or s.error]
         seen = sum(eps[index[s.endpoint]].bill(s.usage) for s in final[run].values()
                    if s.usage and s.endpoint in index)
-        reasons = collections.Counter(_reason_kind(s.reason) for s in final[run].values()
-                                      if s.reason)
+        reasons = collections.Counter(s.reason for s in final[run].values() if s.reason)
         failovers = sum(1 for s in final[run].values() if "," in s.attempts)
         paths[run], moves = {}, 0
         for tr in traces:
@@ -924,11 +975,6 @@ def _div(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _reason_kind(reason: str) -> str:
-    """An X-Router-Reason without its amounts, to count them."""
-    return re.sub(r"\$[0-9.]+", "$x", re.sub(r"over \d+ turns", "over N turns", reason))
-
-
 # --------------------------------------------------------------------------------- report
 
 def money(x: float | None) -> str:
@@ -950,7 +996,8 @@ def print_scenario(res: dict) -> None:
         label = "router" if run == "cost" else "order "
         fails = {k: v for k, v in r["upstream_outcomes"].items() if not k.endswith(":200")}
         check = r["model_usd"] - r["billed_usd"]
-        print(f"    {label}: ${r['billed_usd']:.4f} billed ({', '.join(f'{k} ${v:.4f}' for k, v in sorted(r['billed_by_endpoint'].items()))}); "
+        billed = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(r["billed_by_endpoint"].items()))
+        print(f"    {label}: ${r['billed_usd']:.4f} billed ({billed}); "
               f"client saw ${r['client_seen_usd']:.4f}; model re-priced its paths "
               f"${r['model_usd']:.4f} (diff {check:+.6f})")
         print(f"      {r['turns_answered']} turns answered, {r['requests_sent']} requests sent, "
@@ -961,16 +1008,18 @@ def print_scenario(res: dict) -> None:
         if held:
             print("      held cooling (s): " + "; ".join(
                 f"{k} " + ", ".join(f"{a:.2f}-{b:.2f}" for a, b in v) for k, v in held.items()))
-        for k, v in sorted(r["reasons"].items(), key=lambda kv: -kv[1]):
+        reasons = sorted(r["reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
+        for k, v in reasons[:6]:  # as the router sent them, amounts and all
             print(f"      X-Router-Reason {v}x: {k}")
+        if len(reasons) > 6:
+            print(f"      ... and {len(reasons) - 6} other X-Router-Reasons (all in the JSON)")
         if run == "cost" and r["status_endpoints"]:
             print("      /_router/status: " + "; ".join(
                 f"{e['name']} {e['state']} caches={e['caches']} pinned={e['sessions_pinned']} "
                 f"read_ratio={e['cache_read_ratio']} rewrite=${e['rewrite_cost_usd']}"
                 for e in r["status_endpoints"]))
             ss = r["status_sessions"] or {}
-            why = collections.Counter(f"{x['endpoint']} ({_reason_kind(x['why'])})"
-                                      for x in ss.get("recent", []))
+            why = collections.Counter(f"{x['endpoint']} ({x['why']})" for x in ss.get("recent", []))
             print(f"      /_router/status sessions: {ss.get('count')}, now on: "
                   + ", ".join(f"{v}x {k}" for k, v in why.items()))
         for w in r["log_lines"][:6]:
@@ -1020,6 +1069,49 @@ def attribution(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> list[str]:
+    """Each scenario in words and real dollars: per run, and per 1,000 turns."""
+    out = []
+    for r in results:
+        turns = r["runs"]["cost"]["turns_answered"]
+        router, order, oracle = r["router_usd"], r["order_usd"], r["oracle_usd"]
+        per = (lambda usd, turns=turns: f"${1000 * usd / turns:.2f} per 1,000 turns") if turns else (lambda usd: "-")
+        line = (f"- {r['scenario']} ({r['setup']}): the router spent ${router:.4f} on {turns} "
+                f"turns ({per(router)}); the original price order ${order:.4f} ({per(order)})")
+        if order and turns:
+            diff = order - router
+            word = "less" if diff >= 0 else "more"
+            line += (": the same" if abs(diff) < 0.0005 * order else
+                     f": the router spends {abs(diff) / order:.1%} {word}, "
+                     f"${1000 * abs(diff) / turns:.2f} {word} per 1,000 turns")
+        if oracle:
+            line += f". An oracle that foresees every outage: ${oracle:.4f} (router/oracle {router / oracle:.3f})"
+        out.append(line + ".")
+    return out
+
+
+def scope(args) -> str:
+    """What a run of this size can and cannot show."""
+    size = (f"{args.sessions} synthetic Claude Code sessions per scenario, one seed ({args.seed}), "
+            f"a 5-minute cache compressed to {args.ttl} s")
+    text = [f"What this run shows ({size}): how the router's cost rule compares with the "
+            "original cheapest-healthy-first order on "
+            + ("your endpoints' prices (and cache prices)" if args.config else "the built-in prices")
+            + ", on a mock relay that caches prompts as Anthropic does"
+            + (" (but for --no-cache relays)" if args.no_cache else "")
+            + ", through the outages listed; and that everything runs end to end.",
+            "What it cannot show: your real traffic (volume, prompt sizes, how often sessions "
+            "pause), your relays' real caching, latency, errors and rate limits, 1-hour caches, "
+            "or the models, model maps and profiles in your config (every turn is one Sonnet "
+            "model). The dollars are for the turns simulated: scale the per-1,000-turn figures "
+            "by your own volume."]
+    if args.quick or args.sessions < 6:
+        text.append("This is a quick run: it checks the set-up and gives a first idea; "
+                    "differences of a few per cent are noise. Before deciding, run without --quick "
+                    "(and with more --sessions or another --seed).")
+    return "\n".join(text)
+
+
 def targets(results: list[dict]) -> list[str]:
     """The issue's targets, reported (never asserted)."""
     out = []
@@ -1041,6 +1133,19 @@ def targets(results: list[dict]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="ROUTER_YAML",
+                   help="simulate your own endpoints: the prices of this router.yaml (read with "
+                        "the router's own loader; keys are not needed). Scenarios: calm, "
+                        "short-outage, long-outage of the cheapest (or --outage)")
+    p.add_argument("--outage", action="append", default=[], type=parse_outage,
+                   metavar="NAME:FROM-TO", help="with --config: NAME fails (529) from FROM to TO, "
+                        "in TTL units from the start (e.g. aws:0.6-0.8; repeat for more)")
+    p.add_argument("--no-cache", action="append", default=[], metavar="NAME",
+                   help="with --config: this relay ignores cache_control (bills every prompt "
+                        "token as input); repeat for more")
+    p.add_argument("--turns", type=int, help="turns per session (default: the scenario's, 12-16)")
+    p.add_argument("--pace", type=float, help="think-time multiplier, 1 = about 0.1-0.3 TTL "
+                        "between user turns (default: the scenario's)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 3 sessions, a 2-second TTL (a full run: 6 sessions, 5 s)")
     p.add_argument("--scenario", action="append", default=[],
@@ -1056,13 +1161,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.sessions = a.sessions or (3 if a.quick else 6)
     a.ttl = a.ttl or (2 if a.quick else 5)
+    if (a.outage or a.no_cache) and not a.config:
+        p.error("--outage and --no-cache describe your endpoints: give them with --config router.yaml")
+    scenarios = SCENARIOS
+    if a.config:
+        try:
+            eps = config_endpoints(a.config, a.no_cache)
+        except ValueError as e:  # config.ConfigError: the file, the field, the problem
+            p.error(str(e))
+        letters = {ep.label: ep.name for ep in eps}
+        if bad := [n for n, _, _ in a.outage if n not in letters]:
+            p.error(f"--outage {bad[0]}: no such endpoint in {a.config} ({', '.join(letters)})")
+        scenarios = config_scenarios(eps, [(letters[n], x, y) for n, x, y in a.outage])
+    if a.turns is not None or a.pace is not None:
+        scenarios = [dataclasses.replace(scn, turns=a.turns or scn.turns, pace=a.pace or scn.pace)
+                     for scn in scenarios]
     wanted = [s.strip() for item in a.scenario for s in item.split(",") if s.strip()]
-    known = {s.name for s in SCENARIOS}
+    known = {s.name for s in scenarios}
     if bad := [s for s in wanted if s not in known]:
         p.error(f"unknown scenario {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    a.scenarios = [s for s in SCENARIOS if not wanted or s.name in wanted]
+    a.scenarios = [s for s in scenarios if not wanted or s.name in wanted]
     if a.sessions < 1 or a.ttl < 1:
         p.error("--sessions and --ttl must be at least 1")
+    if (a.turns is not None and a.turns < 2) or (a.pace is not None and a.pace <= 0):
+        p.error("--turns must be at least 2 and --pace above 0")
     return a
 
 
@@ -1080,7 +1202,8 @@ async def amain(args) -> int:
             note(f"costsim: scenario {n}/{len(args.scenarios)} {scn.name} ...")
             res = await run_scenario(n, scn, args, procs, workdir, mock)
             results.append(res)
-            print_scenario(res)
+            note(f"costsim: {scn.name} done in {res['seconds']} s: router ${res['router_usd']:.4f}, "
+                 f"original order ${res['order_usd']:.4f}")
             async with httpx.AsyncClient(trust_env=False, timeout=10) as c:
                 await c.delete(f"{mock}/_mock/state")  # a fresh log for the next scenario
         ok = True
@@ -1091,10 +1214,19 @@ async def amain(args) -> int:
         elif not ok:
             note(f"costsim: logs kept in {workdir}")
     total = time.monotonic() - started
+    # The summary first: the table, what it means in dollars, and what a run like this can show.
     print(f"## Cost simulation: {len(results)} scenarios, {args.sessions} sessions each, "
-          f"TTL {args.ttl} s, seed {args.seed}, {total:.0f} s\n")
+          f"TTL {args.ttl} s, seed {args.seed}, {total:.0f} s"
+          + (f", prices from {args.config}" if args.config else "") + "\n")
     print(table(results))
     print()
+    print("\n".join(summary(results)))
+    print()
+    print(scope(args))
+    print()
+    print("## Details\n")
+    for res in results:
+        print_scenario(res)
     runs = [r["runs"][run] for r in results for run in RUNS]
     failed = collections.Counter()
     for r in runs:
@@ -1115,8 +1247,9 @@ async def amain(args) -> int:
           "and may not use what that run's health layer held cooling:\n")
     print(attribution(results))
     print()
-    print("Targets (reported, not asserted):")
-    print("\n".join(targets(results)))
+    if not args.config:  # the built-in scenarios' targets (the design's), not the user's
+        print("Targets (reported, not asserted):")
+        print("\n".join(targets(results)))
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(total, 1),
            "args": {k: v for k, v in vars(args).items() if k != "scenarios"},
            "scenarios": [s.name for s in args.scenarios], "output_tokens": OUTPUT_TOKENS,
@@ -1130,7 +1263,7 @@ async def amain(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
-        for s in SCENARIOS:
+        for s in args.scenarios:
             print(f"{s.name:14} {s.what}\n{'':14} {s.describe()}; {s.turns} turns"
                   f"{', mixed streaming/JSON' if s.mixed else ''}")
         return 0

@@ -7,6 +7,11 @@ router that shares that Redis.
     ./scripts/status --url http://127.0.0.1:8081 --url http://127.0.0.1:8082
                                                    one view of several workers: counters summed
     ./scripts/status --redis redis://127.0.0.1:6379/0 [--prefix endpoint_health_]
+    ./scripts/status --json | --no-legend          the document itself | the table alone
+
+The table shows each endpoint's own state and, in "cooling for", the model families and the
+number of client keys it is cooling for (an endpoint healthy but for those is "partly
+cooling"); the last error in full, wrapped; and a legend of its columns.
 
 Commands (need --redis; they act on the shared state, so every router using that Redis and
 prefix applies them at once, as router.disable etc. do from one router's command bar):
@@ -22,12 +27,15 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
 
+from claude_router.cli import prog
 from claude_router.health import Health, Phase, phase
+from claude_router.redis_store import redacted
 from claude_router.status import table
 
 
@@ -37,6 +45,16 @@ def from_router(url: str, key: str) -> dict:
         req.add_header("x-api-key", key)
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.load(r)
+
+
+def no_router(urls: list[str], e: Exception) -> str:
+    """What to say when no router answers: where it looked, and how to start one."""
+    why = getattr(e, "reason", None) or e
+    tried = ", ".join(u.rstrip("/") + "/_router/status" for u in urls)
+    return (f"cannot read the status: no router answered at {tried} ({why}).\n"
+            "Start one with ./scripts/run --demo (a demo on mock relays) or ./scripts/run "
+            "(your router.yaml), or point at yours with --url http://HOST:PORT; "
+            "read the shared health without a router with --redis redis://HOST:6379/0.")
 
 
 SUMMED = ("served", "failures", "client_stalls", "cost_usd", "rewrite_cost_usd", "sessions_pinned")
@@ -52,22 +70,22 @@ def from_routers(urls: list[str], key: str) -> dict:
         except (OSError, urllib.error.URLError, ValueError) as e:
             down.append(f"{url} ({getattr(e, 'reason', e)})")
     if not docs:
-        raise OSError("no router answered: " + "; ".join(down))
+        raise OSError("; ".join(down))
     merged = json.loads(json.dumps(docs[0]))
     by_name = {e["name"]: e for e in merged["endpoints"]}
     for doc in docs[1:]:
-        for e in doc.get("endpoints", []):
-            m = by_name.get(e.get("name"))
+        for ep in doc.get("endpoints", []):
+            m = by_name.get(ep.get("name"))
             if m is None:  # not in the first router's config: a reload in progress
                 continue
             for k in SUMMED:
-                if isinstance(e.get(k), (int, float)) and isinstance(m.get(k), (int, float)):
-                    m[k] = round(m[k] + e[k], 6)
-            for k, v in (e.get("tokens") or {}).items():
+                if isinstance(ep.get(k), (int, float)) and isinstance(m.get(k), (int, float)):
+                    m[k] = round(m[k] + ep[k], 6)
+            for k, v in (ep.get("tokens") or {}).items():
                 if isinstance(v, int) and isinstance(m.get("tokens", {}).get(k), int):
                     m["tokens"][k] += v
-            if not m.get("last_error") and e.get("last_error"):
-                m["last_error"] = e["last_error"]
+            if not m.get("last_error") and ep.get("last_error"):
+                m["last_error"] = ep["last_error"]
         if "sessions" in doc and "sessions" in merged:
             merged["sessions"]["count"] += doc["sessions"].get("count", 0)
             merged["sessions"]["recent"] += doc["sessions"].get("recent", [])
@@ -85,13 +103,15 @@ def from_redis(url: str, prefix: str) -> dict:
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     now = time.time()
     try:
-        disabled = {n.decode() for n in client.smembers(f"{prefix}{SEP}disabled")}
+        disabled = {n.decode() if isinstance(n, bytes) else n for n in client.smembers(f"{prefix}{SEP}disabled")}
     except redis.ResponseError:  # a stray key of another type
         disabled = set()
     rows = []
     key_scopes: dict[str, int] = {}  # endpoint -> client keys it is cooling for
+    key_left: dict[str, float] = {}  # endpoint -> the longest of those cooldowns
+    families: dict[str, dict] = {}  # endpoint -> its cooling model families
     ep_prefix = f"{prefix}{SEP}ep{SEP}"
-    for i, key in enumerate(sorted(client.scan_iter(match=ep_prefix.replace("[", "\\[") + "*"))):
+    for key in sorted(client.scan_iter(match=ep_prefix.replace("[", "\\[") + "*")):
         try:
             f, e, u, p = (int(v or 0) for v in client.hmget(key, "f", "e", "u", "p"))
         except (redis.ResponseError, ValueError):
@@ -100,22 +120,37 @@ def from_redis(url: str, prefix: str) -> dict:
         name = key.decode()[len(ep_prefix):]
         if "@" in name:  # one client key at an endpoint (by its keyed hash): not an endpoint
             if phase(h, now) is Phase.COOLING:
-                key_scopes[name.partition("@")[0]] = key_scopes.get(name.partition("@")[0], 0) + 1
+                ep = name.partition("@")[0]
+                key_scopes[ep] = key_scopes.get(ep, 0) + 1
+                key_left[ep] = max(key_left.get(ep, 0.0), round(h.ejected_until - now, 1))
             continue
-        rows.append({"index": i, "name": name, "state": "disabled" if name in disabled else phase(h, now).value,
+        if "~" in name:  # one model family at an endpoint ("aws~opus"): shown on its endpoint
+            if phase(h, now) is Phase.COOLING:
+                ep, _, fam = name.partition("~")
+                families.setdefault(ep, {})[fam] = {
+                    "state": "cooling", "cooldown_seconds_left": round(h.ejected_until - now, 1)}
+            continue
+        rows.append({"index": "-", "name": name, "state": "disabled" if name in disabled else phase(h, now).value,
                      "consecutive_failures": f, "cooldown_seconds_left":
                      round(h.ejected_until - now, 1) if phase(h, now) is Phase.COOLING else 0,
                      "served": "-", "failures": "-", "tokens": {"input_tokens": "-", "output_tokens": "-"},
                      "cost_usd": 0.0, "last_error": ""})
     listed = {r["name"] for r in rows}
-    for name in sorted(disabled - listed):  # disabled, with no health state of its own
-        rows.append({"index": len(rows), "name": name, "state": "disabled", "consecutive_failures": 0,
+    # Disabled, or cooling only for a family or a key: no health state of its own (healthy).
+    for name in sorted((disabled | set(families) | set(key_scopes)) - listed):
+        rows.append({"index": "-", "name": name, "state": "disabled" if name in disabled else "healthy",
+                     "consecutive_failures": 0,
                      "cooldown_seconds_left": 0, "served": "-", "failures": "-",
                      "tokens": {"input_tokens": "-", "output_tokens": "-"}, "cost_usd": 0.0,
                      "last_error": ""})
     for row in rows:
         row["cooling_for_keys"] = key_scopes.get(row["name"], 0)
-    return {"store": f"redis (endpoints not listed are healthy)", "endpoints": rows}
+        row["keys_cooldown_seconds_left"] = key_left.get(row["name"], 0)
+        if row["name"] in families:
+            row["families"] = families[row["name"]]
+    return {"store": "redis (endpoints not listed are healthy; Redis holds no price order, "
+                     "so # is '-'; served, tokens and cost are per router: ask one with --url)",
+            "endpoints": rows}
 
 
 async def run_command(url: str, prefix: str, action: str, name: str) -> str:
@@ -164,14 +199,16 @@ async def run_command(url: str, prefix: str, action: str, name: str) -> str:
         await store.close()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog("claude-router-status"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", action="append", help="a router's address (default "
                     "http://127.0.0.1:8080); several: one view with their counters summed")
     ap.add_argument("--key", default=os.environ.get("ROUTER_CLIENT_KEY", ""))
     ap.add_argument("--redis", help="read the shared health from this Redis instead")
     ap.add_argument("--prefix", default="endpoint_health_")
     ap.add_argument("--json", action="store_true", help="print the JSON document")
+    ap.add_argument("--no-legend", action="store_true", help="leave out the columns' legend")
     cmds = ap.add_mutually_exclusive_group()
     cmds.add_argument("--disable", metavar="NAME", help="take NAME out of rotation on every router")
     cmds.add_argument("--enable", metavar="NAME", help="put NAME back into rotation on every router")
@@ -179,7 +216,7 @@ def main() -> int:
                       help="forget failures and cooldowns of NAME (default: of every endpoint)")
     cmds.add_argument("--forget", metavar="NAME", nargs="?", const="",
                       help="forget learned prompt-cache behaviour of NAME (default: of all)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     urls = args.url or ["http://127.0.0.1:8080"]
     command = next(((a, getattr(args, a)) for a in ("disable", "enable", "reset", "forget")
                     if getattr(args, a) is not None), None)
@@ -203,13 +240,22 @@ def main() -> int:
             doc = from_routers(urls, args.key)
         else:
             doc = from_router(urls[0], args.key)
+    except urllib.error.HTTPError as e:
+        print(f"cannot read the status: {e.url} answered {e.code} {e.reason}"
+              + (": give a client key with --key KEY or ROUTER_CLIENT_KEY" if e.code in (401, 403) else ""),
+              file=sys.stderr)
+        return 1
     except (OSError, urllib.error.URLError) as e:
-        print(f"cannot read the status: {e}", file=sys.stderr)
+        if args.redis:
+            print(f"cannot read the status from Redis {redacted(args.redis)}: {e}", file=sys.stderr)
+        else:
+            print(no_router(urls, e), file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - redis errors and the like: say what, not a traceback
         print(f"cannot read the status: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(doc, indent=2) if args.json else table(doc))
+    width = shutil.get_terminal_size((120, 24)).columns
+    print(json.dumps(doc, indent=2) if args.json else table(doc, width=width, legend=not args.no_legend))
     return 0
 
 

@@ -1,7 +1,7 @@
 """mitmproxy addon for the benchmark: how long does the event loop stall, and is it the GC?
 
-Load it into every proxy under test (``mitmdump -s scripts/loopmon.py``), so each pays the
-same small cost (one timer wake-up every 5 ms):
+Load it into every proxy under test (``mitmdump -s addon/claude_router_dev/addons/loopmon.py``),
+so each pays the same small cost (one timer wake-up every 5 ms):
 
 - a task sleeps ``loopmon_interval_ms`` (5) in a loop; how late it wakes is the loop's stall
   (max, count over 20/50/100 ms, and the gc time inside each of the longest stalls);

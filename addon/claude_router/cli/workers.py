@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
 """Run N router processes behind one address: HAProxy in front, state shared through Redis.
 
     ./scripts/run --workers 2                      (the usual way: picks the venv, installs
     ./scripts/run --workers 2 --demo               haproxy with apt-get when it is missing)
-    python scripts/workers.py --workers 2 [--port 8080] [--host 127.0.0.1] [--regular]
+    claude-router-workers --workers 2 [--port 8080] [--host 127.0.0.1] [--regular]
+        (or python -m claude_router.cli.workers)
         [--worker-base 8081] [--log-dir DIR] [--info-file FILE] [-- MITMDUMP ARGS...]
 
 What runs (every process is a child of this supervisor):
@@ -28,7 +28,7 @@ What runs (every process is a child of this supervisor):
                   retried on a live one; plus a stats page and HAProxy's own Prometheus
                   metrics on a loopback port (--stats-port)
 
-Signals to the supervisor (the same list is in README.md, "Signals"):
+Signals to the supervisor (the same list is in docs/operations.md, "Signals"):
 
     SIGUSR2            rolling restart: the workers one at a time, without losing a request:
                        haproxy sends the worker no new connections, the worker drains (finishes
@@ -57,7 +57,7 @@ has already taken it back). Its requests in flight meanwhile wait at most that l
 Several machines: run ``./scripts/run --workers N --host 0.0.0.0`` on each (with one shared
 ``--set router_redis_url=redis://...`` and, as the router requires behind a public address
 when endpoints hold keys, client keys), and put a front haproxy over them:
-``scripts/workers.py --front-config HOST1:8080 HOST2:8080 > haproxy.cfg``.
+``claude-router-workers --front-config HOST1:8080 HOST2:8080 > haproxy.cfg``.
 
 Each worker keeps its own loopback port, so a Prometheus scrape of every worker's
 /_router/metrics adds up to the whole, and ./scripts/status --url W1 --url W2 shows one view.
@@ -74,9 +74,9 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import hmac
 import json
 import os
-import hmac
 import resource
 import secrets
 import shutil
@@ -90,14 +90,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from claude_router.access import is_loopback
+from claude_router.cli import prog
 from claude_router.liveness import CHALLENGE_HEADER, HEALTH_HEADER, PATH as HEALTH_PATH, PROOF_HEADER, TOKEN_ENV, proof
 from claude_router.runtime import raise_fd_limit  # children inherit it (haproxy, redis)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: addon/claude_router/cli/workers.py
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump")
 ROUTER_SCRIPT = str(ROOT / "addon" / "router.py")
-MOCK_SCRIPT = str(ROOT / "scripts" / "mock_relay.py")
+MOCK_MODULE = "claude_router_dev.mock_relay"  # the demo's relays (python -m)
 REVERSE = "reverse:https://api.anthropic.com"  # what plain ./scripts/run uses
 
 RESTART_FIRST = 0.25  # seconds before the first restart of a child that exited
@@ -280,7 +281,7 @@ def configured(extra: list[str], name: str) -> str | None:
         from ruamel.yaml import YAML  # mitmproxy's own YAML reader
 
         path = next(p for p in (confdir / "config.yaml", confdir / "config.yml") if p.exists())
-        doc = YAML(typ="safe").load(path.read_text())
+        doc = YAML(typ="safe", pure=True).load(path.read_text())
     except Exception:  # noqa: BLE001 - no file, or one mitmproxy itself will complain about
         return None
     found = doc.get(name) if isinstance(doc, dict) else None
@@ -378,7 +379,7 @@ class Plan:
 
     def mock_argv(self) -> list[str]:
         # The demo of plain ./scripts/run: aws answers 529, droid resets, ultra and claude work.
-        return [sys.executable, MOCK_SCRIPT, "--port", str(self.mock_port), "--quiet",
+        return [sys.executable, "-m", MOCK_MODULE, "--port", str(self.mock_port), "--quiet",
                 "--fault", "aws=529", "--fault", 'droid={"reset":"before_headers"}',
                 "--fault", 'ultra={"event_gap_ms":200}']
 
@@ -391,7 +392,7 @@ class Plan:
         return self.run_dir / "haproxy.sock"
 
     def haproxy_config(self) -> str:
-        return haproxy_config(f"Written by scripts/workers.py for this run; haproxy -db -f {self.haproxy_cfg}",
+        return haproxy_config(f"Written by claude-router-workers for this run; haproxy -db -f {self.haproxy_cfg}",
                               self.host, self.port,
                               [(f"w{i + 1}", f"127.0.0.1:{p}") for i, p in enumerate(self.worker_ports)],
                               self.haproxy_socket, self.idle, self.stats_port,
@@ -423,7 +424,7 @@ def front_config(servers: list[str], host: str, port: int, idle: int) -> str:
     ./scripts/run --workers N --host 0.0.0.0 with one shared router_redis_url."""
     named = [(f"m{i + 1}", addr) for i, addr in enumerate(servers)]
     return haproxy_config("A front haproxy over machines running ./scripts/run --workers N "
-                          "(scripts/workers.py --front-config); haproxy -db -f THIS_FILE",
+                          "(claude-router-workers --front-config); haproxy -db -f THIS_FILE",
                           host, port, named, "/run/haproxy-router.sock", idle, None)
 
 
@@ -453,6 +454,13 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        """The process of the latest start (for a child that has been started)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        return self.proc
+
     async def start(self) -> None:
         # Own sessions: a Ctrl-C in the terminal reaches the supervisor only, which stops the
         # children in order (and a child that exits is never mistaken for one to restart).
@@ -469,6 +477,7 @@ class Child:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 cwd=ROOT, start_new_session=True, preexec_fn=_child_setup, env=env)
+            assert self.proc.stdout is not None  # stdout=PIPE
             self.relay = asyncio.get_running_loop().create_task(self._relay(self.proc.stdout))
         self.started_at = time.monotonic()
         self.starts += 1
@@ -499,6 +508,7 @@ class Child:
                 return f"exited with code {proc.returncode if proc else '?'}" + (
                     f" (meanwhile on its port: {last})" if last else "")
             if self.verify:
+                assert self.port is not None  # a worker: it listens on a port
                 verdict, detail = await probe(self.host, self.port, self.token,
                                               min(PROBE_TIMEOUT, max(0.1, deadline - time.monotonic())))
                 if verdict == "ok":
@@ -514,7 +524,7 @@ class Child:
                     _, w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 1)
                 w.close()
                 return None
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 await asyncio.sleep(0.05)
         if self.verify:
             return (f"did not prove within {timeout:g} s that it is the process started"
@@ -529,7 +539,7 @@ class Child:
             proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
@@ -652,7 +662,7 @@ class Supervisor:
                 # mitmdump opens its port before it exits for an error logged during start-up
                 # (a bad option, say): give it the moment it takes to do so.
                 await asyncio.sleep(SETTLE)
-                whys = [f"exited with code {w.proc.returncode}" if w.proc.returncode is not None
+                whys = [f"exited with code {w.process.returncode}" if w.process.returncode is not None
                         else None for w in group]
             for w, why in zip(group, whys):
                 if why:
@@ -670,7 +680,7 @@ class Supervisor:
         if why := await self.haproxy.ready(15):
             raise StartError(f"haproxy on {p.host}:{p.port} {why}" + self.tail(self.haproxy))
         for w in self.workers:  # (each proved who it is in ready())
-            self.in_rotation[w.name] = w.pid
+            self.in_rotation[w.name] = w.process.pid
 
     async def drain_all(self) -> None:
         """A graceful stop: haproxy stops listening (its connections go on), every worker
@@ -686,9 +696,9 @@ class Supervisor:
         live = [w for w in self.workers if w.proc is not None and w.proc.returncode is None]
         for w in live:
             with contextlib.suppress(ProcessLookupError):
-                w.proc.send_signal(signal.SIGUSR1)
+                w.process.send_signal(signal.SIGUSR1)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(w.proc.wait() for w in live)),
+            await asyncio.wait_for(asyncio.gather(*(w.process.wait() for w in live)),
                                    self.plan.drain + STOP_GRACE)
         if haproxy is not None and haproxy.returncode is None:
             # its last bytes to slow clients: haproxy exits by itself once its connections end
@@ -705,14 +715,14 @@ class Supervisor:
         sock = self.plan.haproxy_socket
         for w in self.workers:
             old = w.pid
-            if old is None or w.proc.returncode is not None:
+            if old is None or w.process.returncode is not None:
                 continue  # dead: its watcher is restarting it already
             self.replacing.add(w.name)
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await haproxy_command(sock, f"set server workers/{w.name} state drain")
             starts = w.starts
             with contextlib.suppress(ProcessLookupError):
-                w.proc.send_signal(signal.SIGUSR1)
+                w.process.send_signal(signal.SIGUSR1)
             serving = await self.successor_serving(w, starts)
             self.replacing.discard(w.name)  # (its successor was put back in rotation by restart())
             if self.stopping.is_set():
@@ -732,7 +742,7 @@ class Supervisor:
             if w.starts == starts:  # the old process is still finishing its requests
                 await asyncio.sleep(0.1)
                 continue
-            if w.starts > starts + 1 or w.proc.returncode is not None:
+            if w.starts > starts + 1 or w.process.returncode is not None:
                 return False  # the successor exited (a bad deploy): it is being restarted
             if self.in_rotation.get(w.name) == w.pid:
                 return True  # restart() saw it serve for a while and gave it back to haproxy
@@ -751,7 +761,7 @@ class Supervisor:
         """Restart the child whenever it exits, with a back-off while it keeps dying."""
         quick = 0
         while True:
-            proc = c.proc
+            proc = c.process
             code = await proc.wait()
             if self.stopping.is_set() or not self.running:
                 return
@@ -798,7 +808,7 @@ class Supervisor:
         self.restarts[c.name] += 1
         self.write_info()
         why = await c.ready(START_TIMEOUT)
-        if why is not None and worker and c.proc.returncode is None:
+        if why is not None and worker and c.process.returncode is None:
             # Running, but not proving who it is (something else holds its port?): it never
             # gets clients; killed, and its watcher starts another (with the back-off).
             say(f"{c.name} (pid {c.pid}) {why}; killing it" + self.tail(c))
@@ -806,12 +816,12 @@ class Supervisor:
             return
         if why is None and worker:
             await asyncio.sleep(SUCCESSOR_SETTLE)
-            if c.proc.returncode is not None:
+            if c.process.returncode is not None:
                 return  # it failed after all: its watcher restarts it, still out of rotation
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await haproxy_command(sock, f"set server workers/{c.name} state ready")
                 await haproxy_command(sock, f"set server workers/{c.name} health up")
-            self.in_rotation[c.name] = c.pid
+            self.in_rotation[c.name] = c.process.pid
         if why is None:
             say(f"{c.name} is back (pid {c.pid}), {time.monotonic() - t0:.1f} s after its restart")
 
@@ -827,12 +837,13 @@ class Supervisor:
             await asyncio.sleep(HEALTH_EVERY)
             pid = w.pid
             if (self.stopping.is_set() or w.name in self.replacing or pid is None
-                    or w.proc.returncode is not None or self.in_rotation.get(w.name) != pid):
+                    or w.process.returncode is not None or self.in_rotation.get(w.name) != pid):
                 self.silent_since.pop(w.name, None)
                 continue
             asked = time.monotonic()
+            assert w.port is not None  # a worker: it listens on a port
             verdict, detail = await probe(w.host, w.port, w.token)
-            if w.pid != pid or w.proc.returncode is not None or self.stopping.is_set():
+            if w.pid != pid or w.process.returncode is not None or self.stopping.is_set():
                 continue
             now = time.monotonic()
             if verdict == "silent":
@@ -847,8 +858,8 @@ class Supervisor:
                     self.silent_since.pop(w.name, None)
                     w.kill_now()  # its watcher puts it in maintenance and restarts it
                 continue
-            if (since := self.silent_since.pop(w.name, None)) is not None:
-                say(f"{w.name} (pid {pid}) answers its health page again, after {now - since:.1f} s")
+            if (back := self.silent_since.pop(w.name, None)) is not None:
+                say(f"{w.name} (pid {pid}) answers its health page again, after {now - back:.1f} s")
             if verdict == "wrong":
                 say(f"{w.name}: something that is not the worker started (pid {pid}) answers on its "
                     f"port {w.port} ({detail}): out of rotation")
@@ -957,7 +968,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog("claude-router-workers"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2, help="router processes (default 2)")
     ap.add_argument("--port", type=int, default=8080, help="the one listen port (default 8080)")
     ap.add_argument("--host", default="127.0.0.1", help="the listen address (default 127.0.0.1)")
@@ -1098,7 +1110,7 @@ class Cluster:
         if self._own_tmp is not None:
             shutil.rmtree(self._own_tmp, ignore_errors=True)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1110,7 +1122,7 @@ def cluster_argv(workers: int, endpoints: list[str], info_file: Path, *, port: i
                  python: str = sys.executable, options: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The supervisor's command line: N workers (free ports) in reverse mode in front of
     ``endpoints`` (NAME=URL), every mitmdump also getting ``extra``."""
-    argv = [python, str(Path(__file__).resolve()), "--workers", str(workers),
+    argv = [python, "-m", "claude_router.cli.workers", "--workers", str(workers),
             "--port", str(port or free_port()), "--worker-base", "0", "--no-install",
             "--info-file", str(info_file)]
     if log_dir is not None:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Soak: many mixed requests through a real router while faults come and go on every endpoint.
 
 Run it through ``scripts/soak`` (it picks the project's venv). Everything runs on 127.0.0.1:
-the mock relay (scripts/mock_relay.py), a raw server that answers garbage, a port where nothing
+the mock relay (claude_router_dev.mock_relay), a raw server that answers garbage, a port where nothing
 listens, one mitmdump with the router in front of them, and asyncio clients (HTTP/1.1, and
 HTTP/2 for every 8th request).
 
@@ -41,7 +40,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -49,13 +47,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
+from claude_router_dev import harness
+from claude_router_dev.harness import MockRelay, free_port, sse_events
+
 MOCK_ENDPOINTS = ("a", "b", "c", "d")
 LOG_PROBLEMS = ("Traceback", "Addon error", "failed internally", "handoff failed")
 
@@ -87,12 +85,6 @@ LAST_TIER_FAULTS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def close_wait(pid: int) -> int:
     """The process's TCP sockets in CLOSE_WAIT: closed by the peer, never by the process."""
     inodes = set()
@@ -120,31 +112,6 @@ def proc_stats(pid: int) -> dict:
 
 
 # -- the parts -----------------------------------------------------------------------------------
-
-
-class Mock:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "mock_relay.py"), "--port", "0", "--quiet",
-             "--max-log", "0"], stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            raise RuntimeError(f"mock relay did not start: {line!r}")
-        self.base = line.split()[-1]
-
-    def call(self, method: str, path: str, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read() or b"null")
-
-    def fault(self, name: str, fault: dict) -> None:
-        self.call("PUT", f"/_mock/faults/{name}", fault)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Junk:
@@ -175,50 +142,33 @@ class Junk:
 
 
 class Router:
-    def __init__(self, mock: Mock, junk: Junk, workdir: Path, options: dict) -> None:
+    def __init__(self, mock: MockRelay, junk: Junk, workdir: Path, options: dict) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "router.log"
         endpoints = [f"a={mock.base}/a", f"dead=http://127.0.0.1:{free_port()}/dead", f"b={mock.base}/b",
                      f"junk=http://127.0.0.1:{junk.port}/junk", f"c={mock.base}/c", f"d={mock.base}/d"]
-        args = [MITMDUMP, "-s", str(ROOT / "addon" / "router.py"), "--mode", "reverse:https://api.anthropic.com",
-                "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                "--set", f"confdir={workdir}", "--set", "termlog_verbosity=info"]
-        for ep in endpoints:
-            args += ["--set", f"router_endpoints={ep}"]
-        for k, v in options.items():
-            args += ["--set", f"{k}={v}"]
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited:\n{self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"router did not start:\n{self.log()}")
-                time.sleep(0.05)
+        args = harness.router_argv(self.port, endpoints, confdir=workdir, options=options)
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+                                     env=harness.clean_env())
+        try:
+            harness.wait_port(self.port, self.proc, timeout=30)
+        except RuntimeError:
+            raise RuntimeError(f"router exited:\n{self.log()}") from None
+        except TimeoutError:
+            raise RuntimeError(f"router did not start:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        harness.stop(self.proc, grace=10)
 
 
 class FaultFlipper:
     """Every ``every`` seconds, one random mock endpoint gets one random fault (or none)."""
 
-    def __init__(self, mock: Mock, rand: random.Random, every: float = 0.1) -> None:
+    def __init__(self, mock: MockRelay, rand: random.Random, every: float = 0.1) -> None:
         self.mock, self.rand, self.every = mock, rand, every
         self.flips = 0
         self.injected = 0
@@ -231,7 +181,7 @@ class FaultFlipper:
             weights, faults = zip(*(LAST_TIER_FAULTS if name == "d" else FAULTS))
             fault = self.rand.choices(faults, weights=weights)[0]
             try:
-                self.mock.fault(name, fault)
+                self.mock.fault(name, **fault)
             except OSError:
                 continue
             self.flips += 1
@@ -244,27 +194,10 @@ class FaultFlipper:
         self._stop.set()
         self._thread.join()
         for name in MOCK_ENDPOINTS:
-            self.mock.fault(name, {})
+            self.mock.fault(name)
 
 
 # -- checking answers ------------------------------------------------------------------------------
-
-
-def sse_events(raw: str) -> list[tuple[str, object]]:
-    out = []
-    for block in raw.replace("\r\n", "\n").split("\n\n"):
-        name, data = None, ""
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-        if name:
-            try:
-                out.append((name, json.loads(data) if data else {}))
-            except ValueError:
-                out.append((name, None))
-    return out
 
 
 def is_error_shape(doc) -> bool:
@@ -287,7 +220,7 @@ def classify(kind: str, nonce: str, status: int, headers, body: bytes) -> tuple[
     used = headers.get("x-used-endpoint")
     expected = f"Hello from {used}. You said: {nonce}"
     if kind == "stream":
-        events = sse_events(body.decode("utf-8", "replace"))
+        events = sse_events(body, lenient=True)
         names = [n for n, _ in events]
         text = "".join(d["delta"].get("text", "") for n, d in events
                        if n == "content_block_delta" and isinstance(d, dict))
@@ -380,7 +313,7 @@ def run(requests: int = 20_000, concurrency: int = 32, seed: int | None = None, 
     rand = random.Random(seed)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     workdir = Path(tempfile.mkdtemp(prefix="claude-router-soak-"))
-    mock, junk = Mock(), Junk()
+    mock, junk = harness.start_mock("--max-log", "0"), Junk()
     router = None
     try:
         router = Router(mock, junk, workdir, {"router_max_failures": 3, "router_cooldown": 1,

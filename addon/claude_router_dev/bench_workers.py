@@ -1,22 +1,21 @@
-#!/usr/bin/env python3
 """How --workers scales: requests per second and streams held, one router process against N
-workers behind HAProxy (scripts/workers.py), all on this machine.
+workers behind HAProxy (claude_router.cli.workers), all on this machine.
 
-    .venv/py3.12/bin/python scripts/bench_workers.py [--workers 1 2] [--seconds 5]
+    ./scripts/bench --scaling [--workers 1 2] [--seconds 5]
         [--concurrency 64] [--rounds 3] [--streams 400] [--json FILE]
 
 Targets, each in front of the same upstreams: for req/s nginx with one fixed Messages answer
 (--upstream nginx, the default; installed with apt-get like haproxy and wrk: in real use the
 upstream is another machine, here it shares the cores with the workers, so it should take as
 little as a real server does) or the Python mock relay (--upstream mock, about a fifth of a core
-at these rates); for the streams the mock relay (scripts/mock_relay.py), which paces SSE events:
+at these rates); for the streams the mock relay (claude_router_dev.mock_relay), which paces SSE events:
 
     router     one plain mitmdump -s addon/router.py (memory store), no haproxy: the reference
-    workers=N  scripts/workers.py: N workers + haproxy + their own redis-server
+    workers=N  claude_router.cli.workers: N workers + haproxy + their own redis-server
 
 Throughput: --client wrk (the default when wrk is installed: a C load generator, one thread,
 --concurrency keep-alive connections; every answer checked for 200 and X-Used-Endpoint) or
-aiohttp (keep-alive clients, one connection each, like scripts/bench.py's; in Python it takes
+aiohttp (keep-alive clients, one connection each, like claude_router_dev.bench's; in Python it takes
 a quarter to a third of a core at these rates, cores the proxies then lack), small
 non-streaming POST /v1/messages, --seconds per target per round, rounds interleaved so machine
 noise hits every target alike; the best and the median round are reported, with the CPU the
@@ -38,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,9 +46,8 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py)
-import workers  # noqa: E402  (scripts/workers.py)
+from claude_router.cli import workers
+from claude_router_dev import bench, harness
 
 ROOT = workers.ROOT
 HEADERS = {"content-type": "application/json", "x-api-key": "bench", "anthropic-version": "2023-06-01"}
@@ -91,9 +88,8 @@ def machine_busy() -> float:
 
 
 def start_mock(tmp: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "mock_relay.py"), "--port", "0",
-                             "--quiet", "--max-log", "1000",
-                             "--fault", 'slow={"event_gap_ms":200,"words":10}'],
+    proc = subprocess.Popen(harness.mock_argv("--port", "0", "--quiet", "--max-log", "1000",
+                                              "--fault", 'slow={"event_gap_ms":200,"words":10}'),
                             stdout=subprocess.PIPE, stderr=open(tmp / "mock.log", "wb"), text=True)
     line = proc.stdout.readline()
     assert "listening on" in line, line
@@ -123,18 +119,15 @@ NGINX_CONF = bench.NGINX_HEAD + """\
 def wait_listening(proc: subprocess.Popen, port: int, timeout: float, what: str) -> str:
     """The URL of ``port`` once it accepts connections; RuntimeError if ``proc`` exits first
     or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start")
+    try:
+        harness.wait_port(port, proc, timeout)
+    except (RuntimeError, TimeoutError):
+        raise RuntimeError(f"{what} did not start") from None
+    return f"http://127.0.0.1:{port}"
 
 
 def start_nginx(tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = workers.free_port()
+    port = harness.free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(master="off", tmp=tmp, port=port, answer=NGINX_ANSWER))
     proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(tmp)],
@@ -144,7 +137,7 @@ def start_nginx(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 
 def start_router(tmp: Path, mock: str, ok: str | None = None) -> tuple[subprocess.Popen, str]:
-    port = workers.free_port()
+    port = harness.free_port()
     proc = subprocess.Popen([workers.MITMDUMP, "-s", workers.ROUTER_SCRIPT, "--mode", workers.REVERSE,
                              "--listen-host", "127.0.0.1", "--listen-port", str(port),
                              "--set", f"confdir={tmp / 'conf'}", *QUIET,
@@ -220,7 +213,7 @@ async def throughput(url: str, conc: int, seconds: float, pids: list[int] = (),
             async with s.post(url + "/v1/messages", data=BODY, headers=HEADERS) as r:
                 await r.read()
                 return r.status == 200 and r.headers.get("x-used-endpoint") == "ok"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     try:
@@ -283,7 +276,7 @@ async def streams_held(url: str, n: int, ramp: float = 1.0) -> dict:
                         late.append(max(0.0, gap - 0.2))
                     else:
                         errors[f"HTTP {r.status}" if r.status != 200 else "cut"] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 errors[type(e).__name__] += 1
 
         t0 = time.perf_counter()
@@ -310,7 +303,7 @@ def main() -> int:
     ap.add_argument("--ramp", type=float, default=1.0, help="seconds over which the streams open")
     ap.add_argument("--client", choices=["wrk", "aiohttp"],
                     help="load generator for req/s: wrk (C; the default when installed) or "
-                         "aiohttp (Python, as scripts/bench.py: it takes a larger share of the cores)")
+                         "aiohttp (Python, as ./scripts/bench: it takes a larger share of the cores)")
     ap.add_argument("--upstream", choices=["nginx", "mock"],
                     help="upstream for req/s: nginx with a fixed answer (the default when "
                          "installed or installable: a real server takes little of the cores the "
