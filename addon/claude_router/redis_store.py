@@ -429,9 +429,9 @@ class RedisHealthStore:
                                                              "operator"]), _one)
             if done is None:
                 return
-            if self._decisions.get(name) is disabled:
+            if self._decisions.get(name) == disabled:  # (not if a newer one came meanwhile)
                 del self._decisions[name]
-            (self._disabled.add if disabled else self._disabled.discard)(name)
+                (self._disabled.add if disabled else self._disabled.discard)(name)
 
     async def close(self) -> None:
         if self._supervisor is not None:
