@@ -9,7 +9,6 @@ failure threshold), a normal request is still served by the cheapest endpoint ("
 import json
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import h2.events
 import httpx
 import pytest
 
+from claude_router_dev.harness import PeakRss
 from conftest import launch_router, stop
 from streams import STREAM_MSG
 from test_e2e_operations import saved_flows
@@ -458,38 +458,6 @@ def test_path_that_could_leave_its_endpoint_is_refused_over_http2(mock, path_rou
 
 
 # == 7. resources before trust ===================================================================
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-class PeakRss:
-    """Samples a process's VmRSS in a thread; ``peak`` is the highest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, rss_mib(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                self.peak = max(self.peak, rss_mib(self.pid))
-            except (OSError, AssertionError):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib(self.pid))
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ import h2.events
 import httpx
 import pytest
 
+from claude_router_dev.harness import PeakRss, rss_mib
+
 MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 KEY = "hostile-edges-client-key"
 
@@ -46,39 +48,8 @@ def big_message(size: int) -> bytes:
     return json.dumps({**MSG, "system": "x" * size}).encode()
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-class PeakRss:
-    """Samples a process's RSS every 20 ms in a thread while in use."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, rss_mib(pid), threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                self.peak = max(self.peak, rss_mib(self.pid))
-            except (OSError, AssertionError):
-                return
-
-    def __enter__(self) -> "PeakRss":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class Catcher:

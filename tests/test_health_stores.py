@@ -3,6 +3,7 @@ in-memory and Redis stores are shown to behave the same. Redis is a real redis-s
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -261,6 +262,14 @@ async def test_release_without_a_probe_of_ours_changes_nothing(env):
 
 
 # -- Redis: the key scheme ------------------------------------------------------------------
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds or ``timeout`` seconds of wall clock pass (the caller's
+    assertion then says what did not happen): an event, not a count of sleeps."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 async def synced(server, clock, names, prefix="endpoint_health_"):
@@ -692,10 +701,7 @@ async def test_a_key_scope_learned_by_one_instance_cools_it_for_that_key_on_anot
     a = await synced(redis_server, clock, ("aws",))
     b = await synced(redis_server, clock, ("aws",))
     await a.record_failure("aws@0123456789abcdef", at_least=30)
-    for _ in range(500):  # the change reaches b over the events channel
-        if "aws@0123456789abcdef" in b.current():
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: "aws@0123456789abcdef" in b.current())  # the change reaches b over the events channel
     assert phase(b.current()["aws@0123456789abcdef"], clock()) is Phase.COOLING
     assert "aws" not in b.current()
     c = await synced(redis_server, clock, ("aws",))  # a re-sync keeps the scopes it holds
@@ -711,25 +717,17 @@ async def test_a_disabled_endpoint_is_put_back_after_redis_loses_its_state(redis
     a = await synced(redis_server, clock, ("aws", "droid"))
     b = await synced(redis_server, clock, ("aws", "droid"))
     await a.set_disabled("aws", True)
-    for _ in range(500):
-        if b.disabled == {"aws"}:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: b.disabled == {"aws"})
     assert b.disabled == {"aws"}
     redis_server.cli("FLUSHALL")  # what a restart without persistence leaves
-    for _ in range(1000):  # each instance notices the new epoch and puts back what it held
-        epoch = redis_server.cli("GET", "endpoint_health_|epoch").encode()
-        if redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"] and \
-                a._epoch == b._epoch == epoch and a.disabled == b.disabled == {"aws"}:
-            break
-        await asyncio.sleep(0.01)
+    # each instance notices the new epoch and puts back what it held
+    await until(lambda: redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"]
+                and a._epoch == b._epoch == redis_server.cli("GET", "endpoint_health_|epoch").encode()
+                and a.disabled == b.disabled == {"aws"}, timeout=20.0)
     assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"]
     assert a.disabled == b.disabled == {"aws"}
     await a.set_disabled("aws", False)  # and an operator's enable still holds everywhere
-    for _ in range(500):
-        if not b.disabled:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not b.disabled)
     assert not b.disabled
     for s in (a, b):
         await s.close()
@@ -743,10 +741,7 @@ async def test_an_operator_decision_given_while_redis_is_away_is_written_when_it
     a = await synced(redis_server, clock, ("aws",))
     b = await synced(redis_server, clock, ("aws",))
     await a.set_disabled("aws", True)
-    for _ in range(500):
-        if b.disabled == {"aws"}:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: b.disabled == {"aws"})
     assert b.disabled == {"aws"}
     a._up = False  # Redis away for a (or a re-sync under way)
     await a.set_disabled("aws", False)
@@ -754,10 +749,7 @@ async def test_an_operator_decision_given_while_redis_is_away_is_written_when_it
     await a._resync()  # Redis still says disabled: the operator's later word wins
     assert "aws" not in a.disabled
     assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == []
-    for _ in range(500):
-        if not b.disabled:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not b.disabled)
     assert not b.disabled
     for s in (a, b):
         await s.close()
@@ -770,18 +762,12 @@ async def test_an_enable_after_redis_lost_its_state_holds_against_a_late_instanc
     a = await synced(redis_server, clock, ("aws",))
     b = await synced(redis_server, clock, ("aws",))
     await a.set_disabled("aws", True)
-    for _ in range(500):
-        if b.disabled == {"aws"}:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: b.disabled == {"aws"})
     redis_server.cli("FLUSHALL")
     await a._resync()  # a notices first and puts it back
     assert redis_server.cli("SMEMBERS", "endpoint_health_|disabled").split() == ["aws"]
     await a.set_disabled("aws", False)  # the operator enables it
-    for _ in range(500):  # b hears both messages (but checks the epoch only every 2 s)
-        if not b.disabled:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not b.disabled)  # b hears both messages (but checks the epoch only every 2 s)
     assert not b.disabled
     b._disabled.add("aws")  # as if b had not heard them: its copy from before the loss
     await b._resync()
@@ -811,10 +797,7 @@ async def test_a_newer_decision_in_redis_wins_over_a_cooldown_held_here(redis_se
     a = await synced(redis_server, clock, ("aws",))
     b = await synced(redis_server, clock, ("aws",))
     await b.record_failure("aws", at_least=5)
-    for _ in range(500):
-        if "aws" in a.current():
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: "aws" in a.current())
     a._up = False
     await a.record_failure("aws", at_least=30)  # held here only
     await b.record_failure("aws", at_least=10)  # a newer decision in Redis: shorter is ignored

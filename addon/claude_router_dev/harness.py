@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -250,3 +251,42 @@ def sse_events(raw: str | bytes, *, lenient: bool = False) -> list[tuple[str, ob
                     raise
                 out.append((name, None))
     return out
+
+
+# -- a process's memory ---------------------------------------------------------------------------
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (VmRSS) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class PeakRss:
+    """Samples a process's VmRSS every 20 ms in a thread while in use; ``peak`` is the highest
+    seen (a last sample is taken at the end)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, rss_mib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, rss_mib(self.pid))
+            except (OSError, AssertionError):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.peak = max(self.peak, rss_mib(self.pid))
+        except (OSError, AssertionError):
+            pass
