@@ -92,6 +92,10 @@ REQUEST_TIMEOUT = 15.0
 MAIN_COLUMNS = ["direct", "mitmdump", "mitmdump+index", "router", "router+config", "router+clients",
                 "router+redis", "nginx"]
 PAIR = ("router+config", "router+clients")  # the named-clients comparison: baseline, with clients
+# The A/A control of that comparison: the baseline's very file again, in a process of its own.
+# Two processes of one router differ by more than nothing (memory layout, hash seeds, where the
+# scheduler puts them); the control's difference is that floor, measured in the same rounds.
+CONTROL = "router+config2"
 PAIR_BLOCK = 10  # requests per target in a row in the paired phase
 
 now = time.perf_counter
@@ -590,7 +594,7 @@ class Bench:
         # budget, an rpm and a concurrency limit none of the runs reaches, among 50 clients,
         # on a priced endpoint, so every request is identified, admitted, priced and recorded.
         # Its baseline, router+config, is the very same file without `clients:`.
-        for name, named in (("router+config", False), ("router+clients", True)):
+        for name, named in (("router+config", False), ("router+clients", True), (CONTROL, False)):
             cfg = self.tmp / f"{name.replace('+', '-')}.yaml"
             cfg.write_text(clients_yaml(f"{self.mock}/ok", named))
             self.spawn_proxy(name, "router", lambda p, name=name, cfg=cfg: mitm_argv(
@@ -789,31 +793,55 @@ class Bench:
 
     async def paired(self, sessions) -> None:
         """The named-clients comparison, measured paired: ``--pair-rounds`` rounds, each of
-        ``--pair-requests`` sequential requests per target of ``PAIR``, alternating in blocks
-        of ``PAIR_BLOCK`` (ABBA order, so a drift hits both alike). Each round gives one
-        difference of p50s; their median is the figure (``paired_difference``)."""
+        ``--pair-requests`` sequential requests per target of ``PAIR`` and the A/A ``CONTROL``,
+        alternating in blocks of ``PAIR_BLOCK`` (the order reversed every other block, so a
+        drift hits all alike). Each round gives one difference of p50s and of CPU seconds per
+        request (the process's, all threads); their medians are the figures
+        (``paired_difference``)."""
         a = self.args
-        pair = self.live(list(PAIR))
-        if len(pair) != 2:
+        pair = self.live([*PAIR, CONTROL])
+        if [t.name for t in pair][:2] != list(PAIR):
             self.notes.append(f"paired named-clients comparison skipped: {' and '.join(PAIR)} "
                               "are not both up.")
             return
         note(f"paired named-clients comparison: {a.pair_rounds} rounds of {a.pair_requests} "
-             f"requests per target, in blocks of {PAIR_BLOCK}")
+             f"requests per target, in blocks of {PAIR_BLOCK}, with an A/A control")
+        own = {t.name: new_session(1) for t in pair if t.name not in sessions}  # the control's
+        try:
+            for t in pair:  # the control has had no warm-up of its own
+                if t.name in own:
+                    for _ in range(20):
+                        await timed_post(own[t.name], t, BODY)
+            await self._paired(pair, {**sessions, **own})
+        finally:
+            for s in own.values():
+                await s.close()
+
+    async def _paired(self, pair: list[Target], sessions) -> None:
+        a = self.args
         rounds: list[dict[str, list[float]]] = []
+        cpu: list[dict[str, float]] = []
         errors: dict[str, collections.Counter] = {t.name: collections.Counter() for t in pair}
         for r in range(a.pair_rounds):
             got: dict[str, list[float]] = {t.name: [] for t in pair}
+            # CPU per round, not per block: what a process spends idle while the others' blocks
+            # run (its timers, the ledger's writer) is part of its cost and alike for all
+            c0 = {t.name: process_cpu(t.proc) for t in pair}
             blocks = -(-a.pair_requests // PAIR_BLOCK)
             for b in range(blocks):
                 for t in (pair if (b + r) % 2 == 0 else pair[::-1]):
                     for _ in range(min(PAIR_BLOCK, a.pair_requests - b * PAIR_BLOCK)):
                         ok, dt, err = await timed_post(sessions[t.name], t, BODY)
                         self.record(t, ok, err, got[t.name], errors[t.name], dt)
+            used = {t.name: process_cpu(t.proc) - c0[t.name] for t in pair}
             if not all(t.ok for t in pair):
                 break
             rounds.append(got)
-        self.results["clients_paired"] = paired_difference(rounds, PAIR[0], PAIR[1]) | {
+            cpu.append({n: used[n] / max(1, len(got[n])) for n in used})
+        res = paired_difference(rounds, PAIR[0], PAIR[1], cpu)
+        if CONTROL in errors:
+            res["control"] = paired_difference(rounds, PAIR[0], CONTROL, cpu)
+        self.results["clients_paired"] = res | {
             "requests_per_round": a.pair_requests, "block": PAIR_BLOCK,
             "errors": {n: sum(c.values()) for n, c in errors.items()},
             "error_kinds": {n: dict(c) for n, c in errors.items()}}
@@ -998,28 +1026,66 @@ class Bench:
                  "comparison": baseline_comparison(res, self.baseline, a.concurrency)})
 
 
-def paired_difference(rounds: list[dict[str, list[float]]], base: str, other: str) -> dict[str, Any]:
+def paired_difference(rounds: list[dict[str, list[float]]], base: str, other: str,
+                      cpu: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Per round, p50(other) − p50(base) in ms; the median over rounds, the quartiles of the
-    rounds' differences, and how many rounds. Rounds without samples of both are left out."""
-    diffs = []
-    for got in rounds:
+    rounds' differences, and how many rounds. Rounds without samples of both are left out.
+    With ``cpu`` (per round, CPU seconds per request of each target), the median per round
+    difference of those too, in µs."""
+    diffs, cpu_diffs = [], []
+    for i, got in enumerate(rounds):
         a, b = sorted(got.get(base, [])), sorted(got.get(other, []))
         if a and b:
             diffs.append(1000 * (percentile(b, 0.5) - percentile(a, 0.5)))
+            if cpu and i < len(cpu) and base in cpu[i] and other in cpu[i]:
+                cpu_diffs.append(1e6 * (cpu[i][other] - cpu[i][base]))
     s = sorted(diffs)
-    return {"base": base, "other": other, "rounds": len(s), "round_diffs_ms": diffs,
-            "median_ms": percentile(s, 0.5) if s else None,
-            "q1_ms": percentile(s, 0.25) if s else None,
-            "q3_ms": percentile(s, 0.75) if s else None}
+    out = {"base": base, "other": other, "rounds": len(s), "round_diffs_ms": diffs,
+           "median_ms": percentile(s, 0.5) if s else None,
+           "q1_ms": percentile(s, 0.25) if s else None,
+           "q3_ms": percentile(s, 0.75) if s else None}
+    if cpu_diffs:
+        c = sorted(cpu_diffs)
+        out |= {"cpu_median_us": percentile(c, 0.5), "cpu_q1_us": percentile(c, 0.25),
+                "cpu_q3_us": percentile(c, 0.75)}
+    return out
 
 
 def render_paired(c: dict[str, Any] | None) -> str:
     if not c or c.get("median_ms") is None:
         return ""
-    return (f"named clients added p50: {c['median_ms']:.3f} ms (median of {c['rounds']} paired "
+    line = (f"named clients added p50: {c['median_ms']:.3f} ms (median of {c['rounds']} paired "
             f"rounds of {c['requests_per_round']} requests per target, {c['other']} − {c['base']}; "
             f"middle half of the rounds {c['q1_ms']:.3f} to {c['q3_ms']:.3f} ms; "
             f"target <= 0.1 ms)")
+    if "cpu_median_us" in c:
+        line += (f"; router CPU per request added: {c['cpu_median_us']:.0f} µs (middle half "
+                 f"{c['cpu_q1_us']:.0f} to {c['cpu_q3_us']:.0f})")
+    if (k := c.get("control")) and k.get("median_ms") is not None:
+        line += (f". A/A control, the same router+config in a second process: {k['median_ms']:+.3f} ms "
+                 f"p50 (middle half {k['q1_ms']:.3f} to {k['q3_ms']:.3f})")
+        if "cpu_median_us" in k:
+            line += f", CPU per request {k['cpu_median_us']:+.0f} µs"
+    return line
+
+
+def process_cpu(proc: subprocess.Popen | None) -> float:
+    """CPU seconds a process has run so far, every thread, in nanoseconds' precision (the
+    scheduler's own count, /proc/PID/task/*/schedstat; clock ticks would be too coarse for a
+    few hundred requests); 0 if unknown."""
+    if proc is None:
+        return 0.0
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue  # a thread that ended meanwhile
+    except OSError:
+        return 0.0
+    return total / 1e9
 
 
 # ------------------------------------------------------------------------------------ client

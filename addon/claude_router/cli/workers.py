@@ -879,7 +879,7 @@ class Supervisor:
                          "restarts": self.restarts[w.name],
                          "metrics": f"{p.worker_url(i)}/_router/metrics"}
                         for i, w in enumerate(self.workers)],
-            "redis_url": p.shared_redis,
+            "redis_url": _redacted(p.shared_redis),  # a password stays out of the file
             "redis_started": self.redis is not None,
             "redis_pid": self.redis.pid if self.redis else None,
             "hang_timeout": p.hang_timeout,
