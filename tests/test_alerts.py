@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from ruamel.yaml import YAML
 
 from claude_router import alerts, config
 from claude_router.alerts import Alerts, Event, Observation, Webhook, budget_events, health_events
@@ -418,3 +419,16 @@ async def test_an_event_seen_by_two_workers_sharing_redis_is_posted_once(redis_s
         await c.aclose()
     assert sorted(p["event"] for p in posted) == ["balance_low", "balance_low", "recovered"]
     assert "endpoint_health_|alert|0|recovered|aws|123" in redis_server.cli("KEYS", "*alert*")
+
+
+def test_the_examples_commented_alerts_parse_once_uncommented():
+    from conftest import ROOT
+
+    text = (ROOT / "router.example.yaml").read_text()
+    start = text.index("# alerts:")
+    block = "\n".join(line[2:] for line in text[start:].splitlines() if line.startswith("# "))
+    env = {"AWS_RELAY_KEY": "k-aws-0123456789", "DROID_RELAY_KEY": "k-droid-0123456789",
+           "ROUTER_CLIENT_KEY": "k-client-0123456789", "SLACK_WEBHOOK_URL": HOOK}
+    slack, ops = config.parse(YAML(typ="safe", pure=True).load(text + "\n" + block), SRC, env).alerts
+    assert (slack.url, slack.format, slack.events) == (HOOK, "slack", frozenset(alerts.EVENTS))
+    assert (ops.format, ops.events) == ("json", frozenset(alerts.EVENTS))
