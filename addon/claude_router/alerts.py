@@ -234,7 +234,7 @@ def body(e: Event, fmt: str, host: str = "") -> bytes:
         return json.dumps({"text": f"claude-router: {text}"}).encode()
     doc = {"event": e.kind, "subject": e.subject, "id": e.id, "at": clients.iso(e.at),
            "host": host, "text": text, **{k: v for k, v in e.fields.items() if k not in _OWN}}
-    return json.dumps(doc).encode()
+    return json.dumps(doc, default=str).encode()  # a field of another type: its text
 
 
 _OWN = {"event", "subject", "id", "at", "host", "text"}
@@ -407,8 +407,14 @@ class Alerts:
     async def _send(self, wh: Webhook, q: asyncio.Queue[Event]) -> None:
         while True:
             e = await q.get()
-            if await self._claim(wh, e):
-                await self._deliver(wh, e)
+            try:
+                if await self._claim(wh, e):
+                    await self._deliver(wh, e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad alert never stops the sender
+                self._count("failed")
+                log.warning(f"router: alert {_name(e)} not delivered to {wh.shown} ({type(exc).__name__})")
 
     async def _claim(self, wh: Webhook, e: Event) -> bool:
         """With Redis: True only for the one worker that sets the event's key first. Redis away:
