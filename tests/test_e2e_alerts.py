@@ -227,3 +227,24 @@ clients:
             assert ALICE_KEY.encode() not in raw and AWS_KEY.encode() not in raw
     finally:
         hook.stop()
+
+
+def test_every_endpoint_cooling_is_told_once(start_router, mock, tmp_path):
+    hook = Receiver()
+    try:
+        path = write_config(tmp_path / "r.yaml", mock, hook.url)
+        router = start_router([], options={"router_config": str(path)})
+        for name in ("aws", "droid"):
+            mock.fault(name, status=503, times=3)
+        for _ in range(3):  # each request fails at both
+            post(router)
+        (every,) = hook.wait(lambda ev: [e for e in ev if e["event"] == "all_cooling"], what="all_cooling")
+        assert every["endpoints"] == ["aws", "droid"]
+        assert every["text"].startswith("every endpoint is cooling down (aws, droid); the first is back in")
+        # Both answer again once their cooldowns end: recovered is the marker.
+        wait_until(lambda: post(router).status_code == 200, what="an answer")
+        hook.wait(has("recovered", "aws"), what="recovered")
+        assert [hook.count(k, s) for k, s in (("cooled", "aws"), ("cooled", "droid"), ("all_cooling", ""))] \
+            == [1, 1, 1]
+    finally:
+        hook.stop()
