@@ -20,7 +20,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import RegularMode, ReverseMode, UpstreamMode
 from mitmproxy.tls import ClientHelloData
 
-from . import access, clients, compat, config, dispatch, ledger as ledgers, options, policy, runtime
+from . import access, alerts, clients, compat, config, dispatch, ledger as ledgers, options, policy, runtime
 from .accounts import Accounts
 from .admin import Admin
 from .affinity import MemoryAffinity, RedisAffinity
@@ -32,6 +32,7 @@ from .endpoints import Endpoint, parse_endpoints
 from .exchange import Exchange, quiet_request_log
 from .handoff import HandoffServer
 from .health import Breaker, HealthStore, MemoryHealthStore
+from .health_metrics import HealthGauges
 from .liveness import Liveness
 from .redis_store import RedisHealthStore
 from .routing import Routing, Settings
@@ -67,6 +68,9 @@ class Router:
         self.ledger: ledgers.Ledger | None = None  # router_ledger: opened once running
         self.budgets: SharedBudgets | None = None  # spend shared through Redis
         self.accounts.on_spend = self._spent
+        self.stats.registry.register(HealthGauges(self))  # cooling / cooldown seconds, at scrape time
+        self.alerts = alerts.Alerts(self.stats.registry, clock, lambda: self.file.alerts if self.file else (),
+                                    lambda: alerts.secrets_of(self))  # webhooks (issue 23)
         self._background: set[asyncio.Task] = set()
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
@@ -236,7 +240,9 @@ class Router:
                 self.spawn(old.close())
             except RuntimeError:
                 pass
+        self.alerts.share(None, "")  # alerts claim their events in Redis (sent once by all workers)
         if isinstance(self.store, RedisHealthStore):
+            self.alerts.share(self.store.client, self.store.prefix)
             self.budgets = SharedBudgets(self.store.client, self.store.prefix, self.accounts,
                                          lambda: self.clients, self.clock)
             if self._running:
@@ -296,6 +302,7 @@ class Router:
             self.ledger.start()
         if self.budgets is not None:
             self.budgets.start()
+        self.alerts.start(lambda: alerts.observe(self))
         compat.announce(ctx.options.router_hook_index)  # one line: the mitmproxy internals in use
         self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
@@ -325,6 +332,7 @@ class Router:
         self.accept_errors.uninstall()
         if self._watcher:
             self._watcher.cancel()
+        await self.alerts.close()
         await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()

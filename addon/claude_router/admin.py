@@ -65,6 +65,8 @@ class Admin:
                                r.store.description, r.affinity)
         if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
             doc["clients"] = r.accounts.document(r.clients, r.clock())
+        if r.alerts.webhooks():  # webhooks (issue 23): where they go (host only) and the counts
+            doc["alerts"] = r.alerts.document()
         return doc
 
     # -- commands ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from . import clients as client_specs
+from . import alerts as alert_specs, clients as client_specs
 from .endpoints import Endpoint, parse_endpoint
 from .profiles import DEFAULT, Profile
 from .upstream import HOP_BY_HOP
@@ -78,6 +78,7 @@ class FileConfig:
     options: dict[str, Any]  # router_* option values the file sets
     clients: tuple[client_specs.Client, ...] = ()  # named clients (issue 21), keys resolved
     admin_keys: tuple[str, ...] = ()  # resolved secrets: status, metrics, every client's usage
+    alerts: tuple[alert_specs.Webhook, ...] = ()  # webhooks (issue 23), URLs resolved
 
 
 def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
@@ -98,7 +99,7 @@ def load(path: str, env: Mapping[str, str] = os.environ) -> FileConfig:
 def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
     if not isinstance(doc, dict):
         raise ConfigError(source, "", "expected a mapping at the top level")
-    sections = {"endpoints", "client_keys", "clients", "admin_keys"} | {s for s, _ in OPTION_FIELDS}
+    sections = {"endpoints", "client_keys", "clients", "admin_keys", "alerts"} | {s for s, _ in OPTION_FIELDS}
     if unknown := set(doc) - sections:
         raise _unknown(source, "", unknown, sections)
     raw_eps = doc.get("endpoints")
@@ -126,7 +127,11 @@ def parse(doc: Any, source: str, env: Mapping[str, str]) -> FileConfig:
         raise ConfigError(source, "admin_keys", "expected a list of keys or env: references")
     admin_keys = tuple(_secret(k, f"admin_keys[{i}]", source, env) for i, k in enumerate(admins))
     _distinct_keys(source, client_keys, named, admin_keys)
-    return FileConfig(endpoints, client_keys, _options(doc, source), named, admin_keys)
+    try:
+        hooks = alert_specs.parse(doc.get("alerts"), lambda ref, where: _secret(ref, where, source, env))
+    except alert_specs.SpecError as e:
+        raise ConfigError(source, e.where, e.problem) from None
+    return FileConfig(endpoints, client_keys, _options(doc, source), named, admin_keys, hooks)
 
 
 def _distinct_keys(source: str, client_keys: tuple[str, ...], named: tuple, admin_keys: tuple[str, ...]) -> None:
