@@ -393,6 +393,10 @@ class Alerts:
     async def _watch(self, observe: Callable[[], Awaitable[Observation]]) -> None:
         failing = False
         while True:
+            if not self.webhooks():  # nothing to tell anyone: no look (no Redis read) at all
+                self._last = None
+                await asyncio.sleep(self.every)
+                continue
             try:
                 self.look(await observe())
                 failing = False
