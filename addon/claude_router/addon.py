@@ -24,6 +24,7 @@ from . import access, clients, compat, config, dispatch, ledger as ledgers, opti
 from .accounts import Accounts
 from .admin import Admin
 from .affinity import MemoryAffinity, RedisAffinity
+from .balances import Balances
 from .budgets import SharedBudgets
 from .connections import HeadDeadlines
 from .conversations import Conversations
@@ -67,6 +68,8 @@ class Router:
         self.ledger: ledgers.Ledger | None = None  # router_ledger: opened once running
         self.budgets: SharedBudgets | None = None  # spend shared through Redis
         self.accounts.on_spend = self._spent
+        self.balances = Balances(clock, self.stats.registry)  # relay balances, polled when running
+        self.routing.is_low = self.balances.is_low  # below min_usd: skipped without blame
         self._background: set[asyncio.Task] = set()
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
@@ -155,6 +158,8 @@ class Router:
             self.conversations.cache_ttl = float(opts.router_cache_ttl)
         if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
+        if updated & {"router_endpoints", "router_config"}:
+            self.balances.configure(self.endpoints)
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url", "router_hook_index",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = options.settings(ctx.options)
@@ -296,6 +301,7 @@ class Router:
             self.ledger.start()
         if self.budgets is not None:
             self.budgets.start()
+        self.balances.start()
         compat.announce(ctx.options.router_hook_index)  # one line: the mitmproxy internals in use
         self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
@@ -328,6 +334,7 @@ class Router:
         await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()
+        await self.balances.close()
         if self.budgets is not None:
             await self.budgets.round()  # the last spend, if Redis takes it now
             await self.budgets.close()
@@ -360,6 +367,7 @@ class Router:
                 log.warning(f"router: keeping the last good config: {e}")
                 continue
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
+            self.balances.configure(self.endpoints)
             log.info(f"router: config reloaded from {path}: "
                      f"{', '.join(ep.name for ep in self.endpoints)}")
 

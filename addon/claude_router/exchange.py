@@ -392,6 +392,7 @@ class Exchange:
             result = await r.routing.route(endpoints, r.store, r.settings, request,
                                            pinned, choose, credential=owner)
         r.stats.attempts(result.attempts, result.counted)
+        r.balances.noticed(result.attempts)  # a 402 or billing_error: poll that balance now
         for name in result.trips:
             self._tripped(name)
         w, answer = result.winner, result.answer
