@@ -152,3 +152,21 @@ def test_a_panel_refusing_the_token_is_an_error_not_a_low_balance(mock, start_ro
     assert status(router)["aws"]["balance_error"] == "the panel answered HTTP 401"
     assert status(router)["aws"]["balance_low"] is False
     assert ask(router).headers["x-router-attempts"] == "aws:200"
+
+
+def test_two_routers_share_the_balance_through_redis(mock, start_router, tmp_path, redis_server):
+    mock.balance("aws", quota=100 * UNIT, key=TOKEN)
+    config = write_config(tmp_path / "shared.yaml", mock, every=3600)
+    opts = {"router_config": str(config), "router_redis_url": redis_server.url}
+    a = start_router([], options=opts, env={"PANEL_TOKEN": TOKEN})
+    balance_is(a, "aws", 100.0)
+    b = start_router([], options=opts, env={"PANEL_TOKEN": TOKEN})
+    balance_is(b, "aws", 100.0)  # a's reading, from Redis
+    assert mock.balance_polls("aws") == 1  # one poll for the two of them
+    mock.balance("aws", quota=0, key=TOKEN)
+    mock.fault("aws", status=402, error_type="billing_error", times=1)
+    assert ask(a).headers["x-router-attempts"] == "aws:402, droid:200"
+    balance_is(b, "aws", 0.0)  # a's poll reached b without a poll of b's own
+    assert mock.balance_polls("aws") == 2
+    assert ask(b).headers["x-router-attempts"] == "aws:low_balance, droid:200"
+    assert TOKEN not in redis_server.cli("GET", "endpoint_health_|balance|aws")

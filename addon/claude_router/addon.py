@@ -141,6 +141,8 @@ class Router:
             except RuntimeError:  # no loop yet (start-up): nothing was started
                 pass
             self._share_budgets()
+            self.balances.shared = ((self.store.client, self.store.prefix)
+                                    if isinstance(self.store, RedisHealthStore) else None)
         if updated & {"router_ledger", "confdir"}:
             self._open_ledger()
         if "router_ledger_days" in updated and self.ledger is not None:

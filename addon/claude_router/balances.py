@@ -49,6 +49,8 @@ STALE_POLLS = 3  # a reading older than this many polls is unknown again: never 
 TRIGGER_DEBOUNCE = 10.0  # seconds between polls that 402s / billing errors ask for
 MAX_ANSWER = 1 << 20  # bytes of a panel's answer read at most
 LOW_BALANCE = "low_balance"  # the attempt outcome of a skipped endpoint
+SYNC_EVERY = 5.0  # with Redis: seconds between reads of the readings other workers shared
+SHARED_OP_TIMEOUT = 0.5  # seconds one Redis call may take (Redis away: each worker polls alone)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -331,6 +333,10 @@ class Balances:
         self._tasks: dict[str, asyncio.Task] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._triggered: dict[str, float] = {}
+        self._due: dict[str, float] = {}  # when each endpoint's next poll is due (unix time)
+        # With router_redis_url: (redis client, key prefix); each good reading is shared there,
+        # and a worker adopts a newer one instead of polling the panel itself.
+        self.shared: tuple[Any, str] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._running = False
         self.gauge = Gauge("router_endpoint_balance_usd", "USD left at the endpoint, as its panel "
@@ -380,6 +386,7 @@ class Balances:
             if specs.get(name) != self.specs[name]:
                 self._stop(name)
                 self.readings.pop(name, None)
+                self._due.pop(name, None)
                 self._low.discard(name)
                 try:
                     self.gauge.remove(name)
@@ -421,20 +428,63 @@ class Balances:
     # -- polling --
 
     async def _run(self, name: str) -> None:
+        """Poll when due (or asked by a 402); with Redis, first adopt a newer reading another
+        worker shared, so that the workers poll the panel about once per ``every`` together."""
         wake = self._wake[name]
         while True:
             spec = self.specs.get(name)
             if spec is None:
                 return
+            asked = wake.is_set()
             wake.clear()
             try:
-                await self.poll(name, spec)
+                if self.shared is not None and not asked:
+                    await self._adopt(name, spec)
+                if asked or self.clock() >= self._due.get(name, -math.inf):
+                    self._due[name] = self.clock() + jittered(spec.every)
+                    reading = await self.poll(name, spec)
+                    if self.shared is not None and not reading.error:
+                        await self._publish(name, spec, reading)
             except Exception:  # noqa: BLE001 - a poller never dies of one bad answer
                 log.exception(f"router: balance poll of {name} failed")
+            wait = self._due.get(name, 0.0) - self.clock()
+            if self.shared is not None:
+                wait = min(wait, SYNC_EVERY)
             try:
-                await asyncio.wait_for(wake.wait(), jittered(spec.every))
+                await asyncio.wait_for(wake.wait(), max(0.05, wait))
             except TimeoutError:
                 pass
+
+    def _key(self, name: str) -> str:
+        assert self.shared is not None
+        return f"{self.shared[1]}|balance|{name}"
+
+    async def _adopt(self, name: str, spec: BalanceSpec) -> None:
+        """A reading another worker shared, if newer than ours: taken, and our poll put off."""
+        assert self.shared is not None
+        try:
+            async with asyncio.timeout(SHARED_OP_TIMEOUT):
+                raw = await self.shared[0].get(self._key(name))
+            if not raw:
+                return
+            doc = json.loads(raw)
+            usd, at = float(doc["usd"]), float(doc["at"])
+        except Exception:  # noqa: BLE001 - Redis away or a garbled value: poll on our own
+            return
+        mine = self.readings.get(name)
+        if math.isnan(usd) or (mine is not None and mine.at is not None and mine.at >= at):
+            return
+        self.record(name, usd, at=at)
+        self._due[name] = max(self._due.get(name, -math.inf), at + jittered(spec.every))
+
+    async def _publish(self, name: str, spec: BalanceSpec, reading: Reading) -> None:
+        assert self.shared is not None
+        try:
+            async with asyncio.timeout(SHARED_OP_TIMEOUT):
+                await self.shared[0].set(self._key(name), json.dumps({"usd": reading.usd, "at": reading.at}),
+                                         ex=max(1, math.ceil(stale_after(spec))))
+        except Exception:  # noqa: BLE001 - Redis away: this worker's own reading still holds
+            pass
 
     async def poll(self, name: str, spec: BalanceSpec) -> Reading:
         """Read the panel once (bounded by ``spec.timeout``) and record what it said."""
@@ -461,12 +511,13 @@ class Balances:
                 body = await resp.content.read(MAX_ANSWER)
                 return answer_usd(resp.status, body, spec)
 
-    def record(self, name: str, usd: float) -> Reading:
-        """A good reading: kept, shown, and a transition into low (or out of it) announced."""
+    def record(self, name: str, usd: float, at: float | None = None) -> Reading:
+        """A good reading (this worker's, or one another worker shared, taken ``at``): kept,
+        shown, and a transition into low (or out of it) announced."""
         spec = self.specs.get(name)
         before = self.readings.get(name)
         now = self.clock()
-        reading = Reading(usd=usd, at=now)
+        reading = Reading(usd=usd, at=now if at is None else at)
         self.readings[name] = reading
         self.gauge.labels(name).set(usd)
         if before is None or before.usd != usd or before.error:
