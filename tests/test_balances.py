@@ -338,3 +338,23 @@ def test_spec_error_names_the_field():
     with pytest.raises(SpecError) as exc:
         spec({"preset": "new-api", "key": "env:PANEL", "every": "often"})
     assert exc.value.where.endswith(".every")
+
+
+def test_the_examples_commented_balance_parses_once_uncommented():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "router.example.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("    # balance:                              # read its relay's balance: skipped below min_usd")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    # "):
+            break
+        if not line.startswith("    #   #"):
+            block.append("    " + line[6:])
+    text = "\n".join(lines[:start] + block + lines[start + len(block) + 1:])
+    from ruamel.yaml import YAML
+    cfg = config.parse(YAML(typ="safe").load(text), SRC, {
+        "AWS_RELAY_KEY": "k-aws", "DROID_RELAY_KEY": "k-droid", "ROUTER_CLIENT_KEY": "k-client",
+        "AWS_PANEL_TOKEN": TOKEN})
+    b = cfg.endpoints[0].balance
+    assert (b.preset, b.min_usd, b.every, b.url) == ("new-api", 5, 300, "https://relay.example/api/user/self")
