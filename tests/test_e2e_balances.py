@@ -170,3 +170,16 @@ def test_two_routers_share_the_balance_through_redis(mock, start_router, tmp_pat
     assert mock.balance_polls("aws") == 2
     assert ask(b).headers["x-router-attempts"] == "aws:low_balance, droid:200"
     assert TOKEN not in redis_server.cli("GET", "endpoint_health_|balance|aws")
+
+
+def test_a_reloaded_min_usd_applies_with_a_fresh_poll(mock, start_router, tmp_path):
+    mock.balance("aws", quota=UNIT, key=TOKEN)
+    router = start(start_router, mock, tmp_path, every=3600)
+    balance_is(router, "aws", 1.0)
+    assert ask(router).headers["x-router-attempts"] == "aws:low_balance, droid:200"
+    write_config(tmp_path / "router.yaml", mock, every=3600, min_usd=0.5)
+    router.wait_log("config reloaded")
+    wait_for(lambda: mock.balance_polls("aws") == 2, what="the new spec's first poll")
+    wait_for(lambda: status(router)["aws"]["balance_min_usd"] == 0.5 and status(router)["aws"]["balance_usd"] == 1.0,
+             what="the new reading")
+    assert ask(router).headers["x-router-attempts"] == "aws:200"

@@ -50,7 +50,7 @@ TRIGGER_DEBOUNCE = 10.0  # seconds between polls that 402s / billing errors ask 
 MAX_ANSWER = 1 << 20  # bytes of a panel's answer read at most
 LOW_BALANCE = "low_balance"  # the attempt outcome of a skipped endpoint
 SYNC_EVERY = 5.0  # with Redis: seconds between reads of the readings other workers shared
-SHARED_OP_TIMEOUT = 0.5  # seconds one Redis call may take (Redis away: each worker polls alone)
+SHARED_OP_TIMEOUT = 2.0  # seconds one Redis call may take (background; Redis away: each polls alone)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
