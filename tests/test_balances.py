@@ -358,3 +358,70 @@ def test_the_examples_commented_balance_parses_once_uncommented():
         "AWS_PANEL_TOKEN": TOKEN})
     b = cfg.endpoints[0].balance
     assert (b.preset, b.min_usd, b.every, b.url) == ("new-api", 5, 300, "https://relay.example/api/user/self")
+
+
+# --- one poll against a real loopback server (bounded, never quoting the URL) ---
+
+async def panel_server(handler):
+    from aiohttp import web
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_a_poll_reads_the_panel_with_its_token():
+    from aiohttp import web
+    seen = []
+
+    async def handler(request):
+        seen.append(request.headers.get("authorization"))
+        return web.json_response({"success": True, "data": {"quota": 3_000_000}})
+
+    runner, port = await panel_server(handler)
+    try:
+        b = Balances(Clock())
+        s = spec({"preset": "one-api", "key": "env:PANEL", "url": f"http://127.0.0.1:{port}/api/user/self"})
+        b.configure([Endpoint("aws", "https://relay.example/aws", 0, balance=s)])
+        reading = await b.poll("aws", s)
+        assert (reading.usd, reading.error, seen) == (6.0, "", [f"Bearer {TOKEN}"])
+    finally:
+        await b.close()
+        await runner.cleanup()
+
+
+async def test_a_slow_panel_is_bounded_by_the_timeout():
+    import asyncio
+
+    from aiohttp import web
+
+    async def handler(request):
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    runner, port = await panel_server(handler)
+    try:
+        b = Balances(Clock())
+        s = spec({"url": f"http://127.0.0.1:{port}/x?token={TOKEN}", "json_path": "a", "timeout": 0.2})
+        b.configure([Endpoint("aws", "https://relay.example/aws", 0, balance=s)])
+        reading = await b.poll("aws", s)
+        assert (reading.usd, reading.error) == (None, "no answer within 0.2 s")
+    finally:
+        await b.close()
+        await runner.cleanup()
+
+
+async def test_an_unreachable_panel_is_named_without_its_url():
+    from claude_router_dev.harness import free_port
+    b = Balances(Clock())
+    s = spec({"url": f"http://127.0.0.1:{free_port()}/x?token={TOKEN}", "json_path": "a", "timeout": 5})
+    b.configure([Endpoint("aws", "https://relay.example/aws", 0, balance=s)])
+    try:
+        reading = await b.poll("aws", s)
+    finally:
+        await b.close()
+    assert reading.error.startswith("the panel could not be reached (")
+    assert TOKEN not in reading.error and "127.0.0.1" not in reading.error

@@ -90,6 +90,10 @@ class SpecError(ValueError):
         self.problem = problem
 
 
+class PanelError(ValueError):
+    """A panel's answer that gives no balance; the message names the problem, never the body."""
+
+
 @dataclass(frozen=True)
 class BalanceSpec:
     url: str = field(repr=False)  # the panel's URL (GET); never shown: it may carry a token
@@ -259,30 +263,30 @@ def read(doc: Any, path: str, divisor: float) -> float:
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
-            raise ValueError(f"no {path} in the answer")
+            raise PanelError(f"no {path} in the answer")
     if isinstance(node, str):  # some panels send numbers as strings ("12.50")
         try:
             node = float(node.strip())
         except ValueError:
-            raise ValueError(f"{path} is not a number") from None
+            raise PanelError(f"{path} is not a number") from None
     if isinstance(node, bool) or not isinstance(node, (int, float)):
-        raise ValueError(f"{path} is not a number")
+        raise PanelError(f"{path} is not a number")
     value = float(node) / divisor
     if not math.isfinite(value):
-        raise ValueError(f"{path} is not a finite number")
+        raise PanelError(f"{path} is not a finite number")
     return value
 
 
 def answer_usd(status: int, body: bytes, spec: BalanceSpec) -> float:
     """USD left according to a panel's answer (math.inf: no limit); ValueError otherwise."""
     if status != 200:
-        raise ValueError(f"the panel answered HTTP {status}")
+        raise PanelError(f"the panel answered HTTP {status}")
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
-        raise ValueError("the panel's answer is not JSON") from None
+        raise PanelError("the panel's answer is not JSON") from None
     if spec.success_field and isinstance(doc, dict) and doc.get("success") is False:
-        raise ValueError("the panel refused the request (success: false; check key and user)")
+        raise PanelError("the panel refused the request (success: false; check key and user)")
     usd = read(doc, spec.json_path, spec.divisor)
     if spec.negative_unlimited and usd < 0:
         return math.inf
@@ -491,13 +495,11 @@ class Balances:
         self.polls[name] = self.polls.get(name, 0) + 1
         try:
             usd = await self._fetch(spec)
-        except ValueError as e:
+        except PanelError as e:
             return self._failed(name, str(e))
         except TimeoutError:
             return self._failed(name, f"no answer within {spec.timeout:g} s")
-        except aiohttp.ClientError as e:
-            return self._failed(name, f"the panel could not be reached ({type(e).__name__})")
-        except OSError as e:
+        except (aiohttp.ClientError, OSError, ValueError) as e:  # (their text may quote the URL)
             return self._failed(name, f"the panel could not be reached ({type(e).__name__})")
         return self.record(name, usd)
 
