@@ -332,3 +332,17 @@ def test_stamp_events_puts_the_send_time_in_every_event_and_the_sdk_still_reads_
         assert s.get_final_message().content[0].text == "w1 w2 w3"
     with pytest.raises(Exception, match="400"):
         mock.fault("s", stamp_events=1)
+
+
+def test_the_balance_panel_answers_new_api_and_sub2api_shapes_and_counts_polls(mock):
+    assert httpx.get(f"{mock.url('aws')}/api/user/self").status_code == 404  # no panel yet
+    mock.balance("aws", quota=2_500_000, key="tok-1")
+    assert httpx.get(f"{mock.url('aws')}/api/user/self").status_code == 401  # without the token
+    auth = {"authorization": "Bearer tok-1"}
+    self_page = httpx.get(f"{mock.url('aws')}/api/user/self", headers=auth).json()
+    assert (self_page["success"], self_page["data"]["quota"]) == (True, 2_500_000)
+    assert httpx.get(f"{mock.url('aws')}/v1/usage", headers=auth).json()["remaining"] == 5.0
+    mock.balance("aws", status=503)  # the panel breaks; the poll count stays
+    assert httpx.get(f"{mock.url('aws')}/api/user/self").status_code == 503
+    assert mock.balance_polls("aws") == 4
+    assert mock.requests("aws") == [mock.requests("aws")[0]]  # only the 404 before the panel

@@ -24,6 +24,7 @@ from . import access, alerts, clients, compat, config, dispatch, ledger as ledge
 from .accounts import Accounts
 from .admin import Admin
 from .affinity import MemoryAffinity, RedisAffinity
+from .balances import Balances
 from .budgets import SharedBudgets
 from .connections import HeadDeadlines
 from .conversations import Conversations
@@ -71,6 +72,9 @@ class Router:
         self.stats.registry.register(HealthGauges(self))  # cooling / cooldown seconds, at scrape time
         self.alerts = alerts.Alerts(self.stats.registry, clock, lambda: self.file.alerts if self.file else (),
                                     lambda: alerts.secrets_of(self))  # webhooks (issue 23)
+        self.balances = Balances(clock, self.stats.registry)  # relay balances, polled when running
+        self.routing.is_low = self.balances.is_low  # below min_usd: skipped without blame
+        self.balances.on_low = self._balance_low  # an alert (alerts.balance_low)
         self._background: set[asyncio.Task] = set()
         self._config_stamp: tuple | None = None
         self._watcher: asyncio.Task | None = None
@@ -142,6 +146,8 @@ class Router:
             except RuntimeError:  # no loop yet (start-up): nothing was started
                 pass
             self._share_budgets()
+            self.balances.shared = ((self.store.client, self.store.prefix)
+                                    if isinstance(self.store, RedisHealthStore) else None)
         if updated & {"router_ledger", "confdir"}:
             self._open_ledger()
         if "router_ledger_days" in updated and self.ledger is not None:
@@ -159,6 +165,8 @@ class Router:
             self.conversations.cache_ttl = float(opts.router_cache_ttl)
         if updated & {"router_endpoints", "router_config", "router_redis_url", "router_key_prefix"}:
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
+        if updated & {"router_endpoints", "router_config"}:
+            self.balances.configure(self.endpoints)
         if updated & (options.ALL - {"router_endpoints", "router_hosts", "router_redis_url", "router_hook_index",
                                      "router_key_prefix", "router_config", "router_client_keys"}):
             self.settings = options.settings(ctx.options)
@@ -275,6 +283,11 @@ class Router:
         if self._running:
             ledger.start()
 
+    def _balance_low(self, endpoint: str, usd: float, min_usd: float) -> None:
+        """A relay's balance went below its min_usd (balances): one alert, however many workers
+        see it (the id is the endpoint and the UTC day)."""
+        self.alerts.emit("balance_low", endpoint, usd=round(usd, 2), min_usd=min_usd)
+
     def _spent(self, label: str, day: str, usd: float) -> None:
         """A client's spend (accounts counted it): to the ledger and to Redis, in the background."""
         if self.ledger is not None:
@@ -303,6 +316,7 @@ class Router:
         if self.budgets is not None:
             self.budgets.start()
         self.alerts.start(lambda: alerts.observe(self))
+        self.balances.start()
         compat.announce(ctx.options.router_hook_index)  # one line: the mitmproxy internals in use
         self._index_hooks(ctx.options.router_hook_index)
         self.spawn(self._announce())
@@ -336,6 +350,7 @@ class Router:
         await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()
+        await self.balances.close()
         if self.budgets is not None:
             await self.budgets.round()  # the last spend, if Redis takes it now
             await self.budgets.close()
@@ -368,6 +383,7 @@ class Router:
                 log.warning(f"router: keeping the last good config: {e}")
                 continue
             self.store.track(policy.health_subjects(ep.name for ep in self.endpoints))
+            self.balances.configure(self.endpoints)
             log.info(f"router: config reloaded from {path}: "
                      f"{', '.join(ep.name for ep in self.endpoints)}")
 

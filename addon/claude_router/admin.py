@@ -63,6 +63,8 @@ class Admin:
         r = self.router
         doc = r.stats.document(r.endpoints, r.store.current(), r.clock(), set(r.store.disabled),
                                r.store.description, r.affinity)
+        for e in doc["endpoints"]:  # balance_usd, balance_checked (unix time), balance_low ...
+            e.update(r.balances.status(e["name"]))
         if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
             doc["clients"] = r.accounts.document(r.clients, r.clock())
         if r.alerts.webhooks():  # webhooks (issue 23): where they go (host only) and the counts

@@ -6,6 +6,7 @@ problem. Secrets are given as references (``env:NAME``) and resolved here; they 
 an error message.
 """
 
+import dataclasses
 import difflib
 import hmac
 import math
@@ -17,7 +18,7 @@ from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from . import alerts as alert_specs, clients as client_specs
+from . import alerts as alert_specs, balances, clients as client_specs
 from .endpoints import Endpoint, parse_endpoint
 from .profiles import DEFAULT, Profile
 from .upstream import HOP_BY_HOP
@@ -40,7 +41,7 @@ OPTION_FIELDS = {
     ("policy", "max_body_mb"): "router_max_body_mb",
 }
 _ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers",
-                    "models", "model_map", "drop_betas", "cache_ttl"}
+                    "models", "model_map", "drop_betas", "cache_ttl", "balance"}
 _PRICE_FIELDS = {"input", "output", "cache_write", "cache_read"}
 # RFC 9110 5.1: a field name is a token of tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -160,10 +161,19 @@ def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoin
     auth = str(item.get("auth", "x-api-key")).lower()
     if auth not in ("x-api-key", "bearer"):
         raise ConfigError(source, f"{where}.auth", "must be x-api-key or bearer")
-    return Endpoint(ep.name, ep.url, i, key=key, auth=auth,
-                    headers=_headers(item.get("headers"), f"{where}.headers", source),
-                    price=_price(item.get("price"), f"{where}.price", source),
-                    profile=_profile(item, where, source))
+    ep = Endpoint(ep.name, ep.url, i, key=key, auth=auth,
+                  headers=_headers(item.get("headers"), f"{where}.headers", source),
+                  price=_price(item.get("price"), f"{where}.price", source),
+                  profile=_profile(item, where, source))
+    if item.get("balance") is None:
+        return ep
+    try:
+        spec = balances.parse(item["balance"], ep, lambda ref, at: _secret(ref, at, source, env),
+                              f"{where}.balance")
+    except balances.SpecError as e:
+        hint = did_you_mean(e.where.rsplit(".", 1)[-1], balances.FIELDS) if e.problem == "unknown field" else ""
+        raise ConfigError(source, e.where, e.problem + hint) from None
+    return dataclasses.replace(ep, balance=spec)
 
 
 def _profile(item: dict, where: str, source: str) -> Profile:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from . import access, admin, clients, compat, decoding, ledger as ledgers, policy, sessions, usage
+from . import access, admin, clients, compat, count_tokens, decoding, ledger as ledgers, policy, sessions, usage
 from .admin import reply
 from .connections import Collector, Delivery
 from .conversations import Turn
@@ -388,10 +388,16 @@ class Exchange:
             listing = Request("GET", "/v1/models", request.headers, b"")
             result = await r.routing.models(endpoints, r.store, r.settings, listing,
                                             one=path[len("/v1/models/"):] or None)
+        elif count_tokens.applies(req.method, target):  # one attempt, else a fast 404
+            result = await r.routing.route(endpoints, r.store, count_tokens.settings(r.settings), request,
+                                           pinned, choose, credential=owner)
+            if result.answer is not None and result.winner is None and result.answer.status >= 300:
+                result.answer = count_tokens.answer(result.answer)
         else:
             result = await r.routing.route(endpoints, r.store, r.settings, request,
                                            pinned, choose, credential=owner)
         r.stats.attempts(result.attempts, result.counted)
+        r.balances.noticed(result.attempts)  # a 402 or billing_error: poll that balance now
         for name in result.trips:
             self._tripped(name)
         w, answer = result.winner, result.answer

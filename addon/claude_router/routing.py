@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from . import decoding, policy, profiles, sse
+from .balances import LOW_BALANCE
 from .endpoints import Endpoint
 from .errors import KNOWN_ERROR_TYPES, error_body, error_type_for
 from .health import HEALTHY, Health, HealthStore, Phase, phase
@@ -139,6 +140,8 @@ class Routing:
         self._local_warned = float("-inf")
         # The last answer that refused or limited each key (by its keyed hash), bounded.
         self._key_answers: OrderedDict[str, Answer] = OrderedDict()
+        # Is an endpoint too low on balance to try (balances.Balances.is_low); none by default.
+        self.is_low: Callable[[str], bool] = lambda name: False
 
     def _warn_local(self, detail: str) -> None:
         """At most one warning per LOCAL_WARN_EVERY seconds: an exhausted router fails every
@@ -190,6 +193,11 @@ class Routing:
                     # answer again, at once, until the first of those cooldowns ends.
                     return Result(skipped, answer=self._key_refused(credential, endpoints, for_key),
                                   counted=[False] * len(skipped))
+        if (low := [s for s in steps if self.is_low(s.endpoint.name)]) and len(low) < len(steps):
+            # Skipped without blame; when every usable endpoint is low, all are tried: a low or
+            # stale balance alone never makes the router refuse.
+            skipped += [Attempt(s.endpoint.name, LOW_BALANCE, "balance below min_usd") for s in low]
+            steps = [s for s in steps if s not in low]
         if not steps:
             if not endpoints:
                 return Result(skipped, answer=_no_endpoint(), counted=[False] * len(skipped))

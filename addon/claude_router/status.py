@@ -199,6 +199,8 @@ LEGEND = (
     ("failures", "attempts and broken streams counted against it"),
     ("in/out tokens", "input / output tokens it served"),
     ("cost $", "estimated cost at its configured price"),
+    ("balance $", "USD left at the relay as its panel last said (balance:), \"low\" when below "
+                  "min_usd (skipped without blame), \"?\" when the panel could not be read"),
     ("last error", "the latest failure counted against it, in full"),
 )
 
@@ -214,6 +216,18 @@ def cooling_for(e: dict) -> str:
     return ", ".join(parts)
 
 
+def balance_of(e: dict) -> str:
+    """An endpoint's balance cell: USD left, "low" below its min_usd, "?" when unreadable."""
+    usd = e.get("balance_usd")
+    text = ("no limit" if e.get("balance_unlimited") else f"{usd:,.2f}" if isinstance(usd, (int, float))
+            else "")
+    if e.get("balance_low"):
+        text += " low"
+    if e.get("balance_error"):
+        text += " ?" if text else "?"
+    return text
+
+
 def state_of(e: dict) -> str:
     """The endpoint's state as the table shows it: an endpoint that is usable for some requests
     only (a family or a client key cooling) is "partly cooling", never plain healthy."""
@@ -227,7 +241,7 @@ def table(doc: dict, width: int = 120, legend: bool = True) -> str:
     """The status document as a terminal table (for the `router.status` command and
     scripts/status). The last error is wrapped to fit ``width``, never cut."""
     head = ("#", "endpoint", "state", "fails", "cooldown", "cooling for", "served", "failures",
-            "in/out tokens", "cost $", "last error")
+            "in/out tokens", "cost $", "balance $", "last error")
     rows = [head]
     errors = [""]
     for e in doc["endpoints"]:
@@ -237,7 +251,7 @@ def table(doc: dict, width: int = 120, legend: bool = True) -> str:
                      f"{e['cooldown_seconds_left']:g}s" if e.get("cooldown_seconds_left") else "",
                      cooling_for(e), str(e.get("served", "-")), str(e.get("failures", "-")),
                      f"{t.get('input_tokens', '-')}/{t.get('output_tokens', '-')}",
-                     f"{cost:.4f}" if isinstance(cost, (int, float)) else "-", ""))
+                     f"{cost:.4f}" if isinstance(cost, (int, float)) else "-", balance_of(e), ""))
         errors.append(" ".join(str(e.get("last_error") or "").split()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     indent = sum(widths) + 2 * len(widths)

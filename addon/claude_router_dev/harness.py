@@ -162,6 +162,14 @@ class MockRelay:
     def stats(self) -> dict:
         return self.call("GET", "/_mock/stats")
 
+    def balance(self, endpoint: str, **panel) -> None:
+        """Give the endpoint a balance panel (quota in new-api units; see mock_relay); the count
+        of its polls is kept across changes."""
+        self.call("PUT", f"/_mock/balances/{endpoint}", panel)
+
+    def balance_polls(self, endpoint: str) -> int:
+        return (self.call("GET", f"/_mock/balances/{endpoint}") or {}).get("polls", 0)
+
     def reset(self) -> None:
         self.call("DELETE", "/_mock/state")
 

@@ -145,6 +145,17 @@ Control API (same port)::
                                       Messages answers "usage" (what was billed), else null
     DELETE /_mock/requests
     GET    /_mock/stats    {"<endpoint>": count, "open_streams", "closed_early"}
+    PUT    /_mock/balances/<endpoint>  a balance panel for the endpoint (below)
+    GET    /_mock/balances/<endpoint>  {"quota", ..., "polls": panel requests so far}
+
+Balance panel (per endpoint, once set with PUT /_mock/balances/<endpoint>; body keys all
+optional: quota (int, new-api units, 500,000 per USD), remaining (sub2api USD, default
+quota / 500,000), key (answer 401 unless "Authorization: Bearer <key>"), status (answer that
+HTTP status), success (false: new-api's refusal {"success": false})). Panel requests are
+counted there, never in the request log or /_mock/stats::
+
+    GET /<endpoint>/api/user/self   new-api / one-api: {"success": true, "data": {"quota", ...}}
+    GET /<endpoint>/v1/usage        sub2api: {"isValid": true, "remaining": USD, "unit": "USD"}
     DELETE /_mock/state    clears faults, profiles, caches, request log and stats
 
 Importable: ``relay, port = await start(faults={...}, profiles={...}); ...;
@@ -521,8 +532,10 @@ class State:
         self.counts: collections.Counter[str] = collections.Counter()
         self.open_streams = 0
         self.closed_early = 0
+        self.balances: dict[str, dict[str, Any]] = {}  # endpoint -> its balance panel
 
     def clear(self) -> None:
+        self.balances.clear()
         self.faults.clear()
         self.profiles.clear()
         self.caches.clear()
@@ -712,7 +725,28 @@ class MockRelay:
         if path == "/":
             return web.Response(body=b'{"ok":true}', content_type=JSON_CT)
         endpoint, _, rest = path[1:].partition("/")
+        panel = self.state.balances.get(endpoint)
+        if panel is not None and request.method == "GET" and rest in ("api/user/self", "v1/usage"):
+            return self.balance_panel(request, panel, rest)
         return await self.endpoint(request, endpoint, "/" + rest, query)
+
+    @staticmethod
+    def balance_panel(request: web.Request, panel: dict[str, Any], page: str) -> web.Response:
+        """A relay panel's balance page (new-api / one-api, or sub2api's usage), counted."""
+        panel["polls"] = panel.get("polls", 0) + 1
+        if "key" in panel and request.headers.get("authorization", "") != f"Bearer {panel['key']}":
+            return web.json_response({"success": False, "message": "access token invalid"}, status=401)
+        if "status" in panel:
+            return web.json_response({"error": "mock panel status"}, status=panel["status"])
+        quota = panel.get("quota", 0)
+        if page == "v1/usage":
+            remaining = panel.get("remaining", quota / 500_000)
+            return web.json_response({"mode": "unrestricted", "isValid": True, "remaining": remaining,
+                                      "unit": "USD", "balance": remaining})
+        if panel.get("success") is False:
+            return web.json_response({"success": False, "message": "access token invalid"})
+        return web.json_response({"success": True, "message": "", "data": {
+            "id": 1, "username": "mock", "quota": quota, "used_quota": panel.get("used_quota", 0)}})
 
     async def endpoint(self, request: web.Request, endpoint: str, path: str,
                        query: str) -> web.StreamResponse:
@@ -739,6 +773,7 @@ class MockRelay:
             raise
         if record["outcome"] == "pending":
             record["outcome"] = str(resp.status)
+        record["request_id"] = resp.headers.get("request-id")
         if type(resp) is web.Response and not resp.prepared and isinstance(resp.body, bytes) \
                 and resp.body and not call.was_reset:
             if call.profile.get("escape_model") and isinstance(record["model"], str):
@@ -1131,6 +1166,18 @@ class MockRelay:
         if kind == "requests" and method == "DELETE":
             self.state.log.clear()
             return web.json_response({"ok": True})
+        if kind == "balances" and name is not None and method in ("PUT", "POST"):
+            try:
+                panel = json.loads(await request.read())
+            except ValueError:
+                panel = None
+            if not isinstance(panel, dict):
+                return web.json_response({"error": "balance panel must be a JSON object"}, status=400)
+            polls = self.state.balances.get(name, {}).get("polls", 0)
+            self.state.balances[name] = {**panel, "polls": polls}
+            return web.json_response({"ok": True, "endpoint": name, "balance": self.state.balances[name]})
+        if kind == "balances" and method == "GET":
+            return web.json_response(self.state.balances if name is None else self.state.balances.get(name))
         if kind == "stats" and method == "GET":
             return web.json_response(self.state.stats())
         if kind == "state" and method == "DELETE":
