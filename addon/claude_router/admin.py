@@ -63,6 +63,9 @@ class Admin:
         r = self.router
         doc = r.stats.document(r.endpoints, r.store.current(), r.clock(), set(r.store.disabled),
                                r.store.description, r.affinity)
+        for e, ep in zip(doc["endpoints"], r.endpoints, strict=True):
+            if (probe := r.prober.document(ep, r.clock())) is not None:
+                e["probe"] = probe  # out-of-band probes (probes.py)
         if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
             doc["clients"] = r.accounts.document(r.clients, r.clock())
         return doc

@@ -4,10 +4,14 @@ import base64
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .profiles import DEFAULT, Profile
 from .usage import Price
+
+if TYPE_CHECKING:
+    from .probes import ProbeSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # What health is kept for: an endpoint, one model family at an endpoint ("aws~opus"), or
@@ -34,6 +38,7 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry tokens
     price: Price | None = None  # USD per million tokens
     profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
+    probe: "ProbeSpec | None" = None  # tested out of band while cooling (see probes)
 
     # Derived once per endpoint (the spec is frozen), not on every request.
     @cached_property
