@@ -312,9 +312,12 @@ class Prober:
                 return None
         if not await self._claim(ep.name, spec.every, store):
             return None
-        half_open = phase(store.current().get(ep.name, HEALTHY), self.clock()) is Phase.HALF_OPEN
+        now_phase = phase(store.current().get(ep.name, HEALTHY), self.clock())
+        if now_phase not in (Phase.COOLING, Phase.HALF_OPEN):
+            return None  # healthy again, or a user request is probing it
+        half_open = now_phase is Phase.HALF_OPEN
         if half_open and not await store.try_probe(ep.name):
-            return None  # a user request is probing it
+            return None  # a user request took the half-open probe first
         if cap is not None:
             cap.add(now, cost)
         tally.sent += 1
