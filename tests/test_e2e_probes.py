@@ -169,3 +169,25 @@ def test_a_window_on_the_clients_own_key_cools_only_that_key(mock, start_router,
     assert cheap["state"] == "healthy" and cheap["cooling_for_keys"] == 1
     assert 7000 < cheap["keys_cooldown_seconds_left"] <= 7200
     assert post(router, **{"x-api-key": "sk-client-9f8e7d6c"}).headers["x-router-attempts"] == "cheap:200"
+
+
+def test_an_overloaded_model_family_recovers_through_a_one_token_message_probe(mock, start_router, tmp_path):
+    sonnet = {**MSG, "model": "claude-sonnet-4-5"}
+    config = write_config(tmp_path / "r.yaml", mock, probe=f"{{path: /v1/messages, model: claude-sonnet-4-5, "
+                                                           f"every: {EVERY}, usd_per_hour: 1}}")
+    config.write_text(config.read_text().replace("    probe:", "    price: {input: 1, output: 5}\n    probe:", 1))
+    router = start_router([], options={"router_config": str(config)})
+    mock.fault("cheap", status=529, error_type="overloaded_error")
+    for _ in range(3):
+        httpx.post(f"{router.base}/v1/messages", json=sonnet, timeout=30)
+    cheap = status(router)
+    assert cheap["families"]["sonnet"]["state"] == "cooling"  # a 529 on one model cools its family
+    until(lambda: status(router)["probe"]["failed"] >= 1, what="a failed probe")
+    mock.call("DELETE", "/_mock/faults/cheap")
+    until(lambda: "sonnet" not in (status(router).get("families") or {}), what="the family healthy again")
+    sent = [r for r in user_requests(mock)
+            if not any(k.lower() == "user-agent" and "httpx" in v for k, v in r["headers"])]
+    assert len(sent) >= 2 and sent[-1]["outcome"] == "200"  # failed probes, then the passing one
+    r = httpx.post(f"{router.base}/v1/messages", json=sonnet, timeout=30)
+    assert r.headers["x-router-attempts"] == "cheap:200"
+    assert status(router)["probe"]["usd_last_hour"] > 0

@@ -101,9 +101,19 @@ def test_only_cooling_or_half_open_endpoints_with_a_probe_are_wanted():
     view = {"cool": cooling, "half": Health(ejections=1, ejected_until=50.0), "bare": cooling,
             "off": cooling, "held": cooling, "fine": Health(failures=2)}
     got = probes.wanted(eps, view, 100.0, {"off"}, {"held": 150.0})
-    assert [e.name for e in got] == ["cool", "half"]
-    assert [e.name for e in probes.wanted(eps, view, 160.0, {"off"}, {"held": 150.0})] == \
+    assert [subject for _, subject in got] == ["cool", "half"]
+    assert [subject for _, subject in probes.wanted(eps, view, 160.0, {"off"}, {"held": 150.0})] == \
         ["cool", "half", "held"]
+
+
+def test_a_cooling_model_family_is_probed_only_by_a_messages_probe_of_that_family():
+    sonnet = ProbeSpec("/v1/messages", "claude-sonnet-4-5")
+    eps = [ep("msg", probe=sonnet, price=Price(1, 5)), ep("free"),
+           ep("other", probe=ProbeSpec("/v1/messages", "claude-opus-4-1"), price=Price(1, 5))]
+    cooling = Health(ejections=1, ejected_until=200.0)
+    view = {"msg~sonnet": cooling, "free~sonnet": cooling, "other~sonnet": cooling}
+    assert [(e.name, subject) for e, subject in probes.wanted(eps, view, 100.0, set(), {})] == \
+        [("msg", "msg~sonnet")]
 
 
 # -- the request ----------------------------------------------------------------------------

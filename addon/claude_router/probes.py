@@ -16,6 +16,10 @@ probe itself (``store.try_probe``), and a failure ejects the endpoint again for 
 as a failed user request would. A probe that could not be sent because of the router itself
 (out of descriptors) says nothing about the endpoint.
 
+A model family cooling at an endpoint (a 429 or 529 about one model cools that family only) is
+probed only by a ``/v1/messages`` probe whose model is of that family: a free probe shows the
+relay answers, not that the family's capacity is back, so it tests the endpoint alone.
+
 An endpoint that asked to be left alone until a time (Retry-After, a rate-limit reset, a used-up
 subscription window: ``windows``) is not probed before then: a free ``/v1/models`` would pass and
 end a cooldown the endpoint itself set (``Prober.hold``, told by the routing loop).
@@ -45,8 +49,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import windows
+from . import profiles, windows
 from .health import HEALTHY, Health, HealthStore, Phase, phase
+from .policy import family_subject
 from .redis_store import SEP, RedisHealthStore
 from .upstream import Timeouts, Upstream, UpstreamError
 
@@ -139,14 +144,26 @@ def next_due(now: float, every: float, rand: float, jitter: float = JITTER) -> f
     return now + every * (1 - jitter + 2 * jitter * rand)
 
 
+def subjects(ep: "Endpoint") -> list[str]:
+    """The health entries ``ep``'s probe can judge: the endpoint, and for a messages probe the
+    model family of its model at the endpoint (``aws~sonnet``)."""
+    spec = ep.probe
+    if spec is None:
+        return []
+    fam = profiles.family(spec.model) if spec.paid else None
+    return [ep.name] + ([family_subject(ep.name, fam)] if fam else [])
+
+
 def wanted(endpoints: Sequence["Endpoint"], view: Mapping[str, Health], now: float,
-           disabled: frozenset[str] | set[str], holds: Mapping[str, float]) -> list["Endpoint"]:
-    """The endpoints to probe now: those with a probe spec that are cooling or half-open, not
-    disabled by an operator, and not asked to be left alone until later."""
-    return [ep for ep in endpoints
-            if ep.probe is not None and ep.name not in disabled
-            and phase(view.get(ep.name, HEALTHY), now) in (Phase.COOLING, Phase.HALF_OPEN)
-            and holds.get(ep.name, 0.0) <= now]
+           disabled: frozenset[str] | set[str], holds: Mapping[str, float]
+           ) -> list[tuple["Endpoint", str]]:
+    """What to probe now, as (endpoint, subject): subjects of endpoints with a probe spec that
+    are cooling or half-open, of endpoints not disabled by an operator, and not asked to be
+    left alone until later."""
+    return [(ep, subject) for ep in endpoints if ep.name not in disabled
+            for subject in subjects(ep)
+            if phase(view.get(subject, HEALTHY), now) in (Phase.COOLING, Phase.HALF_OPEN)
+            and holds.get(subject, 0.0) <= now]
 
 
 def probe_cost(price: "Price | None") -> float:
@@ -280,26 +297,28 @@ class Prober:
             if until <= now:
                 del self.holds[name]
         todo = wanted(self._endpoints(), store.current(), now, store.disabled, self.holds)
-        names = {ep.name for ep in todo}
+        names = {subject for _, subject in todo}
         for name in [n for n in self.due if n not in names]:
             del self.due[name]  # healthy again (or held): its next cooldown starts afresh
         batch = []
-        for ep in todo:
+        for ep, subject in todo:
             assert ep.probe is not None
-            due = self.due.get(ep.name)
+            due = self.due.get(subject)
             if due is None:
-                self.due[ep.name] = next_due(now, ep.probe.every, self._rand())
+                self.due[subject] = next_due(now, ep.probe.every, self._rand())
             elif now >= due:
-                self.due[ep.name] = next_due(now, ep.probe.every, self._rand())
-                batch.append(ep)
+                self.due[subject] = next_due(now, ep.probe.every, self._rand())
+                batch.append((ep, subject))
         if batch:
-            await asyncio.gather(*(self.probe(ep, store) for ep in batch))
+            await asyncio.gather(*(self.probe(ep, store, subject) for ep, subject in batch))
 
-    async def probe(self, ep: "Endpoint", store: HealthStore) -> bool | None:
-        """Probe ``ep`` once (if the cost cap and the shared lock allow) and record what it
-        says. True: passed, the cooldown ended; False: failed; None: not sent or no verdict."""
+    async def probe(self, ep: "Endpoint", store: HealthStore, subject: str | None = None) -> bool | None:
+        """Probe ``ep`` once for ``subject`` (the endpoint, or a model family at it) if the
+        cost cap and the shared lock allow, and record what it says. True: passed, the cooldown
+        ended; False: failed; None: not sent or no verdict."""
         spec = ep.probe
         assert spec is not None
+        subject = subject or ep.name
         tally = self.tally.setdefault(ep.name, Tally())
         now = self.clock()
         cost = probe_cost(ep.price) if spec.paid else 0.0
@@ -310,13 +329,13 @@ class Prober:
             if not cap.allows(now, cost):
                 tally.capped += 1
                 return None
-        if not await self._claim(ep.name, spec.every, store):
+        if not await self._claim(subject, spec.every, store):
             return None
-        now_phase = phase(store.current().get(ep.name, HEALTHY), self.clock())
+        now_phase = phase(store.current().get(subject, HEALTHY), self.clock())
         if now_phase not in (Phase.COOLING, Phase.HALF_OPEN):
             return None  # healthy again, or a user request is probing it
         half_open = now_phase is Phase.HALF_OPEN
-        if half_open and not await store.try_probe(ep.name):
+        if half_open and not await store.try_probe(subject):
             return None  # a user request took the half-open probe first
         if cap is not None:
             cap.add(now, cost)
@@ -325,23 +344,23 @@ class Prober:
         tally.last_at, tally.last_outcome = self.clock(), outcome
         if outcome in ("local", "unsendable"):  # the router's own trouble: no verdict
             if half_open:
-                await store.release_probe(ep.name)
+                await store.release_probe(subject)
             return None
-        if outcome.isdigit() and passed(int(outcome)) and self.holds.get(ep.name, 0.0) <= self.clock():
+        if outcome.isdigit() and passed(int(outcome)) and self.holds.get(subject, 0.0) <= self.clock():
             tally.passed += 1
             tally.last = "pass"
-            await store.record_success(ep.name)
-            log.info(f"router: probe of {ep.name} passed ({spec.method} {spec.path}: {outcome}); "
+            await store.record_success(subject)
+            log.info(f"router: probe of {subject} passed ({spec.method} {spec.path}: {outcome}); "
                      "its cooldown ended")
             return True
         tally.failed += 1
         tally.last = "fail"
         if wait > 0:  # a used-up subscription window: no probe until it reopens
-            self.hold(ep.name, self.clock() + wait)
+            self.hold(subject, self.clock() + wait)
         if half_open or wait > 0:
-            await store.record_failure(ep.name, at_least=wait)
+            await store.record_failure(subject, at_least=wait)
         else:
-            log.debug(f"router: probe of {ep.name} failed ({outcome}); still cooling")
+            log.debug(f"router: probe of {subject} failed ({outcome}); still cooling")
         return False
 
     async def _send(self, ep: "Endpoint") -> tuple[str, float]:
@@ -404,8 +423,8 @@ class Prober:
             "path": spec.path, "every": spec.every, "sent": t.sent, "passed": t.passed,
             "failed": t.failed, "last": t.last or None, "last_outcome": t.last_outcome or None,
             "last_seconds_ago": round(now - t.last_at, 1) if t.last_at else None,
-            "next_in_seconds": round(max(0.0, self.due[ep.name] - now), 1) if ep.name in self.due else None,
-            "held_seconds_left": round(max(0.0, self.holds.get(ep.name, 0.0) - now), 1),
+            "next_in_seconds": _soonest([self.due[n] for n in subjects(ep) if n in self.due], now),
+            "held_seconds_left": round(max([0.0] + [self.holds.get(n, 0.0) - now for n in subjects(ep)]), 1),
         }
         if spec.paid:
             cap = self.caps.get(ep.name)
@@ -416,3 +435,7 @@ class Prober:
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
+
+
+def _soonest(times: list[float], now: float) -> float | None:
+    return round(max(0.0, min(times) - now), 1) if times else None

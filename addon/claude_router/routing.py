@@ -273,7 +273,7 @@ class Routing:
                 before = phase(view.get(name, HEALTHY), self.clock())
                 wait = _asked_wait(tried, settings)
                 after = await store.record_failure(name, at_least=wait)
-                if wait > 0 and subject is None and self.on_hold is not None:
+                if wait > 0 and self.on_hold is not None:
                     self.on_hold(name, self.clock() + wait)
                 if tried.window > 0 and before is not Phase.COOLING:
                     log.info(f"router: endpoint {name}'s subscription window is used up (429 "
