@@ -172,6 +172,11 @@ def test_a_rejected_7d_window_in_rfc_3339():
     assert windows.rejected_wait(h, 0.0) == 7200.0
 
 
+def test_the_overall_unified_status_is_not_a_window():
+    h = {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": "900"}
+    assert windows.rejected_wait(h, 0.0) == 0.0
+
+
 def test_the_latest_rejected_window_counts_and_allowed_ones_do_not():
     h = {"anthropic-ratelimit-unified-5h-status": "rejected", "anthropic-ratelimit-unified-5h-reset": "100",
          "anthropic-ratelimit-unified-7d-status": "rejected", "anthropic-ratelimit-unified-7d-reset": "900",

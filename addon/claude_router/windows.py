@@ -1,6 +1,8 @@
 """Subscription windows: an endpoint backed by a Claude subscription answers 429 with
-``anthropic-ratelimit-unified-5h-status: rejected`` (or ``-7d-``, or the overall
-``anthropic-ratelimit-unified-status``) once its 5-hour or weekly window is used up. Such a
+``anthropic-ratelimit-unified-5h-status: rejected`` (or ``-7d-``) once its 5-hour or weekly
+window is used up. (The overall ``anthropic-ratelimit-unified-status`` with its ``-reset`` is
+read by ``policy.cooldown_hint`` as before: it may speak of one model's limit, so it cools the
+model family for at most ``max_hint``.) Such a
 window reopens at its reset time (``anthropic-ratelimit-unified-5h-reset``: unix seconds, or
 RFC 3339 from some relays) and not a moment sooner, so the endpoint cools until then instead
 of for the default cooldown, capped by ``router_window_cap``.
@@ -13,8 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 # The unified limits a subscription reports, each with its -status and -reset header.
-WINDOWS = ("anthropic-ratelimit-unified-5h", "anthropic-ratelimit-unified-7d",
-           "anthropic-ratelimit-unified")
+WINDOWS = ("anthropic-ratelimit-unified-5h", "anthropic-ratelimit-unified-7d")
 
 
 def reset_time(value: str) -> float | None:
