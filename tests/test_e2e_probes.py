@@ -109,7 +109,7 @@ def test_a_count_tokens_probe_for_an_endpoint_that_takes_the_clients_key(mock, s
 
 
 def test_two_instances_on_one_redis_send_one_probe_per_interval(mock, start_router, tmp_path, redis_server):
-    every = 0.5
+    every = 1.0
     config = write_config(tmp_path / "r.yaml", mock, probe=f"{{every: {every}}}")
     opts = {"router_config": str(config), "router_redis_url": redis_server.url}
     a, b = start_router([], options=opts), start_router([], options=opts)
@@ -117,11 +117,12 @@ def test_two_instances_on_one_redis_send_one_probe_per_interval(mock, start_rout
         r.wait_log("(connected)")
     cool_cheap(a, mock)
     until(lambda: status(b)["state"] == "cooling", what="B sees the cooldown")
-    seen = until(lambda: p if len(p := probes_seen(mock)) >= 8 else None, timeout=30, what="eight probes")
+    seen = until(lambda: p if len(p := probes_seen(mock)) >= 6 else None, timeout=30, what="six probes")
     times = sorted(r["t"] for r in seen)
     gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    # Each instance alone would probe every 0.4-0.6 s; two without the lock about twice as often.
-    assert min(gaps) >= 0.8 * every, gaps
+    # The lock lasts one interval: probes are about `every` apart whichever instance sends
+    # them (without it, two instances' probes land anywhere, often a few ms apart).
+    assert min(gaps) >= 0.5 * every, gaps
     sent = status(a)["probe"]["sent"] + status(b)["probe"]["sent"]
     assert sent >= len(seen)
     mock.call("DELETE", "/_mock/faults/cheap")
