@@ -192,3 +192,18 @@ def test_an_overloaded_model_family_recovers_through_a_one_token_message_probe(m
     r = httpx.post(f"{router.base}/v1/messages", json=sonnet, timeout=30)
     assert r.headers["x-router-attempts"] == "cheap:200"
     assert status(router)["probe"]["usd_last_hour"] > 0
+
+
+def test_a_window_seen_by_one_instance_stops_every_instances_probes(mock, start_router, tmp_path, redis_server):
+    config = write_config(tmp_path / "r.yaml", mock)
+    opts = {"router_config": str(config), "router_redis_url": redis_server.url}
+    a, b = start_router([], options=opts), start_router([], options=opts)
+    for r in (a, b):
+        r.wait_log("(connected)")
+    window_fault(mock, "cheap", str(int(time.time()) + 7200))
+    assert post(a).headers["x-router-attempts"] == "cheap:429, dear:200"
+    until(lambda: status(b)["state"] == "cooling", what="B sees the cooldown")
+    # B finds the pause A was asked for in Redis when its first probe is due, and keeps it.
+    until(lambda: status(b)["probe"]["held_seconds_left"] > 7000, what="B holds its probes")
+    assert probes_seen(mock) == [] and status(b)["probe"]["sent"] == 0
+    assert redis_server.cli("PTTL", "endpoint_health_|hold|cheap").isdigit()
