@@ -224,7 +224,7 @@ def test_a_misspelt_name_is_refused_with_did_you_mean(d, message):
 
 def test_a_name_close_to_nothing_lists_the_known_ones():
     assert refused({**doc(), "health": {"zzz": 1}}) == (
-        f"{SRC}: health.zzz: unknown field (expected one of cooldown, max_failures)")
+        f"{SRC}: health.zzz: unknown field (expected one of cooldown, max_failures, window_cap)")
 
 
 @pytest.mark.parametrize("section, field, value, minimum", [

@@ -35,6 +35,7 @@ from .handoff import HandoffServer
 from .health import Breaker, HealthStore, MemoryHealthStore
 from .health_metrics import HealthGauges
 from .liveness import Liveness
+from .probes import Prober
 from .redis_store import RedisHealthStore
 from .routing import Routing, Settings
 from .status import Stats
@@ -63,6 +64,12 @@ class Router:
         self.upstream = Upstream()
         self.routing = Routing(self.upstream, clock)
         self.settings = Settings()
+        # Tests cooling endpoints out of band (probe: in router.yaml); told by the routing loop
+        # which endpoints asked to be left alone until a time.
+        self.prober = Prober(lambda: self.endpoints, lambda: self.store, self.upstream,
+                             lambda: self.settings.connect_timeout, lambda: self.settings.window_cap, clock)
+        self.routing.on_hold = self.prober.hold
+        self._probing: asyncio.Task | None = None
         self.handoff = HandoffServer()
         self.stats = Stats()
         self.accounts = Accounts(clock, self.stats.registry)  # per client: spend, limits' state
@@ -322,6 +329,8 @@ class Router:
         self.spawn(self._announce())
         if ctx.options.router_config and self._watcher is None:
             self._watcher = self.spawn(self._watch_config())
+        if self._probing is None:
+            self._probing = self.spawn(self.prober.run())
 
     def _index_hooks(self, on: bool) -> None:
         if on and self.hook_index is None:
@@ -347,6 +356,9 @@ class Router:
         if self._watcher:
             self._watcher.cancel()
         await self.alerts.close()
+        if self._probing:
+            self._probing.cancel()
+        await self.prober.close()
         await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()

@@ -65,6 +65,9 @@ class Admin:
                                r.store.description, r.affinity)
         for e in doc["endpoints"]:  # balance_usd, balance_checked (unix time), balance_low ...
             e.update(r.balances.status(e["name"]))
+        for e, ep in zip(doc["endpoints"], r.endpoints, strict=True):
+            if (probe := r.prober.document(ep, r.clock())) is not None:
+                e["probe"] = probe  # out-of-band probes (probes.py)
         if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
             doc["clients"] = r.accounts.document(r.clients, r.clock())
         if r.alerts.webhooks():  # webhooks (issue 23): where they go (host only) and the counts

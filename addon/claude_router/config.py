@@ -6,19 +6,18 @@ problem. Secrets are given as references (``env:NAME``) and resolved here; they 
 an error message.
 """
 
-import dataclasses
 import difflib
 import hmac
 import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ruamel.yaml import YAML, YAMLError
 
-from . import alerts as alert_specs, balances, clients as client_specs
+from . import alerts as alert_specs, balances, clients as client_specs, probes
 from .endpoints import Endpoint, parse_endpoint
 from .profiles import DEFAULT, Profile
 from .upstream import HOP_BY_HOP
@@ -28,6 +27,7 @@ from .usage import Price
 OPTION_FIELDS = {
     ("health", "max_failures"): "router_max_failures",
     ("health", "cooldown"): "router_cooldown",
+    ("health", "window_cap"): "router_window_cap",
     ("timeouts", "connect"): "router_connect_timeout",
     ("timeouts", "headers"): "router_headers_timeout",
     ("timeouts", "stream"): "router_stream_timeout",
@@ -41,7 +41,7 @@ OPTION_FIELDS = {
     ("policy", "max_body_mb"): "router_max_body_mb",
 }
 _ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers",
-                    "models", "model_map", "drop_betas", "cache_ttl", "balance"}
+                    "models", "model_map", "drop_betas", "cache_ttl", "balance", "probe"}
 _PRICE_FIELDS = {"input", "output", "cache_write", "cache_read"}
 # RFC 9110 5.1: a field name is a token of tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -161,19 +161,43 @@ def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoin
     auth = str(item.get("auth", "x-api-key")).lower()
     if auth not in ("x-api-key", "bearer"):
         raise ConfigError(source, f"{where}.auth", "must be x-api-key or bearer")
-    ep = Endpoint(ep.name, ep.url, i, key=key, auth=auth,
-                  headers=_headers(item.get("headers"), f"{where}.headers", source),
-                  price=_price(item.get("price"), f"{where}.price", source),
-                  profile=_profile(item, where, source))
+    out = Endpoint(ep.name, ep.url, i, key=key, auth=auth,
+                   headers=_headers(item.get("headers"), f"{where}.headers", source),
+                   price=_price(item.get("price"), f"{where}.price", source),
+                   profile=_profile(item, where, source))
+    probe = _probe(item.get("probe"), out, f"{where}.probe", source, env)
+    if probe is not None:
+        out = replace(out, probe=probe)
     if item.get("balance") is None:
-        return ep
+        return out
     try:
-        spec = balances.parse(item["balance"], ep, lambda ref, at: _secret(ref, at, source, env),
+        spec = balances.parse(item["balance"], out, lambda ref, at: _secret(ref, at, source, env),
                               f"{where}.balance")
     except balances.SpecError as e:
         hint = did_you_mean(e.where.rsplit(".", 1)[-1], balances.FIELDS) if e.problem == "unknown field" else ""
         raise ConfigError(source, e.where, e.problem + hint) from None
-    return dataclasses.replace(ep, balance=spec)
+    return replace(out, balance=spec)
+
+
+def _probe(raw: Any, ep: Endpoint, where: str, source: str, env: Mapping[str, str]) -> "probes.ProbeSpec | None":
+    """The endpoint's out-of-band probe (see probes): sent with the endpoint's own credentials,
+    or with ``probe.key`` for an endpoint that takes its clients' keys."""
+    try:
+        spec = probes.parse(raw, where, lambda ref, at: _secret(ref, at, source, env))
+    except probes.SpecError as e:
+        problem = e.problem
+        if problem == "unknown field":
+            problem += did_you_mean(e.where.rsplit(".", 1)[-1], probes.FIELDS)
+        raise ConfigError(source, e.where, problem) from None
+    if spec is None:
+        return None
+    if spec.key is None and not ep.own_credentials:
+        raise ConfigError(source, where, "this endpoint takes its clients' keys, which the router "
+                                         "never keeps: give probe.key to probe it with")
+    if spec.paid and ep.price is None:
+        raise ConfigError(source, where, "a /v1/messages probe needs the endpoint's price "
+                                         "(its cost is capped per hour in USD)")
+    return spec
 
 
 def _profile(item: dict, where: str, source: str) -> Profile:

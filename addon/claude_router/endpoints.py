@@ -12,6 +12,7 @@ from .usage import Price
 
 if TYPE_CHECKING:
     from .balances import BalanceSpec
+    from .probes import ProbeSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # What health is kept for: an endpoint, one model family at an endpoint ("aws~opus"), or
@@ -39,6 +40,7 @@ class Endpoint:
     price: Price | None = None  # USD per million tokens
     profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
     balance: "BalanceSpec | None" = field(default=None, repr=False)  # where its balance is read
+    probe: "ProbeSpec | None" = None  # tested out of band while cooling (see probes)
 
     # Derived once per endpoint (the spec is frozen), not on every request.
     @cached_property

@@ -99,6 +99,14 @@ INT_OPTIONS = {  # name: (default, minimum, help)
         hour. Spend counters are kept at least 40 days, which a monthly budget needs.
         """,
     ),
+    "router_window_cap": (
+        18000, 1,
+        """
+        Longest cooldown, in seconds, for an endpoint whose subscription window is used up (a
+        429 with anthropic-ratelimit-unified-5h-status or -7d-status: rejected): it cools until
+        the window's reset time, at most this long, instead of for the default cooldown.
+        """,
+    ),
     "router_body_timeout": (
         300, 0,
         """
@@ -280,6 +288,7 @@ def settings(opts) -> Settings:
         try_all_when_cooling=opts.router_all_cooling == "try",
         rules=rules,
         max_hint=breaker(opts).max_cooldown,
+        window_cap=float(opts.router_window_cap),
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from . import decoding, policy, profiles, sse
+from . import decoding, policy, profiles, sse, windows
 from .balances import LOW_BALANCE
 from .endpoints import Endpoint
 from .errors import KNOWN_ERROR_TYPES, error_body, error_type_for
@@ -45,6 +45,7 @@ class Settings:
     try_all_when_cooling: bool = False
     rules: Mapping[str, Verdict] = field(default_factory=lambda: dict(policy.DEFAULT_RULES))
     max_hint: float = 600.0  # cap on a cooldown asked for by Retry-After and the like
+    window_cap: float = 18000.0  # cap on a cooldown until a subscription window reopens
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class _Tried:
     kind: tuple = ()  # what a client error looked like, to spot the same answer twice
     family_wide: bool = False  # a rate limit or overload of the model family, not the endpoint
     message: str = ""  # the upstream's error message (for signature rejections)
+    window: float = 0.0  # seconds until a rejected subscription window reopens (windows)
 
 
 class Routing:
@@ -142,6 +144,9 @@ class Routing:
         self._key_answers: OrderedDict[str, Answer] = OrderedDict()
         # Is an endpoint too low on balance to try (balances.Balances.is_low); none by default.
         self.is_low: Callable[[str], bool] = lambda name: False
+        # Told when an endpoint asked to be left alone until a time (Retry-After, a rejected
+        # window): the prober does not test it before then (probes.Prober.hold).
+        self.on_hold: Callable[[str, float], None] | None = None
 
     def _warn_local(self, detail: str) -> None:
         """At most one warning per LOCAL_WARN_EVERY seconds: an exhausted router fails every
@@ -274,7 +279,14 @@ class Routing:
             if tried.verdict is Verdict.COUNT:
                 name = subject or ep.name  # a family's rate limit cools that family only
                 before = phase(view.get(name, HEALTHY), self.clock())
-                after = await store.record_failure(name, at_least=min(tried.hint, settings.max_hint))
+                wait = _asked_wait(tried, settings)
+                after = await store.record_failure(name, at_least=wait)
+                if wait > 0 and self.on_hold is not None:
+                    self.on_hold(name, self.clock() + wait)
+                if tried.window > 0 and before is not Phase.COOLING:
+                    log.info(f"router: endpoint {name}'s subscription window is used up (429 "
+                             f"rejected); cooling it for {round(wait)} s, until it reopens"
+                             + (" or router_window_cap" if wait < tried.window else ""))
                 if before is not Phase.COOLING and phase(after, self.clock()) is Phase.COOLING:
                     result.trips.append(name)
             elif tried.verdict in (Verdict.CLIENT, Verdict.RETURN):
@@ -310,7 +322,7 @@ class Routing:
         cooling = subject in states and phase(states[subject], self.clock()) is Phase.COOLING
         if subject in states and not cooling:
             await store.record_success(subject)  # an old, ended cooldown: start afresh
-        wait = min(tried.hint, settings.max_hint) if tried.hint > 0 else store.breaker.cooldown
+        wait = _asked_wait(tried, settings) or store.breaker.cooldown
         await store.record_failure(subject, at_least=wait)
         assert tried.answer is not None  # a KEY verdict is only ever given to an answer (_error_answer)
         self._key_answers[credential] = tried.answer
@@ -484,17 +496,22 @@ class Routing:
             # An endpoint without a models list that does not have this model: its limitation,
             # not the client's fault and not a failure; the next endpoint may have it.
             verdict, outcome = Verdict.SKIP, "model_not_found"
-        hint = 0.0
+        hint = window = 0.0
         if resp.status in _BACKOFF_STATUSES and verdict in (Verdict.COUNT, Verdict.KEY):
-            hint = policy.cooldown_hint(dict(answer.headers_lower()), self.clock())
+            lowered = dict(answer.headers_lower())
+            hint = policy.cooldown_hint(lowered, self.clock())
+            if resp.status == 429:
+                window = windows.rejected_wait(lowered, self.clock())
         return _Tried(
             verdict,
             Attempt(ep.name, outcome, f"HTTP {resp.status}" + (f" {etype}" if etype else "")),
             answer=answer,
             hint=hint,
             kind=(resp.status, etype),
-            family_wide=resp.status in (429, 529) and model is not None,
+            # A used-up subscription window closes the whole endpoint, not one model family.
+            family_wide=resp.status in (429, 529) and model is not None and not window,
             message=message,
+            window=window,
         )
 
     async def _stream_start(self, ep: Endpoint, resp: UpstreamResponse, settings: Settings,
@@ -591,3 +608,11 @@ def _unsendable(detail: str) -> Answer:
 def _no_endpoint() -> Answer:
     message = "every endpoint is disabled by the operator"
     return Answer(503, "", [("content-type", "application/json")], error_body(503, message))
+
+
+def _asked_wait(tried: _Tried, settings: Settings) -> float:
+    """How long the endpoint asked to be left alone: until its subscription window reopens
+    (at most ``window_cap``), else its Retry-After or rate-limit reset (at most ``max_hint``)."""
+    if tried.window > 0:
+        return windows.window_cooldown(tried.window, settings.window_cap)
+    return min(tried.hint, settings.max_hint) if tried.hint > 0 else 0.0

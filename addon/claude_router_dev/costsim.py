@@ -117,7 +117,11 @@ MODEL = "claude-sonnet-4-5-20250929"
 OUTPUT_TOKENS = 400  # the mock's fixed output per answer (profile output_tokens)
 REAL_TTL = 300.0  # seconds: a 5-minute cache
 COOLDOWN = 1  # router_cooldown in the compressed clock (whole seconds: the option is an int)
-RUNS = ("cost", "order")
+RUNS = ("cost", "order", "probe")
+# Each run's router_strategy; "probe" is the cost rule with out-of-band probes (probes.py).
+STRATEGY = {"cost": "cost", "order": "order", "probe": "cost"}
+LABEL = {"cost": "router", "order": "order ", "probe": "probes"}
+PROBE_EVERY = 15.0  # seconds between probes on the real clock (compressed like the TTL)
 
 
 def note(msg: str) -> None:
@@ -205,6 +209,16 @@ SCENARIOS = [
     Scenario("short-close", "the cheapest (20 % cheaper) fails for 0.2 TTL: its caches are "
              "still warm when it recovers, so moving back pays at once",
              (Ep("a", 2.4, 12.0), Ep("b", 3.0, 15.0)), outages=(("a", 0.6, 0.8),)),
+    # Realistic timing (at the default TTL of 5 s, 1 TTL is 5 real minutes and the 1 s cooldown
+    # a real minute): turns tens of seconds apart, the cheapest overloaded for minutes. Today a
+    # failing half-open request doubles the cooldown, so the relay stays cooled well after it
+    # recovered; the "probe" run finds it back within seconds (see "Probes off and on").
+    Scenario("overload-2m", "the cheapest is overloaded (529) for 2 real minutes (0.4 TTL)",
+             TIERS, outages=(("a", 0.6, 1.0),), turns=16),
+    Scenario("overload-4m", "the cheapest is overloaded for 4 real minutes (0.8 TTL): its "
+             "caches go cold", TIERS, outages=(("a", 0.6, 1.4),), turns=18),
+    Scenario("overload-twice", "the cheapest is overloaded for 1.5 real minutes twice, 6 minutes "
+             "apart", TIERS, outages=(("a", 0.5, 0.8), ("a", 2.0, 2.3)), turns=22),
 ]
 
 
@@ -440,13 +454,19 @@ def start_router(procs: Procs, workdir: Path, mock: str, n: int, scn: Scenario, 
             price += f", cache_read: {ep.cache_read}"
         lines += [f"  - name: {ep.name}", f"    url: {mock}/{mock_name(n, run, ep.name)}",
                   f"    price: {{{price}}}"]
+        if run == "probe":  # a one-token Messages probe of the trace's model: it tests the
+            # model family a 529 cools, and what it costs is billed with the run's turns
+            every = max(0.1, round(PROBE_EVERY * ttl / REAL_TTL, 2))
+            lines.append(f"    probe: {{path: /v1/messages, model: {MODEL}, every: {every}, "
+                         f"usd_per_hour: 10, key: {HEADERS['x-api-key']}}}")
     lines += ["health:", "  max_failures: 3", f"  cooldown: {COOLDOWN}"]
     cfg = workdir / f"router-{name}.yaml"
     cfg.write_text("\n".join(lines) + "\n")
     confdir = workdir / f"conf-{name}"
     confdir.mkdir()
     port = free_port()
-    options = {"flow_detail": 0, "router_config": cfg, "router_strategy": run, "router_cache_ttl": ttl}
+    options = {"flow_detail": 0, "router_config": cfg, "router_strategy": STRATEGY[run],
+               "router_cache_ttl": ttl}
     if horizon is not None:
         options["router_session_horizon"] = horizon
     argv = harness.router_argv(port, confdir=confdir, options=options)
@@ -968,7 +988,22 @@ def analyse(n: int, scn: Scenario, args, traces: list[SessionTrace], sent: list[
     res["router_vs_oracle"] = _div(router, res["oracle_usd"])
     res["router_vs_order"] = _div(router, order)
     res["order_vs_oracle"] = _div(order, res["runs"]["order"]["oracle_usd"])
+    p = res["runs"]["probe"]
+    res["probe_usd"] = p["billed_usd"]
+    # Against the same clairvoyant oracle as the probes-off run (its turn times), so that the
+    # two runs' ratios and the gap closed share one denominator.
+    res["probe_vs_oracle"] = _div(p["billed_usd"], res["oracle_usd"])
+    res["probe_vs_shoes"] = _div(p["billed_usd"], p["oracle_in_its_shoes_usd"])
+    res["probe_gap_closed"] = gap_closed(res["router_vs_oracle"], res["probe_vs_oracle"])
     return res
+
+
+def gap_closed(off: float | None, on: float | None) -> float | None:
+    """The share of the probes-off run's gap to its clairvoyant oracle that probes close (1:
+    all of it, 0: none, negative: wider); None when there was no gap to close."""
+    if off is None or on is None or off - 1 < 0.005:
+        return None
+    return 1 - (on - 1) / (off - 1)
 
 
 def _div(a: float, b: float) -> float | None:
@@ -993,7 +1028,7 @@ def print_scenario(res: dict) -> None:
             f"{e['endpoint']} {e['what']} at {e['t']:.2f}" for e in res["outages_applied"]))
     for run in RUNS:
         r = res["runs"][run]
-        label = "router" if run == "cost" else "order "
+        label = LABEL[run]
         fails = {k: v for k, v in r["upstream_outcomes"].items() if not k.endswith(":200")}
         check = r["model_usd"] - r["billed_usd"]
         billed = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(r["billed_by_endpoint"].items()))
@@ -1013,7 +1048,7 @@ def print_scenario(res: dict) -> None:
             print(f"      X-Router-Reason {v}x: {k}")
         if len(reasons) > 6:
             print(f"      ... and {len(reasons) - 6} other X-Router-Reasons (all in the JSON)")
-        if run == "cost" and r["status_endpoints"]:
+        if run != "order" and r["status_endpoints"]:
             print("      /_router/status: " + "; ".join(
                 f"{e['name']} {e['state']} caches={e['caches']} pinned={e['sessions_pinned']} "
                 f"read_ratio={e['cache_read_ratio']} rewrite=${e['rewrite_cost_usd']}"
@@ -1032,7 +1067,7 @@ def print_scenario(res: dict) -> None:
     print("    paths, one letter per turn (upper case: the turn read its prefix from cache):")
     for row in res["sessions"]:
         print(f"      s{row['session']}{'' if row['stream'] else ' (json)'}: "
-              f"router {row.get('cost_path')}  order {row.get('order_path')}  "
+              f"router {row.get('cost_path')}  probes {row.get('probe_path')}  order {row.get('order_path')}  "
               f"oracle {row.get('oracle_cost_times_path')}  "
               f"in router's shoes {row.get('oracle_cost_shoes_path')}")
     print()
@@ -1066,6 +1101,24 @@ def attribution(results: list[dict]) -> str:
                      f"{money(c['oracle_in_its_shoes_usd'])} | {ratio(rc)} | "
                      f"{money(o['oracle_in_its_shoes_usd'])} | {ratio(ro)} | "
                      f"{ratio(_div(rc, ro) if rc and ro else None)} |")
+    return "\n".join(lines)
+
+
+def probes_table(results: list[dict]) -> str:
+    """Probes off and on side by side: the cost rule without and with out-of-band probes, both
+    against the clairvoyant oracle (at the probes-off run's turn times), the probes run against
+    the oracle in its shoes (what a router can know), and the share of the off run's gap to the
+    clairvoyant oracle that the probes close."""
+    lines = ["| scenario | oracle $ | probes off $ | off / oracle | probes on $ | on / oracle | "
+             "on / oracle in its shoes | gap closed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        closed = r.get("probe_gap_closed")
+        lines.append(f"| {r['scenario']} | {money(r['oracle_usd'])} | {money(r['router_usd'])} | "
+                     f"{ratio(r['router_vs_oracle'])} | "
+                     f"{money(r.get('probe_usd'))} | {ratio(r.get('probe_vs_oracle'))} | "
+                     f"{ratio(r.get('probe_vs_shoes'))} | "
+                     f"{'-' if closed is None else f'{round(closed, 2) + 0.0:.0%}'} |")
     return "\n".join(lines)
 
 
@@ -1124,6 +1177,13 @@ def targets(results: list[dict]) -> list[str]:
             verdicts.append(("ok" if rr <= 1.0 + 1e-9 else "MISSED") + f" never above order ({rr:.3f})")
             if r["scenario"] == "cheap-nocache":
                 verdicts.append(("ok" if rr <= 0.6 else "MISSED") + " >= 40 % below order")
+        ps, closed = r.get("probe_vs_shoes"), r.get("probe_gap_closed")
+        if ps is not None and r["outages_applied"]:
+            verdicts.append(("ok" if ps <= 1.05 else "MISSED") + f" probes within 5 % of the oracle "
+                            f"in their shoes ({ps:.3f})")
+            if closed is not None:
+                verdicts.append(("ok" if closed >= 0.5 else "MISSED") + f" probes close >= half "
+                                f"the gap to the oracle ({closed:.0%})")
         out.append(f"- {r['scenario']}: " + "; ".join(verdicts))
     return out
 
@@ -1246,6 +1306,10 @@ async def amain(args) -> int:
     print("Where the gap comes from: an oracle in a run's shoes knows no outage before it starts "
           "and may not use what that run's health layer held cooling:\n")
     print(attribution(results))
+    print()
+    print("Probes off and on (the cost rule; probes: a one-token message every "
+          f"{PROBE_EVERY:g} s of the real clock while an endpoint or its model family cools):\n")
+    print(probes_table(results))
     print()
     if not args.config:  # the built-in scenarios' targets (the design's), not the user's
         print("Targets (reported, not asserted):")

@@ -104,8 +104,9 @@ thinking (Messages only)::
     cache: false | true | "ignore"   prompt-cache model (below); false = today's usage
     cache_min_tokens: int (1024)  smallest prefix that is written
     cache_ttl_scale: float (1.0)  multiplies the TTLs (0.01: 5 min -> 3 s)
-    output_tokens: int            fixed output_tokens (default: words of the reply, plus
-                                  words of the thinking text when thinking is answered)
+    output_tokens: int            fixed output_tokens, at most the request's max_tokens
+                                  (default: words of the reply, plus words of the thinking
+                                  text when thinking is answered)
 
 Prompt-cache model (``cache`` true or "ignore"). The prompt is tools, then system
 (a string counts as one text block), then each message's content blocks (string
@@ -973,6 +974,8 @@ class MockRelay:
             output = len(_WORD_RE.findall(text))
             if thinking_text:
                 output += len(_WORD_RE.findall(thinking_text))
+        elif isinstance(most := payload.get("max_tokens"), int) and most > 0:
+            output = min(output, most)  # a fixed output never exceeds max_tokens (a 1-token probe)
         if not profile.get("cache"):
             return self.usage(call.input_tokens(), output)
         usage = self.state.prompt_usage(call.endpoint, profile, payload)
