@@ -35,6 +35,7 @@ from .health import Breaker, HealthStore, MemoryHealthStore
 from .liveness import Liveness
 from .redis_store import RedisHealthStore
 from .routing import Routing, Settings
+from .slots import Slots
 from .status import Stats
 from .upstream import Upstream
 
@@ -60,6 +61,7 @@ class Router:
         self.store: HealthStore = MemoryHealthStore(Breaker(), clock=clock)
         self.upstream = Upstream()
         self.routing = Routing(self.upstream, clock)
+        self.slots = Slots()  # requests in flight per endpoint (max_concurrency), tiers' round-robin
         self.settings = Settings()
         self.handoff = HandoffServer()
         self.stats = Stats()

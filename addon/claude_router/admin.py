@@ -63,6 +63,8 @@ class Admin:
         r = self.router
         doc = r.stats.document(r.endpoints, r.store.current(), r.clock(), set(r.store.disabled),
                                r.store.description, r.affinity)
+        for e in doc["endpoints"]:
+            e["in_flight"] = r.slots.count(e["name"])  # this process's (max_concurrency is per process)
         if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
             doc["clients"] = r.accounts.document(r.clients, r.clock())
         return doc

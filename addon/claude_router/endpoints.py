@@ -34,6 +34,8 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry tokens
     price: Price | None = None  # USD per million tokens
     profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
+    weight: float = 1.0  # its share of new conversations among equal-priced endpoints (tiers)
+    max_concurrency: int | None = None  # requests in flight at once (per process), None: no cap
 
     # Derived once per endpoint (the spec is frozen), not on every request.
     @cached_property

@@ -162,6 +162,10 @@ class MockRelay:
     def stats(self) -> dict:
         return self.call("GET", "/_mock/stats")
 
+    def inflight(self) -> dict:
+        """{"now": {endpoint: requests in flight}, "peak": {endpoint: most at once}}."""
+        return self.call("GET", "/_mock/inflight")
+
     def reset(self) -> None:
         self.call("DELETE", "/_mock/state")
 

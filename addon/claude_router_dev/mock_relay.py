@@ -145,7 +145,10 @@ Control API (same port)::
                                       Messages answers "usage" (what was billed), else null
     DELETE /_mock/requests
     GET    /_mock/stats    {"<endpoint>": count, "open_streams", "closed_early"}
-    DELETE /_mock/state    clears faults, profiles, caches, request log and stats
+    GET    /_mock/inflight {"now": {"<endpoint>": requests being served}, "peak": {"<endpoint>":
+                           the most at once since the last clear}} (a stream is served until
+                           its last event is written; slow streams: the event_gap_ms fault)
+    DELETE /_mock/state    clears faults, profiles, caches, request log, stats and peaks
 
 Importable: ``relay, port = await start(faults={...}, profiles={...}); ...;
 await relay.stop()``.
@@ -521,6 +524,9 @@ class State:
         self.counts: collections.Counter[str] = collections.Counter()
         self.open_streams = 0
         self.closed_early = 0
+        # endpoint -> requests being served now, and the most at once since the last clear
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self.peak: collections.Counter[str] = collections.Counter()
 
     def clear(self) -> None:
         self.faults.clear()
@@ -529,6 +535,7 @@ class State:
         self.log.clear()
         self.counts.clear()
         self.closed_early = 0
+        self.peak = collections.Counter(+self.inflight)
 
     def take_fault(self, endpoint: str, key: str = "") -> dict[str, Any]:
         """Fault for this request ({} if none); consumes one of ``times``."""
@@ -731,12 +738,17 @@ class MockRelay:
         self.state.counts[endpoint] += 1
         call = Call(request, endpoint, path, body, record, self.state.take_fault(endpoint, _presented_key(request)),
                     self.state.profiles.get(endpoint))
+        state = self.state
+        state.inflight[endpoint] += 1
+        state.peak[endpoint] = max(state.peak[endpoint], state.inflight[endpoint])
         try:
             resp = await self.serve(call)
         except asyncio.CancelledError:
             if record["outcome"] == "pending":
                 record["outcome"] = "client_closed"
             raise
+        finally:
+            state.inflight[endpoint] -= 1
         if record["outcome"] == "pending":
             record["outcome"] = str(resp.status)
         if type(resp) is web.Response and not resp.prepared and isinstance(resp.body, bytes) \
@@ -1133,6 +1145,8 @@ class MockRelay:
             return web.json_response({"ok": True})
         if kind == "stats" and method == "GET":
             return web.json_response(self.state.stats())
+        if kind == "inflight" and method == "GET":
+            return web.json_response({"now": dict(+self.state.inflight), "peak": dict(self.state.peak)})
         if kind == "state" and method == "DELETE":
             self.state.clear()
             return web.json_response({"ok": True})
