@@ -101,6 +101,21 @@ def test_a_conversations_later_turns_stay_on_its_endpoint(mock, start_router, tm
     assert Counter(home.values()) == {"a": 10, "b": 10}
 
 
+def test_claude_code_conversations_stay_where_their_cache_is_warm(mock, start_router, tmp_path):
+    from test_e2e_sessions import Conversation  # Claude Code's session header and cache breakpoints
+    mock.profile("a", cache=True)
+    mock.profile("b", cache=True)
+    router = start(start_router, mock, tmp_path)
+    convs = [Conversation(str(uuid.uuid4())) for _ in range(6)]
+    homes = [c.turn(router, "hello", stream=True)["x-used-endpoint"] for c in convs]
+    assert Counter(homes) == {"a": 3, "b": 3}
+    for text in ("and then?", "and now?"):
+        for c, home in zip(convs, homes):
+            h = c.turn(router, text, stream=True)
+            assert h["x-used-endpoint"] == home
+            assert mock.requests(home)[-1]["usage"]["cache_read_input_tokens"] > 1000
+
+
 def test_requests_without_a_conversation_are_spread_too(mock, start_router, tmp_path):
     router = start(start_router, mock, tmp_path)
     with httpx.Client() as client:
