@@ -281,3 +281,31 @@ def test_the_examples_commented_clients_and_admin_keys_parse_once_uncommented():
     assert (alice.budget.usd, alice.budget.per) == (20.0, "day")
     assert (ci.name, ci.budget.per) == ("ci-agent", "month")
     assert cfg.admin_keys == ("k-admin",)
+
+
+# --- load within a tier: weight and max_concurrency ---
+
+def test_weight_and_max_concurrency_parse_with_defaults():
+    cfg = config.parse(doc(weight=3, max_concurrency=4), SRC, {})
+    aws, droid = cfg.endpoints
+    assert (aws.weight, aws.max_concurrency) == (1.0, None)
+    assert (droid.weight, droid.max_concurrency) == (3.0, 4)
+    assert config.parse(doc(weight=0.5), SRC, {}).endpoints[1].weight == 0.5
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "2", math.inf, math.nan, 10 ** 400, None])
+def test_weight_must_be_a_positive_number(value):
+    message = refused(doc(weight=value))
+    assert message.startswith(f"{SRC}: endpoints[1] (droid).weight: must be a positive number")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "4"])
+def test_max_concurrency_must_be_a_positive_integer(value):
+    message = refused(doc(max_concurrency=value))
+    assert message.startswith(f"{SRC}: endpoints[1] (droid).max_concurrency: must be a whole number >= 1")
+    assert "\n" not in message
+
+
+def test_a_misspelt_max_concurrency_says_did_you_mean():
+    assert "did you mean max_concurrency?" in refused(doc(max_concurency=4))

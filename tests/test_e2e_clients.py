@@ -20,6 +20,9 @@ ADMIN = "sk-admin-5d6e7f"
 PLAIN = "sk-plain-8a9b0c"
 # 1,000 USD per million tokens: a small request costs a few cents.
 PRICE = "{input: 1000, output: 1000}"
+# The same costs, written apart (cache reads at the default 0.1 x input): droid is a price tier
+# of its own, so requests go to aws first rather than being spread over both (see tiers).
+DROID_PRICE = "{input: 1000, output: 1000, cache_read: 100}"
 
 
 def write_config(path: Path, mock, alice_budget: float = 0.01, extra: str = "") -> Path:
@@ -30,7 +33,7 @@ endpoints:
     price: {PRICE}
   - name: droid
     url: {mock.url("droid")}
-    price: {PRICE}
+    price: {DROID_PRICE}
 clients:
   - name: alice
     key: {KEYS["alice"]}

@@ -38,6 +38,7 @@ from .liveness import Liveness
 from .probes import Prober
 from .redis_store import RedisHealthStore
 from .routing import Routing, Settings
+from .slots import Slots
 from .status import Stats
 from .upstream import Upstream
 
@@ -63,6 +64,7 @@ class Router:
         self.store: HealthStore = MemoryHealthStore(Breaker(), clock=clock)
         self.upstream = Upstream()
         self.routing = Routing(self.upstream, clock)
+        self.slots = Slots()  # requests in flight per endpoint (max_concurrency), tiers' round-robin
         self.settings = Settings()
         # Tests cooling endpoints out of band (probe: in router.yaml); told by the routing loop
         # which endpoints asked to be left alone until a time.

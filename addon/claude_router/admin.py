@@ -68,6 +68,8 @@ class Admin:
         for e, ep in zip(doc["endpoints"], r.endpoints, strict=True):
             if (probe := r.prober.document(ep, r.clock())) is not None:
                 e["probe"] = probe  # out-of-band probes (probes.py)
+        for e in doc["endpoints"]:
+            e["in_flight"] = r.slots.count(e["name"])  # this process's (max_concurrency is per process)
         if any(c.name for c in r.clients):  # named clients (issue 21): each one's figures
             doc["clients"] = r.accounts.document(r.clients, r.clock())
         if r.alerts.webhooks():  # webhooks (issue 23): where they go (host only) and the counts

@@ -41,7 +41,8 @@ OPTION_FIELDS = {
     ("policy", "max_body_mb"): "router_max_body_mb",
 }
 _ENDPOINT_FIELDS = {"name", "url", "key", "auth", "price", "headers",
-                    "models", "model_map", "drop_betas", "cache_ttl", "balance", "probe"}
+                    "models", "model_map", "drop_betas", "cache_ttl", "balance", "probe",
+                    "weight", "max_concurrency"}
 _PRICE_FIELDS = {"input", "output", "cache_write", "cache_read"}
 # RFC 9110 5.1: a field name is a token of tchar.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -164,7 +165,9 @@ def _endpoint(item: Any, i: int, source: str, env: Mapping[str, str]) -> Endpoin
     out = Endpoint(ep.name, ep.url, i, key=key, auth=auth,
                    headers=_headers(item.get("headers"), f"{where}.headers", source),
                    price=_price(item.get("price"), f"{where}.price", source),
-                   profile=_profile(item, where, source))
+                   profile=_profile(item, where, source),
+                   weight=_weight(item.get("weight", 1), f"{where}.weight", source),
+                   max_concurrency=_cap(item.get("max_concurrency"), f"{where}.max_concurrency", source))
     probe = _probe(item.get("probe"), out, f"{where}.probe", source, env)
     if probe is not None:
         out = replace(out, probe=probe)
@@ -198,6 +201,26 @@ def _probe(raw: Any, ep: Endpoint, where: str, source: str, env: Mapping[str, st
         raise ConfigError(source, where, "a /v1/messages probe needs the endpoint's price "
                                          "(its cost is capped per hour in USD)")
     return spec
+
+
+def _weight(raw: Any, where: str, source: str) -> float:
+    """An endpoint's share of new conversations within its price tier (see tiers)."""
+    try:
+        ok = not isinstance(raw, bool) and isinstance(raw, (int, float)) and 0 < float(raw) < math.inf
+    except OverflowError:  # an integer too large for a float
+        ok = False
+    if not ok:
+        raise ConfigError(source, where, f"must be a positive number (default 1), got {str(raw)[:40]}")
+    return float(raw)
+
+
+def _cap(raw: Any, where: str, source: str) -> int | None:
+    """Requests in flight at the endpoint at once, per router process (see slots)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ConfigError(source, where, f"must be a whole number >= 1 (leave it out for no cap), got {str(raw)[:40]}")
+    return raw
 
 
 def _profile(item: dict, where: str, source: str) -> Profile:

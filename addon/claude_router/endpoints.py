@@ -41,6 +41,8 @@ class Endpoint:
     profile: Profile = DEFAULT  # models served, ids, rejected features (see profiles)
     balance: "BalanceSpec | None" = field(default=None, repr=False)  # where its balance is read
     probe: "ProbeSpec | None" = None  # tested out of band while cooling (see probes)
+    weight: float = 1.0  # its share of new conversations among equal-priced endpoints (tiers)
+    max_concurrency: int | None = None  # requests in flight at once (per process), None: no cap
 
     # Derived once per endpoint (the spec is frozen), not on every request.
     @cached_property

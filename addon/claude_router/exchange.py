@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from . import access, admin, clients, compat, count_tokens, decoding, ledger as ledgers, policy, sessions, usage
+from . import access, admin, clients, compat, count_tokens, decoding, ledger as ledgers, policy, sessions, tiers, usage
 from .admin import reply
 from .connections import Collector, Delivery
 from .conversations import Turn
@@ -37,6 +37,7 @@ from .policy import Attempt
 from .redis_store import RedisHealthStore
 from .requests import Refused, split_tier, unsendable, upstream_target
 from .routing import Answer, Request, Winner
+from .slots import Lease
 from .upstream import UpstreamError, request_headers
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Exchange:
         self._admitted: dict[str, str] = {}  # flow id -> client name, until its answer is complete
         self._routing: dict[str, set[asyncio.Task]] = {}  # client connection id -> routing tasks
         self._handed_off: dict[str, RouteInfo] = {}  # flow id -> route, until its headers pass
+        self._leases: dict[str, Lease] = {}  # flow id -> its endpoint slot, until its answer ends
 
     # -- the request's head and body -----------------------------------------------------------
 
@@ -361,6 +363,8 @@ class Exchange:
         label = self._admitted.pop(flow.id, None)
         if label is not None:
             self.router.accounts.release(label)
+        if (lease := self._leases.pop(flow.id, None)) is not None:
+            lease.release()
 
     async def _route(self, flow: http.HTTPFlow, target: str, pinned: str | None = None,
                      who: clients.Client = clients.ANONYMOUS) -> None:
@@ -381,6 +385,10 @@ class Exchange:
         _redact_credentials(req)
         sid, prev, ttl, choose = await r.conversations.place(request, target, endpoints,
                                                              owner=owner, pinned=pinned is not None)
+        # Its slot at the endpoint it is sent to (max_concurrency), and its place in a tier:
+        # back to its conversation's endpoint, else spread by weight (see tiers, slots).
+        lease = self._leases[flow.id] = r.slots.lease(prev.endpoint if prev else None, tiers.spreads(
+            r.conversations.strategy, endpoints))
         path = target.split("?")[0]
         if req.method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")) and any(
                 ep.profile.models or ep.profile.model_map for ep in endpoints):
@@ -390,12 +398,12 @@ class Exchange:
                                             one=path[len("/v1/models/"):] or None)
         elif count_tokens.applies(req.method, target):  # one attempt, else a fast 404
             result = await r.routing.route(endpoints, r.store, count_tokens.settings(r.settings), request,
-                                           pinned, choose, credential=owner)
+                                           pinned, choose, credential=owner, lease=lease)
             if result.answer is not None and result.winner is None and result.answer.status >= 300:
                 result.answer = count_tokens.answer(result.answer)
         else:
             result = await r.routing.route(endpoints, r.store, r.settings, request,
-                                           pinned, choose, credential=owner)
+                                           pinned, choose, credential=owner, lease=lease)
         r.stats.attempts(result.attempts, result.counted)
         r.balances.noticed(result.attempts)  # a 402 or billing_error: poll that balance now
         for name in result.trips:
@@ -461,6 +469,13 @@ class Exchange:
         """Park the winning response with the handoff server and point the flow at it."""
         handoff = self.router.handoff
         delivery = Delivery(CLIENT_STALL)
+        lease = self._leases.get(flow.id)
+
+        def close() -> None:  # served, cut or dropped: the endpoint's slot is free again
+            w.resp.close()
+            if lease is not None:
+                lease.release()
+
         length = None if w.rewritten else w.resp.length
         if length is not None and length > 4 * self.router.body_limit:
             length = None  # sent chunked: mitmproxy's body_size_limit backstop is for requests
@@ -469,7 +484,7 @@ class Exchange:
             reason=w.resp.reason,
             headers=w.resp.headers + self._route_headers(info),
             body=self._body(flow, w, info, delivery),
-            close=w.resp.close,
+            close=close,
             length=length,
             event_stream=w.resp.is_event_stream,
             client=flow.client_conn.id,

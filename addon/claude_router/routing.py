@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from . import decoding, policy, profiles, sse, windows
+from . import decoding, policy, profiles, slots, sse, windows
 from .balances import LOW_BALANCE
 from .endpoints import Endpoint
 from .errors import KNOWN_ERROR_TYPES, error_body, error_type_for
@@ -167,11 +167,13 @@ class Routing:
     async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
                     req: Request, pinned: str | None = None,
                     choose: Callable[[list[Endpoint]], tuple[str, str] | None] | None = None,
-                    credential: str | None = None) -> Result:
+                    credential: str | None = None, lease: slots.Lease | None = None) -> Result:
         """Try endpoints in price order (from ``pinned`` on, wrapping round, when the client
         chose a tier by path) until one answers well. ``choose`` may pick, among the usable
         endpoints, the one to try first (the cost strategy), saying why. ``credential`` (the
-        keyed hash of the client's key) scopes what endpoints said about that key."""
+        keyed hash of the client's key) scopes what endpoints said about that key. ``lease``
+        orders equal-priced endpoints by weight and holds the request's slot at each endpoint
+        it tries (max_concurrency; see tiers and slots)."""
         states = view = await store.view()
         secrets = tuple(s for ep in endpoints for s in ep.secrets)
         if disabled := store.disabled:
@@ -217,6 +219,13 @@ class Routing:
                 first = next(s for s in steps if s.endpoint.name == picked[0])
                 steps = [first] + [s for s in steps if s is not first]
                 reason = picked[1]
+        if lease is not None:
+            arranged = await lease.arrange(steps, steps[0].endpoint.name if reason else None,
+                                           pinned is not None, min(slots.QUEUE_WAIT, settings.deadline))
+            if not arranged:  # every endpoint at its max_concurrency for the whole wait
+                busy = skipped + [slots.busy(s.endpoint) for s in steps]
+                return Result(busy, answer=_all_busy(), counted=[False] * len(busy))
+            steps = arranged
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.deadline
         cap = settings.max_attempts or len(endpoints)
@@ -230,6 +239,10 @@ class Routing:
             if tries >= cap or left <= 0:
                 break
             ep = step.endpoint
+            if lease is not None and not lease.take(ep):
+                attempts.append(slots.busy(ep))  # at its max_concurrency: skipped, blaming nobody
+                result.counted.append(False)
+                continue
             if step.probe and not await store.try_probe(ep.name):
                 continue  # another request is probing it
             tries += 1
@@ -603,6 +616,13 @@ def _local_failure(detail: str) -> Answer:
 def _unsendable(detail: str) -> Answer:
     return Answer(400, "", [("content-type", "application/json")],
                   error_body(400, f"the request cannot be forwarded: {detail}"))
+
+
+def _all_busy() -> Answer:
+    message = (f"every endpoint is at its max_concurrency and none freed a slot in time; "
+               f"retry in {slots.BUSY_RETRY_AFTER} s")
+    return Answer(429, "", [("content-type", "application/json"), ("retry-after", str(slots.BUSY_RETRY_AFTER))],
+                  error_body(429, message, "rate_limit_error"))
 
 
 def _no_endpoint() -> Answer:

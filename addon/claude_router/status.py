@@ -172,6 +172,8 @@ class Stats:
             "tokens": {k: getattr(st.usage, k) for k in ("input_tokens", "output_tokens",
                        "cache_creation_input_tokens", "cache_read_input_tokens")},
             "cost_usd": round(st.cost, 6),
+            "weight": ep.weight,
+            "max_concurrency": ep.max_concurrency,
         }
         families = {}
         for fam in FAMILIES:  # a family's rate limit cools that family only

@@ -170,6 +170,10 @@ class MockRelay:
     def balance_polls(self, endpoint: str) -> int:
         return (self.call("GET", f"/_mock/balances/{endpoint}") or {}).get("polls", 0)
 
+    def inflight(self) -> dict:
+        """{"now": {endpoint: requests in flight}, "peak": {endpoint: most at once}}."""
+        return self.call("GET", "/_mock/inflight")
+
     def reset(self) -> None:
         self.call("DELETE", "/_mock/state")
 

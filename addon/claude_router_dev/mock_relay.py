@@ -146,6 +146,10 @@ Control API (same port)::
                                       Messages answers "usage" (what was billed), else null
     DELETE /_mock/requests
     GET    /_mock/stats    {"<endpoint>": count, "open_streams", "closed_early"}
+    GET    /_mock/inflight {"now": {"<endpoint>": requests being served}, "peak": {"<endpoint>":
+                           the most at once since the last clear}} (a stream is served until
+                           its last event is written; slow streams: the event_gap_ms fault)
+    DELETE /_mock/state    clears faults, profiles, caches, request log, stats and peaks
     PUT    /_mock/balances/<endpoint>  a balance panel for the endpoint (below)
     GET    /_mock/balances/<endpoint>  {"quota", ..., "polls": panel requests so far}
 
@@ -157,7 +161,6 @@ counted there, never in the request log or /_mock/stats::
 
     GET /<endpoint>/api/user/self   new-api / one-api: {"success": true, "data": {"quota", ...}}
     GET /<endpoint>/v1/usage        sub2api: {"isValid": true, "remaining": USD, "unit": "USD"}
-    DELETE /_mock/state    clears faults, profiles, caches, request log and stats
 
 Importable: ``relay, port = await start(faults={...}, profiles={...}); ...;
 await relay.stop()``.
@@ -534,6 +537,9 @@ class State:
         self.open_streams = 0
         self.closed_early = 0
         self.balances: dict[str, dict[str, Any]] = {}  # endpoint -> its balance panel
+        # endpoint -> requests being served now, and the most at once since the last clear
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self.peak: collections.Counter[str] = collections.Counter()
 
     def clear(self) -> None:
         self.balances.clear()
@@ -543,6 +549,7 @@ class State:
         self.log.clear()
         self.counts.clear()
         self.closed_early = 0
+        self.peak = collections.Counter(+self.inflight)
 
     def take_fault(self, endpoint: str, key: str = "") -> dict[str, Any]:
         """Fault for this request ({} if none); consumes one of ``times``."""
@@ -766,12 +773,17 @@ class MockRelay:
         self.state.counts[endpoint] += 1
         call = Call(request, endpoint, path, body, record, self.state.take_fault(endpoint, _presented_key(request)),
                     self.state.profiles.get(endpoint))
+        state = self.state
+        state.inflight[endpoint] += 1
+        state.peak[endpoint] = max(state.peak[endpoint], state.inflight[endpoint])
         try:
             resp = await self.serve(call)
         except asyncio.CancelledError:
             if record["outcome"] == "pending":
                 record["outcome"] = "client_closed"
             raise
+        finally:
+            state.inflight[endpoint] -= 1
         if record["outcome"] == "pending":
             record["outcome"] = str(resp.status)
         record["request_id"] = resp.headers.get("request-id")
@@ -1183,6 +1195,8 @@ class MockRelay:
             return web.json_response(self.state.balances if name is None else self.state.balances.get(name))
         if kind == "stats" and method == "GET":
             return web.json_response(self.state.stats())
+        if kind == "inflight" and method == "GET":
+            return web.json_response({"now": dict(+self.state.inflight), "peak": dict(self.state.peak)})
         if kind == "state" and method == "DELETE":
             self.state.clear()
             return web.json_response({"ok": True})

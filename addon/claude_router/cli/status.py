@@ -57,7 +57,8 @@ def no_router(urls: list[str], e: Exception) -> str:
             "read the shared health without a router with --redis redis://HOST:6379/0.")
 
 
-SUMMED = ("served", "failures", "client_stalls", "cost_usd", "rewrite_cost_usd", "sessions_pinned")
+SUMMED = ("served", "failures", "client_stalls", "cost_usd", "rewrite_cost_usd", "sessions_pinned",
+          "in_flight")
 
 
 def from_routers(urls: list[str], key: str) -> dict:
