@@ -101,6 +101,10 @@
     const data = [minutes, ...names.map((n) => series[n] || minutes.map(() => 0))];
     const key = names.join("\u0000");
     const width = Math.max(300, box.clientWidth || 300);
+    // The hour's total per endpoint, under the chart's title (what a reader checks first).
+    const sums = names.map((n) => [n, (series[n] || []).reduce((a, b) => a + b, 0)]).filter(([, v]) => v > 0);
+    document.getElementById(id + "-total").textContent =
+      sums.map(([n, v]) => n + " " + (fmt ? v.toFixed(4) : v)).join(", ");
     let c = charts[id];
     if (c && c.key === key) {
       c.plot.setData(data);
