@@ -43,7 +43,7 @@
     const bal = num(e.balance_usd === undefined || e.balance_usd === null ? "" : Number(e.balance_usd).toFixed(2));
     if (e.balance_checked) bal.title = "checked " + e.balance_checked;
     tr.append(bal, num(e.sessions_pinned), el("td", e.last_error, "err"));
-    const act = el("td", null, "act-col");
+    const actions = el("td", null, "act-col");
     if (canAct) {
       const toggle = e.state === "disabled" ? "enable" : "disable";
       for (const action of [toggle, "reset"]) {
@@ -51,10 +51,10 @@
         b.dataset.action = action;
         b.dataset.endpoint = e.name;
         b.addEventListener("click", () => act(action, e.name, b));
-        act.append(b);
+        actions.append(b);
       }
     }
-    tr.append(act);
+    tr.append(actions);
     return tr;
   }
 
