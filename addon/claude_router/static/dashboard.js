@@ -127,17 +127,22 @@
     document.getElementById("source").textContent =
       doc.source === "ledger" ? "history: ledger" : doc.source === "off" ? "history: off (router_ledger=off)" : "history: ledger unreadable";
     document.getElementById("updated").textContent = "updated " + hms(doc.now);
-    document.querySelectorAll(".act-col").forEach((c) => { c.hidden = !doc.can_act; });
     setRows("#endpoints", doc.endpoints.map((e) => endpointRow(e, doc.can_act)));
-    document.querySelectorAll("#endpoints .act-col").forEach((c) => { c.hidden = !doc.can_act; });
+    document.querySelectorAll(".act-col").forEach((c) => { c.hidden = !doc.can_act; });
 
     const names = doc.endpoints.map((e) => e.name);
     const chart = doc.chart;
     const totals = document.getElementById("chart-totals");
     if (chart) {
-      drawChart("chart-requests", chart.minutes, chart.requests, names, false);
-      drawChart("chart-failed", chart.minutes, chart.failed, names, false);
-      drawChart("chart-spend", chart.minutes, chart.spend, names, true);
+      if (typeof uPlot === "undefined") {
+        // (this script runs first, so the first document is asked for before the chart
+        // library is parsed; the charts follow as soon as it is)
+        window.addEventListener("load", () => render(last), {once: true});
+      } else {
+        drawChart("chart-requests", chart.minutes, chart.requests, names, false);
+        drawChart("chart-failed", chart.minutes, chart.failed, names, false);
+        drawChart("chart-spend", chart.minutes, chart.spend, names, true);
+      }
       const t = chart.totals;
       totals.textContent = t.requests + " requests, " + t.failovers + " failover" + (t.failovers === 1 ? "" : "s") +
         ", $" + Number(t.spend_usd).toFixed(4);
@@ -174,6 +179,7 @@
       wait = (doc.poll_seconds || 2) * 1000;
       render(doc);
       problem("");
+      if (!performance.getEntriesByName("dashboard-drawn").length) performance.mark("dashboard-drawn");
     } catch (e) {
       problem(String(e.message || e) + " (retrying)");
     }
