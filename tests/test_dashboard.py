@@ -96,20 +96,21 @@ def test_the_key_in_basic_auth_is_the_password():
     assert access.presented_key({"x-api-key": "sk-2"}, basic=True) == b"sk-2"
 
 
-@pytest.mark.parametrize("headers, ok", [
-    ({}, True),  # a script: no Origin
-    ({"origin": "http://127.0.0.1:8080", "host": "127.0.0.1:8080"}, True),
-    ({"origin": "https://api.anthropic.com", "host": "api.anthropic.com"}, True),
-    ({"origin": "https://api.anthropic.com", "host": "api.anthropic.com:443"}, True),
-    ({"origin": "http://127.0.0.1:8080", "host": "api.anthropic.com", "sec-fetch-site": "same-origin"}, True),
-    ({"origin": "https://evil.example", "host": "api.anthropic.com"}, False),
-    ({"origin": "http://127.0.0.1:9999", "host": "127.0.0.1:8080"}, False),
-    ({"origin": "null", "host": "127.0.0.1:8080"}, False),
-    ({"sec-fetch-site": "cross-site"}, False),
-    ({"sec-fetch-site": "same-site", "origin": "http://a.localhost", "host": "a.localhost"}, False),
+@pytest.mark.parametrize("headers, host, ok", [
+    ({}, "api.anthropic.com", True),  # a script: no Origin
+    ({"origin": "http://127.0.0.1:8080"}, "127.0.0.1:8080", True),
+    ({"origin": "https://api.anthropic.com"}, "api.anthropic.com", True),
+    ({"origin": "https://api.anthropic.com"}, "api.anthropic.com:443", True),
+    ({"origin": "http://127.0.0.1:8080", "sec-fetch-site": "same-origin"}, "api.anthropic.com", True),
+    ({"origin": "https://evil.example"}, "api.anthropic.com", False),
+    ({"origin": "http://127.0.0.1:9999"}, "127.0.0.1:8080", False),
+    ({"origin": "null"}, "127.0.0.1:8080", False),
+    ({"origin": "ftp://127.0.0.1:8080"}, "127.0.0.1:8080", False),
+    ({"sec-fetch-site": "cross-site"}, "127.0.0.1:8080", False),
+    ({"sec-fetch-site": "same-site", "origin": "http://a.localhost"}, "a.localhost", False),
 ])
-def test_actions_from_another_origin_are_refused(headers, ok):
-    assert dashboard.same_origin(headers) is ok
+def test_actions_from_another_origin_are_refused(headers, host, ok):
+    assert dashboard.same_origin(headers, host) is ok
 
 
 async def test_the_ledger_is_read_at_most_once_a_second_whoever_asks(tmp_path, monkeypatch):

@@ -81,11 +81,12 @@ def challenge(path: str) -> list[tuple[str, str]]:
     return [CHALLENGE] if path.split("?", 1)[0] == PREFIX else []
 
 
-def same_origin(headers) -> bool:
+def same_origin(headers, host: str) -> bool:
     """Could this action come from a page of another site? Refused when the browser says so
     (``Sec-Fetch-Site``, which no page can set), and when an ``Origin`` is sent that is not
-    the router's: the browser's word for same-origin, else the ``Host`` the request names
-    (which reverse mode rewrites: a script that sends an Origin there must send it the API's)."""
+    the router's: the browser's word for same-origin, else ``host``, the request's Host or
+    ``:authority`` (which reverse mode rewrites: a script that sends an Origin there must send
+    the API's)."""
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
         return False
@@ -99,7 +100,7 @@ def same_origin(headers) -> bool:
         return False
     default = {"http": 80, "https": 443}[parts.scheme]
     want = parts.hostname.lower() + ("" if parts.port in (None, default) else f":{parts.port}")
-    host = headers.get("host", "").lower()
+    host = host.lower()
     for port in (":80", ":443"):
         host = host.removesuffix(port)
     return host == want
@@ -273,7 +274,7 @@ class Dashboard:
         if not may_act:
             _error(flow, 403, "actions need an admin key (admin_keys)")
             return
-        if (ACTION_HEADER not in req.headers or not same_origin(req.headers)
+        if (ACTION_HEADER not in req.headers or not same_origin(req.headers, req.host_header or "")
                 or req.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json"):
             _error(flow, 403, f"actions need the {ACTION_HEADER} header, a JSON body and the router's "
                               "own origin (the dashboard sends them; another site's page cannot)")
