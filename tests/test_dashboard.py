@@ -145,3 +145,48 @@ async def test_a_slow_ledger_read_does_not_hold_the_page(tmp_path, monkeypatch):
     assert board.read_failures == 1
     release.set()
     board.close()
+
+
+def fake_router(status_doc: dict, ledger_path=None):
+    async def status_document():
+        return status_doc
+
+    return types.SimpleNamespace(
+        admin=types.SimpleNamespace(status_document=status_document), clock=lambda: NOW,
+        ledger=None if ledger_path is None else types.SimpleNamespace(path=str(ledger_path)))
+
+
+def endpoint_doc(name: str, index: int, **more) -> dict:
+    return {"name": name, "index": index, "origin": "https://relay", "state": "healthy", "served": 7,
+            "failures": 1, "cost_usd": 0.5, "cooldown_seconds_left": 0, "consecutive_failures": 0,
+            "last_error": "", "cooling_for_keys": 0, **more}
+
+
+async def test_the_document_shows_a_balance_where_the_status_has_one():
+    doc = {"store": "memory", "endpoints": [
+        endpoint_doc("aws", 0, balance_usd=12.5, balance_checked="2026-12-06T16:00:00Z"), endpoint_doc("droid", 1)]}
+    out = await dashboard.Dashboard(fake_router(doc)).document()  # type: ignore[arg-type]
+    aws, droid = out["endpoints"]
+    assert (aws["balance_usd"], aws["balance_checked"]) == (12.5, "2026-12-06T16:00:00Z")
+    assert "balance_usd" not in droid
+
+
+async def test_without_a_ledger_the_document_has_this_process_figures_and_no_history():
+    doc = {"store": "memory", "endpoints": [endpoint_doc("aws", 0)]}
+    out = await dashboard.Dashboard(fake_router(doc)).document()  # type: ignore[arg-type]
+    assert out["source"] == "off" and "chart" not in out and "requests" not in out
+    aws = out["endpoints"][0]
+    assert (aws["served"], aws["failed"], aws["spend_usd"]) == (7, 1, 0.5)
+
+
+async def test_with_a_ledger_the_hour_comes_from_it(tmp_path):
+    path = tmp_path / "l.sqlite3"
+    write(path, [row(NOW - 5, "droid", "aws:529, droid:200", 0.25)])
+    doc = {"store": "redis", "endpoints": [endpoint_doc("aws", 0), endpoint_doc("droid", 1)]}
+    board = dashboard.Dashboard(fake_router(doc, path))  # type: ignore[arg-type]
+    out = await board.document(may_act=True)
+    board.close()
+    aws, droid = out["endpoints"]
+    assert out["source"] == "ledger" and out["can_act"] is True
+    assert (aws["served"], aws["failed"], droid["served"], droid["spend_usd"]) == (0, 1, 1, 0.25)
+    assert out["chart"]["failed"]["aws"][-2] == 1 and out["requests"][0]["attempts"] == "aws:529, droid:200"

@@ -6,6 +6,7 @@ share a redis-server and a ledger file."""
 import base64
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from claude_router.cli import workers
 from claude_router_dev.harness import start_mock, stop
 
 CHROMIUM = "/usr/bin/chromium"
@@ -89,8 +91,9 @@ def get(router, path: str, headers: dict | None = None, **kw) -> httpx.Response:
 
 
 def act(router, action: str, endpoint: str, headers: dict | None = None, **kw) -> httpx.Response:
+    base = router if isinstance(router, str) else router.base
     h = {"x-api-key": ADMIN, "x-router-action": "1", "content-type": "application/json", **(headers or {})}
-    return httpx.post(f"{router.base}/_router/action", headers={k: v for k, v in h.items() if v is not None},
+    return httpx.post(f"{base}/_router/action", headers={k: v for k, v in h.items() if v is not None},
                       content=json.dumps({"action": action, "endpoint": endpoint}), timeout=10, **kw)
 
 
@@ -354,3 +357,31 @@ def test_two_routers_on_one_redis_and_one_ledger_show_one_router(mock, start_rou
     assert act(a, "disable", "droid", {"x-api-key": None}).status_code == 200
     until(lambda: get(b, "dashboard.json").json()["endpoints"][1]["state"] == "disabled",
           what="B shows the endpoint A disabled")
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None or shutil.which("redis-server") is None,
+                    reason="haproxy and redis-server are needed (./scripts/test installs them as root)")
+def test_behind_workers_whichever_worker_answers_shows_the_whole_router(mock, tmp_path):
+    """./scripts/run --workers 2: requests served by each worker, and the page's document read
+    through the balancer and from each worker, all show every request."""
+    c = workers.start_cluster(2, [f"aws={mock.url('aws')}", f"droid={mock.url('droid')}"], tmp=tmp_path,
+                              extra=["--set", f"confdir={tmp_path / 'conf'}"])
+    try:
+        mock.fault("aws", status=529)
+        for url in c.worker_urls:  # each worker answers one failover
+            assert httpx.post(f"{url}/v1/messages", json=MSG, timeout=30).headers["x-used-endpoint"] == "droid"
+
+        def whole(url: str):
+            doc = httpx.get(f"{url}/_router/dashboard.json", timeout=10).json()
+            return doc if len(doc["requests"]) == 2 else None
+
+        for url in (c.url, *c.worker_urls):
+            doc = until(lambda url=url: whole(url), what=f"{url} shows both workers' requests")
+            aws, droid = doc["endpoints"]
+            assert (aws["failed"], droid["served"], doc["chart"]["totals"]["failovers"]) == (2, 2, 2)
+        assert act(c.url, "disable", "aws", {"x-api-key": None}).status_code == 200
+        for url in c.worker_urls:
+            until(lambda url=url: httpx.get(f"{url}/_router/dashboard.json", timeout=10).json()
+                  ["endpoints"][0]["state"] == "disabled", what=f"{url} shows aws disabled")
+    finally:
+        c.stop()
