@@ -172,7 +172,8 @@
     const started = Date.now();
     let wait = 2000;
     try {
-      const r = await fetch("dashboard.json", {cache: "no-store", credentials: "same-origin"});
+      // (the first one is the page's preload; the router answers no-store: none is cached)
+      const r = await fetch("dashboard.json", {credentials: "same-origin"});
       if (!r.ok) throw new Error("dashboard.json: HTTP " + r.status);
       const doc = await r.json();
       last = doc;
