@@ -2,6 +2,8 @@
 upstream keys behind an open door. Plain functions over data; the addon turns a ``ValueError``
 into mitmproxy's ``OptionsError``."""
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import os
@@ -39,14 +41,19 @@ def client_keys(refs: Sequence[str], file_keys: Iterable[str] = (),
 _last_presented: tuple[Any, bytes] = ((), b"")  # (mitmproxy headers' fields, the key they present)
 
 
-def presented_key(headers: Mapping[str, str]) -> bytes:
-    """The key a request presents: ``x-api-key``, else an ``Authorization: Bearer`` token.
+def presented_key(headers: Mapping[str, str], basic: bool = False) -> bytes:
+    """The key a request presents: ``x-api-key``, else an ``Authorization: Bearer`` token;
+    with ``basic``, first the password of ``Authorization: Basic`` (any user name): a
+    browser's, taken for the dashboard's paths only (``dashboard.uses_basic``), never for the
+    API, where a browser's remembered password would let any site's form spend the keys.
 
     The router asks this of one request's headers several times (the key check at its head
     and at its body, who it is, its credential hash) and mitmproxy's ``headers.get`` walks
     every header: the answer for the last headers seen is kept, by the identity of their
     ``fields`` tuple, which mitmproxy replaces (never changes) when a header is set."""
     global _last_presented
+    if basic and (password := basic_password(headers.get("authorization", ""))) is not None:
+        return password
     fields = getattr(headers, "fields", None)
     last = _last_presented
     if fields is not None and fields is last[0]:
@@ -62,6 +69,18 @@ def presented_key(headers: Mapping[str, str]) -> bytes:
     return key
 
 
+def basic_password(auth: str) -> bytes | None:
+    """The password of an ``Authorization: Basic`` value, None if it is not one."""
+    if auth[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(auth[6:].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return password if colon else None
+
+
 def credential_id(key: bytes, salt: bytes) -> str:
     """Whose request this is, without the key: a keyed hash (HMAC-SHA256 under the router's
     salt, 16 hex digits) of the presented key. Health scopes and conversations are keyed by
@@ -70,11 +89,11 @@ def credential_id(key: bytes, salt: bytes) -> str:
     return hmac.new(salt, key, "sha256").hexdigest()[:16]
 
 
-def authorized(headers: Mapping[str, str], keys: Sequence[bytes]) -> bool:
+def authorized(headers: Mapping[str, str], keys: Sequence[bytes], basic: bool = False) -> bool:
     """Does the request present one of ``keys``? Looked up by keyed digest
     (``clients.key_digest``): the time tells nothing about which key, or how much of one, was
     right; a sequence that is not a tuple is searched comparing every key in constant time."""
-    given = presented_key(headers)
+    given = presented_key(headers, basic)
     if isinstance(keys, tuple):
         return clients.key_digest(given) in clients.key_index(keys, "key", _same)
     return any(hmac.compare_digest(given, key) for key in keys)
@@ -84,10 +103,11 @@ def _same(key: bytes) -> bytes:
     return key
 
 
-def who(headers: Mapping[str, str], table: Sequence[clients.Client]) -> clients.Client | None:
+def who(headers: Mapping[str, str], table: Sequence[clients.Client],
+        basic: bool = False) -> clients.Client | None:
     """The client (named, or unnamed for a plain client key or an admin key) whose key the
     request presents, compared in constant time; None when it presents none of them."""
-    return clients.identify(presented_key(headers), table)
+    return clients.identify(presented_key(headers, basic), table)
 
 
 def is_admin(client: clients.Client | None, admin_keys: Sequence[bytes]) -> bool:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import command, exceptions, http
 
-from . import clients, policy
+from . import clients, dashboard, policy
 from .errors import error_body
 from .status import table
 
@@ -30,6 +30,10 @@ class Admin:
 
     def __init__(self, router: "Router") -> None:
         self.router = router
+        self.dashboard = dashboard.Dashboard(router)  # GET /_router/ (docs/dashboard.md)
+
+    def done(self) -> None:
+        self.dashboard.close()
 
     # -- pages -------------------------------------------------------------------------------
 
@@ -39,7 +43,11 @@ class Admin:
         read the status and metrics (any key, unless admin_keys are set); ``sees_all``: it holds
         an admin key, and its usage page shows every client."""
         name = flow.request.path[len(PREFIX):].split("?")[0]
-        if name == "usage":
+        if dashboard.owns(name):  # the page, its files, its document and admins' actions
+            r = self.router
+            await self.dashboard.serve(flow, name, may_read=may_admin,
+                                       may_act=sees_all or not (r.admin_keys or r.client_keys))
+        elif name == "usage":
             r = self.router
             doc = ({"clients": r.accounts.document(r.clients, r.clock())} if sees_all
                    else r.accounts.figures(who or clients.ANONYMOUS, r.clock()))
@@ -52,8 +60,8 @@ class Admin:
         elif name == "metrics":
             reply(flow, 200, self.router.stats.metrics(), "text/plain; version=0.0.4")
         else:
-            reply(flow, 404, error_body(404, "unknown router page; try /_router/status, "
-                                        "/_router/metrics or /_router/usage"))
+            reply(flow, 404, error_body(404, "unknown router page; try /_router/ (the dashboard), "
+                                        "/_router/status, /_router/metrics or /_router/usage"))
 
     async def status_document(self) -> dict:
         await self.router.store.view()

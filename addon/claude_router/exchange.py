@@ -18,14 +18,27 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from . import access, admin, clients, compat, count_tokens, decoding, ledger as ledgers, policy, sessions, tiers, usage
+from . import (
+    access,
+    admin,
+    clients,
+    compat,
+    count_tokens,
+    dashboard,
+    decoding,
+    ledger as ledgers,
+    policy,
+    sessions,
+    tiers,
+    usage,
+)
 from .admin import reply
 from .connections import Collector, Delivery
 from .conversations import Turn
@@ -98,11 +111,13 @@ class Exchange:
         body to be read as it streams."""
         r = self.router
         req = flow.request
-        keyed = not r.client_keys or access.authorized(req.headers, r.client_keys)
+        basic = dashboard.uses_basic(req.path)  # a browser's Basic auth: the dashboard's paths only
+        keyed = not r.client_keys or access.authorized(req.headers, r.client_keys, basic)
         if access.answered_here(req.method, req.path, (ep.name for ep in r.endpoints), keyed):
             pass  # a HEAD answered in `request`: the same for every path without a key
         elif not keyed:
-            await self._refuse_early(flow, 401, error_body(401, access.KEY_REQUIRED))
+            await self._refuse_early(flow, 401, error_body(401, access.KEY_REQUIRED),
+                                     dashboard.challenge(req.path))
             r.heads.body_started(flow.client_conn.id, flow.id)
             return
         length = req.headers.get("content-length", "")
@@ -193,7 +208,8 @@ class Exchange:
                             client=flow.client_conn.id)
         answer.set_result(parked)
 
-    async def _refuse_early(self, flow: http.HTTPFlow, status: int, body: bytes) -> None:
+    async def _refuse_early(self, flow: http.HTTPFlow, status: int, body: bytes,
+                            headers: Sequence[tuple[str, str]] = ()) -> None:
         """Answer from the request head, before the body is taken in: mitmproxy streams the
         body into a sink that drops it as it arrives (so a 256 MiB upload costs no memory) and
         fetches this answer from the handoff server. A client that sends its whole body before
@@ -204,7 +220,7 @@ class Exchange:
             yield body
 
         handoff = self.router.handoff
-        parked = Parked(status=status, reason="", headers=[("content-type", "application/json")],
+        parked = Parked(status=status, reason="", headers=[("content-type", "application/json"), *headers],
                         body=once(), close=lambda: None, length=len(body), client=flow.client_conn.id,
                         keep_open=True)
         port, path = await handoff.park(parked, multiplexed=flow.client_conn.alpn == b"h2")
@@ -243,7 +259,8 @@ class Exchange:
     async def _handle(self, flow: http.HTTPFlow) -> None:
         r = self.router
         req = flow.request
-        keyed = not r.client_keys or bool(flow.is_replay) or access.authorized(req.headers, r.client_keys)
+        basic = dashboard.uses_basic(req.path)  # a browser's Basic auth: the dashboard's paths only
+        keyed = not r.client_keys or bool(flow.is_replay) or access.authorized(req.headers, r.client_keys, basic)
         if access.answered_here(req.method, req.path, (ep.name for ep in r.endpoints), keyed):
             # Claude Code's reachability check (and every HEAD without a key, whatever its
             # path, so that none tells which endpoint names exist): answered here.
@@ -251,10 +268,12 @@ class Exchange:
             flow.response = http.Response.make(200, b"", {"content-type": "text/plain"})
             return
         # (replays are the operator's, from mitmweb or -C; their keys were redacted)
-        who = access.who(req.headers, r.clients) if r.client_keys and not flow.is_replay \
+        who = access.who(req.headers, r.clients, basic) if r.client_keys and not flow.is_replay \
             else clients.ANONYMOUS
         if who is None:
             reply(flow, 401, error_body(401, access.KEY_REQUIRED))
+            assert flow.response is not None  # (reply set it)
+            flow.response.headers.update(dashboard.challenge(req.path))
             return
         if req.path.startswith(admin.PREFIX):
             _redact_credentials(req)
