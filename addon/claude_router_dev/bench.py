@@ -96,6 +96,9 @@ PAIR = ("router+config", "router+clients")  # the named-clients comparison: base
 # Two processes of one router differ by more than nothing (memory layout, hash seeds, where the
 # scheduler puts them); the control's difference is that floor, measured in the same rounds.
 CONTROL = "router+config2"
+# ... and a process's own bias stays for its life: the comparison's rounds are spread over this
+# many generations of the three processes, each started afresh.
+PAIR_GENERATIONS = 3
 PAIR_BLOCK = 10  # requests per target in a row in the paired phase
 
 now = time.perf_counter
@@ -533,6 +536,7 @@ class Bench:
         self.mock = ""
         self.redis_port: int | None = None
         self.notes: list[str] = []
+        self.restarts = 0  # processes started anew (the paired comparison's generations)
         self.results: dict[str, Any] = {}
         # raw samples (seconds)
         self.lat: dict[str, list[float]] = collections.defaultdict(list)
@@ -795,34 +799,77 @@ class Bench:
         """The named-clients comparison, measured paired: ``--pair-rounds`` rounds, each of
         ``--pair-requests`` sequential requests per target of ``PAIR`` and the A/A ``CONTROL``,
         alternating in blocks of ``PAIR_BLOCK`` (the order reversed every other block, so a
-        drift hits all alike). Each round gives one difference of p50s and of CPU seconds per
-        request (the process's, all threads); their medians are the figures
-        (``paired_difference``)."""
+        drift hits all alike). The rounds are spread over ``PAIR_GENERATIONS`` generations of
+        the three processes, each started afresh, so no one process's luck decides. Each round
+        gives one difference of p50s and of CPU seconds per request (the process's, all
+        threads); their medians are the figures (``paired_difference``)."""
         a = self.args
-        pair = self.live([*PAIR, CONTROL])
-        if [t.name for t in pair][:2] != list(PAIR):
+        names = [*PAIR, CONTROL]
+        if [t.name for t in self.live(names)][:2] != list(PAIR):
             self.notes.append(f"paired named-clients comparison skipped: {' and '.join(PAIR)} "
                               "are not both up.")
             return
+        gens = min(PAIR_GENERATIONS, a.pair_rounds)
         note(f"paired named-clients comparison: {a.pair_rounds} rounds of {a.pair_requests} "
-             f"requests per target, in blocks of {PAIR_BLOCK}, with an A/A control")
-        own = {t.name: new_session(1) for t in pair if t.name not in sessions}  # the control's
-        try:
-            for t in pair:  # the control has had no warm-up of its own
-                if t.name in own:
-                    for _ in range(20):
-                        await timed_post(own[t.name], t, BODY)
-            await self._paired(pair, {**sessions, **own})
-        finally:
-            for s in own.values():
-                await s.close()
-
-    async def _paired(self, pair: list[Target], sessions) -> None:
-        a = self.args
+             f"requests per target, in blocks of {PAIR_BLOCK}, with an A/A control, over {gens} "
+             "generations of processes")
         rounds: list[dict[str, list[float]]] = []
         cpu: list[dict[str, float]] = []
-        errors: dict[str, collections.Counter] = {t.name: collections.Counter() for t in pair}
-        for r in range(a.pair_rounds):
+        errors: dict[str, collections.Counter] = {n: collections.Counter() for n in names}
+        for g in range(gens):
+            if g:
+                await self.restart_pair(names)
+            pair = self.live(names)
+            if [t.name for t in pair][:2] != list(PAIR):
+                break
+            own = {t.name: new_session(1) for t in pair if g or t.name not in sessions}
+            mine = {**sessions, **own}
+            try:
+                for t in pair:  # a new process (and the control) has had no warm-up yet
+                    if t.name in own:
+                        for _ in range(20):
+                            await timed_post(own[t.name], t, BODY)
+                todo = a.pair_rounds * (g + 1) // gens - a.pair_rounds * g // gens
+                if not await self._paired(pair, mine, todo, rounds, cpu, errors):
+                    break
+            finally:
+                for s in own.values():
+                    await s.close()
+        res = paired_difference(rounds, PAIR[0], PAIR[1], cpu)
+        if any(CONTROL in got for got in rounds):
+            res["control"] = paired_difference(rounds, PAIR[0], CONTROL, cpu)
+        self.results["clients_paired"] = res | {
+            "requests_per_round": a.pair_requests, "block": PAIR_BLOCK, "generations": gens,
+            "errors": {n: sum(c.values()) for n, c in errors.items()},
+            "error_kinds": {n: dict(c) for n, c in errors.items()}}
+
+    async def restart_pair(self, names: list[str]) -> None:
+        """New processes for the comparison's targets (new ports and confdirs, same configs)."""
+        for name in names:
+            old = self.targets.get(name)
+            if old is None or old.proc is None:
+                continue
+            with contextlib.suppress(OSError):
+                os.killpg(old.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                old.proc.wait(10)
+            cfg = self.tmp / f"{name.replace('+', '-')}.yaml"  # as start() wrote it
+            self.restarts += 1
+            home = self.confdir(f"{name}-{self.restarts}")
+            del self.targets[name]
+            self.spawn_proxy(name, "router", lambda p, home=home, cfg=cfg: mitm_argv(
+                p, home, "-s", ROUTER_SCRIPT, "--mode", "reverse:https://api.anthropic.com",
+                "--set", f"router_config={cfg}"), check=attempts_check(must="ok:200"))
+        for name in names:
+            t = self.targets.get(name)
+            if t is not None and t.proc is not None and (why := await wait_port(t.port, t.proc, 60)):
+                t.fail(f"failed: {why}; log: {self.procs.log_excerpt(t.name)}")
+
+    async def _paired(self, pair: list[Target], sessions, todo: int, rounds: list, cpu: list,
+                      errors: dict[str, collections.Counter]) -> bool:
+        """``todo`` rounds over ``pair``, added to ``rounds`` and ``cpu``; False if one failed."""
+        a = self.args
+        for r in range(todo):
             got: dict[str, list[float]] = {t.name: [] for t in pair}
             # CPU per round, not per block: what a process spends idle while the others' blocks
             # run (its timers, the ledger's writer) is part of its cost and alike for all
@@ -835,16 +882,10 @@ class Bench:
                         self.record(t, ok, err, got[t.name], errors[t.name], dt)
             used = {t.name: process_cpu(t.proc) - c0[t.name] for t in pair}
             if not all(t.ok for t in pair):
-                break
+                return False
             rounds.append(got)
             cpu.append({n: used[n] / max(1, len(got[n])) for n in used})
-        res = paired_difference(rounds, PAIR[0], PAIR[1], cpu)
-        if CONTROL in errors:
-            res["control"] = paired_difference(rounds, PAIR[0], CONTROL, cpu)
-        self.results["clients_paired"] = res | {
-            "requests_per_round": a.pair_requests, "block": PAIR_BLOCK,
-            "errors": {n: sum(c.values()) for n, c in errors.items()},
-            "error_kinds": {n: dict(c) for n, c in errors.items()}}
+        return True
 
     def record(self, t: Target, ok: bool, err: str | None, samples: list, errors, dt=None) -> None:
         if ok:
@@ -1054,8 +1095,9 @@ def paired_difference(rounds: list[dict[str, list[float]]], base: str, other: st
 def render_paired(c: dict[str, Any] | None) -> str:
     if not c or c.get("median_ms") is None:
         return ""
+    gens = f", {c['generations']} generations of processes" if c.get("generations", 1) > 1 else ""
     line = (f"named clients added p50: {c['median_ms']:.3f} ms (median of {c['rounds']} paired "
-            f"rounds of {c['requests_per_round']} requests per target, {c['other']} − {c['base']}; "
+            f"rounds of {c['requests_per_round']} requests per target{gens}, {c['other']} − {c['base']}; "
             f"middle half of the rounds {c['q1_ms']:.3f} to {c['q3_ms']:.3f} ms; "
             f"target <= 0.1 ms)")
     if "cpu_median_us" in c:
