@@ -86,16 +86,59 @@ async def test_a_failing_handler_is_logged_by_mitmproxy(caplog):
 
 
 async def test_the_index_holds_only_the_addons_that_implement_the_hook():
-    """...and an element with sub-addons (the script loader) whole: mitmproxy walks it live."""
+    """...and an element with sub-addons (the script loader) as a tree: the addons of it that
+    implement the hook, in mitmproxy's walk order, checked against the tree at every event."""
     log: list = []
     with taddons.context(*chain(log)) as tctx:
         index = HookIndex.install(tctx.master.addons)
+
         def shown(event):
-            return [(element.name, owners and [a.name for a in owners])
+            return [(element.name, [a.name for a in getattr(owners, "owners", owners)])
                     for _, element, owners in index.handlers(event)]
 
-        assert shown("request") == [("a", ["a"]), ("b", None), ("c", ["c"]), ("d", None)]
-        assert shown("websocket_message") == [("b", None), ("d", None)]
+        assert shown("request") == [("a", ["a"]), ("b", ["b", "b1", "b2"]), ("c", ["c"]),
+                                    ("d", ["d", "d1"])]
+        assert shown("websocket_message") == [("b", []), ("d", [])]
+
+
+async def test_sub_addons_changed_in_place_are_seen_at_the_next_event():
+    """No register, no configure: a list of sub-addons changed under the index. The tree no
+    longer matches, so that element goes through mitmproxy's walk, which sees the change."""
+    log: list = []
+    parent = Seen("parent", log, children=[Seen("one", log)])
+    with taddons.context(parent) as tctx:
+        HookIndex.install(tctx.master.addons)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        parent.addons.append(Seen("two", log))
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        parent.addons[0] = Seen("other", log)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+    assert [name for name, _ in log] == ["parent", "one", "parent", "one", "two",
+                                         "parent", "other", "two"]
+
+
+async def test_a_script_reloaded_under_the_script_loader_gets_the_next_event():
+    """The shape of mitmproxy's Script: its ``addons`` a property made anew at each read."""
+    log: list = []
+
+    class Script:
+        def __init__(self, ns):
+            self.ns = ns
+
+        @property
+        def addons(self):
+            return [self.ns] if self.ns else []
+
+    script = Script(Seen("v1", log))
+    loader = Silent("loader")
+    loader.addons = [script]
+    with taddons.context(loader) as tctx:
+        HookIndex.install(tctx.master.addons)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        script.ns = Seen("v2", log)  # reloaded (mitmproxy also calls register: not needed here)
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+        await tctx.master.addons.trigger_event(http_layer.HttpRequestHook(tflow.tflow()))
+    assert [name for name, _ in log] == ["v1", "v2", "v2"]
 
 
 async def test_an_addon_added_later_gets_the_next_event():

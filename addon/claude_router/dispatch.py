@@ -16,8 +16,11 @@ the same trimmed traceback) and the rest of that chain element skipped, ``AddonH
 event. Where addons can change, mitmproxy's own walk does the delivery:
 
 - a chain element with sub-addons (the script loader, which holds every ``-s`` script, the
-  router included) is walked live by mitmproxy's ``invoke_addon`` for every event, so a script
-  loaded, reloaded or removed while an event is on its way is seen as mitmproxy would see it;
+  router included) is indexed as a tree: its addons in mitmproxy's walk order, with the list of
+  children of every node that has any. Before each event the tree is checked against those
+  lists (a few identity comparisons, where mitmproxy's walk starts a generator per addon); a
+  script loaded, reloaded or removed changes them, and that element is then walked live by
+  mitmproxy's ``invoke_addon``, as mitmproxy would see it, until the index is rebuilt;
 - the index is dropped on ``register``, ``remove`` and ``clear``, and around ``configure``,
   ``load``, ``running`` and ``done``, which go through mitmproxy's walk; if the addons change
   while an event is being delivered, the rest of that event goes through mitmproxy's walk;
@@ -55,9 +58,54 @@ _CHANGING = frozenset({"configure", "load", "running", "done"})
 _DISPATCH = ("trigger_event", "trigger", "invoke_addon", "invoke_addon_sync", "_iter_hooks",
              "register", "remove", "clear")
 _LIVE: Final = None  # an index entry delivered by mitmproxy's own walk of that chain element
+
+
+class _Tree:
+    """A chain element with sub-addons, as indexed: the addons of its tree that implement the
+    hook (in mitmproxy's walk order), and each node's children when it was indexed."""
+    __slots__ = ("owners", "shape")
+
+    def __init__(self, owners: tuple[Any, ...],
+                 shape: tuple[tuple[Any, tuple[Any, ...], tuple[int, ...]], ...]) -> None:
+        self.owners = owners
+        self.shape = shape
+
+    def current(self) -> bool:
+        """Is the tree still what was indexed (every node's children the same objects)?"""
+        for node, _kids, ids in self.shape:
+            now = getattr(node, "addons", None)
+            # By identity (an addon's own __eq__ must not make another object the same one);
+            # the ids stay unique while the shape holds the objects (``_kids``).
+            if now is None or tuple(map(id, now)) != ids:
+                return False
+        return True
+
+
+def _tree(element: Any, name: str) -> "_Tree | _Unindexable":
+    """``element``'s tree for hook ``name``, walked as mitmproxy's ``_iter_hooks`` walks it."""
+    owners: list[Any] = []
+    shape: list[tuple[Any, tuple[Any, ...], tuple[int, ...]]] = []
+
+    def walk(a: Any) -> None:
+        func = getattr(a, name, None)
+        if func and not isinstance(func, types.ModuleType):
+            if not callable(func):
+                raise TypeError(name)
+            owners.append(a)
+        if hasattr(a, "addons"):
+            kids = tuple(a.addons)
+            shape.append((a, kids, tuple(map(id, kids))))
+            for k in kids:
+                walk(k)
+
+    try:
+        walk(element)
+    except (TypeError, RecursionError):
+        return _UNINDEXABLE
+    return _Tree(tuple(owners), tuple(shape))
 # Per chain element with something to deliver: (position, element, the addons that implement
 # the hook, or _LIVE).
-_Entry = tuple[int, Any, tuple[Any, ...] | None]
+_Entry = tuple[int, Any, "tuple[Any, ...] | _Tree | None"]
 _Entries = tuple[_Entry, ...] | _Unindexable
 
 
@@ -134,7 +182,10 @@ class HookIndex:
         entries: list[_Entry] = []
         for pos, element in enumerate(self.manager.chain):
             if hasattr(element, "addons"):
-                entries.append((pos, element, _LIVE))
+                tree = _tree(element, name)
+                if tree is _UNINDEXABLE:
+                    return _UNINDEXABLE
+                entries.append((pos, element, tree))  # (no owners: checked, nothing to call)
                 continue
             func = getattr(element, name, None)
             if not func or isinstance(func, types.ModuleType):
@@ -171,6 +222,12 @@ class HookIndex:
                 with addonmanager.safecall():
                     if owners is _LIVE:
                         await manager.invoke_addon(element, event)
+                    elif isinstance(owners, _Tree):
+                        if owners.current():
+                            await invoke_addon(owners.owners, name, args)
+                        else:  # a script came or went: as mitmproxy walks it, then re-index
+                            self._index.pop(name, None)
+                            await manager.invoke_addon(element, event)
                     else:
                         await invoke_addon(owners, name, args)
             except exceptions.AddonHalt:
@@ -212,6 +269,12 @@ class HookIndex:
                 with addonmanager.safecall():
                     if owners is _LIVE:
                         manager.invoke_addon_sync(element, event)
+                    elif isinstance(owners, _Tree):
+                        if owners.current():
+                            invoke_addon_sync(owners.owners, name, args)
+                        else:
+                            self._index.pop(name, None)
+                            manager.invoke_addon_sync(element, event)
                     else:
                         invoke_addon_sync(owners, name, args)
             except exceptions.AddonHalt:
