@@ -100,3 +100,12 @@ def test_every_cooling_scope_is_merged_not_only_the_first():
 
 def test_nothing_tried_says_so():
     assert all_failed_message([]) == "no endpoint was tried"
+
+
+def test_skips_without_blame_are_neither_failures_nor_failovers():
+    from claude_router import ledger_views, policy
+    assert not any(policy.was_tried(o) for o in ("busy", "low_balance", "thinking_signature", "skipped:model"))
+    assert all(policy.was_tried(o) for o in ("529", "reset", "timeout", "200", "client-key:429"))
+    assert ledger_views.failed_attempts("aws:low_balance, droid:200", "droid") == []
+    assert ledger_views.failed_attempts("aws:busy, bob:busy", None) == []
+    assert ledger_views.failed_attempts("aws:529, droid:thinking_signature, droid:200", "droid") == ["aws"]

@@ -185,3 +185,64 @@ async def test_a_refused_key_neither_heals_nor_blames_a_failing_endpoint():
     await route_as(Routing(upstream, clock), store, "bad")
     assert (await store.view())["aws"].failures == 2  # a bad key did not reset the count
 
+
+
+# -- count_tokens is a side request; skips without blame stay last resorts ---------------------
+
+COUNT = json.dumps({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def count_as(key: str) -> Request:
+    return Request("POST", "/v1/messages/count_tokens", [("x-api-key", key)], COUNT)
+
+
+async def test_a_count_tokens_429_on_the_clients_key_does_not_cool_that_key_for_messages():
+    from claude_router import count_tokens
+    clock = Clock()
+    upstream = PerKey({("aws", "alice"): (429, [("retry-after", "600")])})
+    store = MemoryHealthStore(Breaker(), clock)
+    routing = Routing(upstream, clock)
+    got = await routing.route(endpoints(), store, count_tokens.settings(Settings()), count_as("alice"),
+                              credential="alice".rjust(16, "0"), side=True)
+    assert count_tokens.answer(got.answer).status == 404  # fast, and not retried by Claude Code
+    assert await store.view() == {}  # no key scope cooled, nothing kept to answer alice with
+    upstream.sent.clear()
+    await route_as(routing, store, "alice")
+    assert upstream.sent[0] == ("aws", "alice")  # Messages still try the cheapest first
+
+
+async def test_a_count_tokens_success_heals_nothing():
+    from claude_router import count_tokens
+    clock = Clock()
+    store = MemoryHealthStore(Breaker(max_failures=3, cooldown=60), clock)
+    await store.record_failure("aws")
+    await store.record_failure("aws")
+    routing = Routing(PerKey({}), clock)
+    got = await routing.route(endpoints(), store, count_tokens.settings(Settings()), count_as("k"),
+                              side=True)
+    assert got.winner is not None and got.winner.endpoint.name == "aws"
+    assert (await store.view())["aws"].failures == 2  # one more Messages failure still trips it
+
+
+async def test_a_count_tokens_request_takes_no_half_open_probe():
+    from claude_router import count_tokens
+    clock = Clock()
+    store = MemoryHealthStore(Breaker(max_failures=1, cooldown=60), clock)
+    await store.record_failure("aws")
+    clock.now += 61  # aws half-open: its next Messages request is the probe
+    upstream = PerKey({})
+    await Routing(upstream, clock).route(endpoints(), store, count_tokens.settings(Settings()),
+                                         count_as("k"), side=True)
+    assert upstream.sent == [("droid", "k")]
+    assert (await store.view())["aws"].ejections == 1  # still ejected, the probe still free
+
+
+async def test_a_low_balance_endpoint_is_the_last_resort_not_dropped():
+    clock = Clock()
+    store = MemoryHealthStore(Breaker(), clock)
+    upstream = PerKey({("droid", "k"): (529, [])})
+    routing = Routing(upstream, clock)
+    routing.is_low = lambda name: name == "aws"
+    got = await routing.route(endpoints(), store, Settings(), keyed("k"))
+    assert [str(a) for a in got.attempts] == ["aws:low_balance", "droid:529", "aws:200"]
+    assert got.winner is not None and got.winner.endpoint.name == "aws"

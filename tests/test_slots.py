@@ -163,3 +163,41 @@ async def test_every_endpoint_busy_past_the_wait_is_a_429_with_a_short_retry_aft
     assert [(x.endpoint, x.outcome) for x in result.attempts] == [("a", "busy")] and result.counted == [False]
     assert (await store.view()).get("a") is None or (await store.view())["a"].failures == 0
     assert s.counts == {"a": 1}  # only the slot taken above
+
+
+async def test_a_count_tokens_request_waits_for_no_slot():
+    """count_tokens is never worth a wait (Claude Code stalls on it): every endpoint busy is
+    answered at once, not after the queue's wait (here as long as the test may take)."""
+    from claude_router import count_tokens
+    routing = Routing(Held(), clock=lambda: 1000.0)  # type: ignore[arg-type]
+    store = MemoryHealthStore(Breaker(), clock=lambda: 1000.0)
+    s = Slots()
+    a = ep("a", cap=1)
+    assert s.take(a)
+    req = Request("POST", "/v1/messages/count_tokens", [], b'{"model":"claude-sonnet-4-5"}')
+    result = await asyncio.wait_for(routing.route([a], store, count_tokens.settings(Settings()), req,
+                                                  lease=s.lease(), side=True), 600)
+    assert result.answer is not None and count_tokens.answer(result.answer).status == 404
+    assert s.counts == {"a": 1}
+
+
+async def test_only_busy_endpoints_left_untried_is_a_429_not_a_502():
+    """The free endpoint's half-open probe is another request's; the other is busy: nothing was
+    sent, so the answer is the busy 429 (retried by the client), not 'every endpoint failed'."""
+    now = [1000.0]
+    routing = Routing(Held(), clock=lambda: now[0])  # type: ignore[arg-type]
+    store = MemoryHealthStore(Breaker(max_failures=1, cooldown=60), clock=lambda: now[0])
+    s = Slots()
+    a, b = ep("a"), ep("b", cap=1)
+    await store.record_failure("a")
+    now[0] += 61  # a half-open: planned as a probe, which another request takes first
+
+    async def taken(name: str) -> bool:
+        return False
+
+    store.try_probe = taken  # type: ignore[method-assign]
+    assert s.take(b)
+    req = Request("POST", "/v1/messages", [], b'{"model":"claude-sonnet-4-5"}')
+    result = await routing.route([a, b], store, Settings(), req, lease=s.lease(spread=False))
+    assert result.answer is not None and result.answer.status == 429
+    assert [(x.endpoint, x.outcome) for x in result.attempts] == [("b", "busy")]

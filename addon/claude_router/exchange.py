@@ -417,7 +417,7 @@ class Exchange:
                                             one=path[len("/v1/models/"):] or None)
         elif count_tokens.applies(req.method, target):  # one attempt, else a fast 404
             result = await r.routing.route(endpoints, r.store, count_tokens.settings(r.settings), request,
-                                           pinned, choose, credential=owner, lease=lease)
+                                           pinned, choose, credential=owner, lease=lease, side=True)
             if result.answer is not None and result.winner is None and result.answer.status >= 300:
                 result.answer = count_tokens.answer(result.answer)
         else:

@@ -12,6 +12,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from . import policy
+
 MINUTES = 60  # the chart's window: the last hour, per minute
 RECENT = 50  # rows of the request table
 
@@ -68,7 +70,9 @@ def failed_attempts(attempts: str, answered: str | None) -> list[str]:
     """The endpoints of the attempts that did not answer the client: every one but the last,
     and the last too when no endpoint answered. ``attempts`` as the ledger holds it
     (``policy.attempts_header``: ``"aws:529, droid:200"``)."""
-    names = [part.strip().rpartition(":")[0] for part in attempts.split(",") if part.strip()]
+    parts = [part.strip().rpartition(":") for part in attempts.split(",") if part.strip()]
+    # Skipped without blame (busy, low balance) or asked again: not a failure (policy.NOT_TRIED)
+    names = [name for name, _, outcome in parts if policy.was_tried(outcome)]
     if answered is not None and names and names[-1] == answered:
         names.pop()
     return [n for n in names if n]
@@ -121,8 +125,8 @@ def read(db: sqlite3.Connection | None, now: float, names: list[str], recent: in
             ep.spend[i] += cost
     for minute, endpoint, attempts, count in failed:
         i = minute - first
-        if "," in attempts:
-            win.failovers += count
+        if sum(1 for part in attempts.split(",") if policy.was_tried(part.strip().rpartition(":")[2])) > 1:
+            win.failovers += count  # more than one endpoint asked (skips are no failover)
         for name in failed_attempts(attempts, endpoint):
             ep = win.endpoints.get(name)
             if ep is None:

@@ -329,6 +329,17 @@ def attempts_header(attempts: Iterable[Attempt]) -> str:
     return ", ".join(str(a) for a in attempts)
 
 
+# Attempt outcomes that sent nothing to another endpoint: one skipped without blame (at its
+# max_concurrency, low on balance, not serving the model) or the same endpoint asked again
+# (without another endpoint's thinking signatures). Not failovers, not failures.
+NOT_TRIED = frozenset({"busy", "low_balance", "thinking_signature", "skipped:model"})
+
+
+def was_tried(outcome: str) -> bool:
+    """Did this attempt send the request to its endpoint (a failover when another follows)?"""
+    return outcome not in NOT_TRIED and not outcome.startswith("skipped")
+
+
 def all_failed_message(attempts: Sequence[Attempt]) -> str:
     if not attempts:
         return "no endpoint was tried"

@@ -167,13 +167,16 @@ class Routing:
     async def route(self, endpoints: Sequence[Endpoint], store: HealthStore, settings: Settings,
                     req: Request, pinned: str | None = None,
                     choose: Callable[[list[Endpoint]], tuple[str, str] | None] | None = None,
-                    credential: str | None = None, lease: slots.Lease | None = None) -> Result:
+                    credential: str | None = None, lease: slots.Lease | None = None,
+                    side: bool = False) -> Result:
         """Try endpoints in price order (from ``pinned`` on, wrapping round, when the client
         chose a tier by path) until one answers well. ``choose`` may pick, among the usable
         endpoints, the one to try first (the cost strategy), saying why. ``credential`` (the
         keyed hash of the client's key) scopes what endpoints said about that key. ``lease``
         orders equal-priced endpoints by weight and holds the request's slot at each endpoint
-        it tries (max_concurrency; see tiers and slots)."""
+        it tries (max_concurrency; see tiers and slots). ``side``: a request beside the
+        conversation (count_tokens): what it meets changes no endpoint's health nor any key's
+        cooldown, it takes no half-open probe and waits for no slot."""
         states = view = await store.view()
         secrets = tuple(s for ep in endpoints for s in ep.secrets)
         if disabled := store.disabled:
@@ -203,8 +206,13 @@ class Routing:
         if (low := [s for s in steps if self.is_low(s.endpoint.name)]) and len(low) < len(steps):
             # Skipped without blame; when every usable endpoint is low, all are tried: a low or
             # stale balance alone never makes the router refuse.
+            # They stay last resorts, after every other, so a request is not lost to a balance.
             skipped += [Attempt(s.endpoint.name, LOW_BALANCE, "balance below min_usd") for s in low]
             steps = [s for s in steps if s not in low]
+        else:
+            low = []
+        if side:
+            steps = [s for s in steps if not s.probe]  # a free call proves nothing about capacity
         if not steps:
             if not endpoints:
                 return Result(skipped, answer=_no_endpoint(), counted=[False] * len(skipped))
@@ -219,15 +227,17 @@ class Routing:
                 first = next(s for s in steps if s.endpoint.name == picked[0])
                 steps = [first] + [s for s in steps if s is not first]
                 reason = picked[1]
-        if lease is not None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.deadline  # the slot's wait included
+        if lease is not None and steps:
+            wait = 0.0 if side else min(slots.QUEUE_WAIT, settings.deadline)
             arranged = await lease.arrange(steps, steps[0].endpoint.name if reason else None,
-                                           pinned is not None, min(slots.QUEUE_WAIT, settings.deadline))
+                                           pinned is not None, wait)
             if not arranged:  # every endpoint at its max_concurrency for the whole wait
                 busy = skipped + [slots.busy(s.endpoint) for s in steps]
                 return Result(busy, answer=_all_busy(), counted=[False] * len(busy))
             steps = arranged
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.deadline
+        steps = steps + low
         cap = settings.max_attempts or len(endpoints)
         result = Result(list(skipped), counted=[False] * len(skipped), reason=reason)
         attempts = result.attempts
@@ -277,19 +287,22 @@ class Routing:
             attempts.append(tried.attempt)
             result.counted.append(tried.verdict is Verdict.COUNT)
             subject = policy.family_subject(ep.name, fam) if fam and tried.family_wide else None
-            if tried.verdict is None:
+            if tried.verdict is None and not side:
                 await store.record_success(ep.name)
                 if fam and (fs := policy.family_subject(ep.name, fam)) in view:
                     await store.record_success(fs)
                 if credential and (cs := policy.credential_subject(ep.name, credential)) in states:
                     await store.record_success(cs)
+            if tried.verdict is None:
                 result.winner = tried.winner
                 if attempts and attempts[0].endpoint != ep.name:
                     result.reason = ""  # the chosen endpoint failed over: price order took over
                 return result
-            if tried.verdict is Verdict.COUNT and subject is not None:
+            if not side and tried.verdict is Verdict.COUNT and subject is not None:
                 await store.record_success(ep.name)  # the endpoint answered: only the family is out
-            if tried.verdict is Verdict.COUNT:
+            if side:
+                pass  # (count_tokens: nothing it meets is evidence about the endpoint or the key)
+            elif tried.verdict is Verdict.COUNT:
                 name = subject or ep.name  # a family's rate limit cools that family only
                 before = phase(view.get(name, HEALTHY), self.clock())
                 wait = _asked_wait(tried, settings)
@@ -322,6 +335,9 @@ class Routing:
                 if tried.kind in client_kinds:
                     break  # a second endpoint agrees the request is bad: the client gets it
                 client_kinds.append(tried.kind)
+        if tries == 0 and last is None and any(a.outcome == "busy" for a in attempts):
+            result.answer = _all_busy()  # nothing was sent: every free endpoint was busy
+            return result
         result.answer = await self._final(endpoints, store, attempts, last)
         return result
 

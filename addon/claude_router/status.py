@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from . import policy
 from .endpoints import Endpoint
 from .health import HEALTHY, Health, Phase, phase
 from .policy import Attempt
@@ -68,7 +69,7 @@ class Stats:
                 ep = self._ep(attempt.endpoint)
                 ep.failures += 1
                 ep.last_error = attempt.detail or attempt.outcome
-        if len(attempts) > 1:
+        if sum(1 for a in attempts if policy.was_tried(a.outcome)) > 1:  # skips are no failover
             self.m_failovers.inc()
 
     def midstream(self, name: str, kind: str, detail: str) -> None:
