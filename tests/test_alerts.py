@@ -392,6 +392,22 @@ async def test_a_receiver_refusing_the_body_is_not_retried():
     assert len(r.posts) == 1
 
 
+async def test_a_webhook_removed_by_a_reload_gets_nothing_more():
+    async with Receiver(500, 500, 500, 500) as old, Receiver() as new:
+        hooks = [Webhook(old.url)]
+        a = Alerts(webhooks=lambda: tuple(hooks))
+        a.backoff = 0.5  # the old receiver fails: its alert waits for a retry
+        a.start(idle)
+        a.emit("recovered", "aws")
+        await old.wait(1)
+        hooks[:] = [Webhook(new.url)]  # the config file now names another URL
+        a.emit("cooled", "aws")
+        assert set(a._senders) == set(a._queues) == {Webhook(new.url)}  # the old one stopped
+        (posted,) = await new.wait(1)
+        await a.close()
+    assert posted["event"] == "cooled" and len(old.posts) == 1
+
+
 async def test_a_secret_in_a_field_is_scrubbed():
     secret = "sk-endpoint-9f8e7d6c"
     async with Receiver() as r:

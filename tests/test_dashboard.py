@@ -147,6 +147,101 @@ async def test_a_slow_ledger_read_does_not_hold_the_page(tmp_path, monkeypatch):
     board.close()
 
 
+async def test_a_stuck_ledger_read_is_not_joined_by_more_threads(tmp_path, monkeypatch):
+    path = tmp_path / "l.sqlite3"
+    write(path, [row(NOW, "aws", "aws:200")])
+    real = ledger_views.read
+    monkeypatch.setattr(dashboard, "READ_TIMEOUT", 0.1)
+    release, reads = threading.Event(), []
+
+    def first_stuck(*a, **k):
+        reads.append(1)
+        if len(reads) == 2:
+            release.wait(10)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ledger_views, "read", first_stuck)
+    router = types.SimpleNamespace(ledger=types.SimpleNamespace(path=str(path)))
+    board = dashboard.Dashboard(router)  # type: ignore[arg-type]
+    first = await board.window(NOW, ["aws"])
+    assert first is not None
+    for i in range(1, 6):  # polls while the second read is stuck: the last figures, no new thread
+        assert await board.window(NOW + 2 * i, ["aws"]) is first
+    assert len(reads) == 2
+    release.set()
+    async with asyncio.timeout(10):
+        while board._pending is not None and not board._pending.done():
+            await asyncio.sleep(0.01)
+    assert await board.window(NOW + 20, ["aws"]) is not first and len(reads) == 3
+    board.close()
+
+
+@pytest.mark.parametrize("host, ok", [
+    ("localhost", True), ("localhost:8080", True), ("127.0.0.1:8080", True), ("127.9.9.9", True),
+    ("[::1]:8080", True), ("::1", True), ("LOCALHOST.", True),
+    ("evil.example:8080", False), ("10.0.0.1:8080", False), ("localhost.evil.example", False),
+    ("[::2]:8080", False), ("", False),
+])
+def test_loopback_names(host, ok):
+    assert dashboard.loopback(host) is ok
+
+
+@pytest.mark.parametrize("headers, host, ok", [
+    ({}, "127.0.0.1:8080", True),  # a script on this machine
+    ({"origin": "http://127.0.0.1:8080"}, "127.0.0.1:8080", True),
+    ({"origin": "http://localhost:8080"}, None, True),  # reverse mode replaced the Host
+    ({}, None, True),
+    # A page that re-bound its own name to 127.0.0.1: same-origin to the browser.
+    ({"origin": "http://evil.example:8080", "sec-fetch-site": "same-origin"}, "evil.example:8080", False),
+    ({"origin": "http://evil.example:8080", "sec-fetch-site": "same-origin"}, None, False),
+    ({}, "evil.example:8080", False),
+    ({"origin": "null"}, "127.0.0.1:8080", False),
+])
+def test_without_keys_actions_need_a_loopback_name(headers, host, ok):
+    assert dashboard.named_locally(headers, host) is ok
+
+
+def keyless_router():
+    return types.SimpleNamespace(admin_keys=(), client_keys=(), endpoints=[types.SimpleNamespace(name="aws")],
+                                 store=types.SimpleNamespace(set_disabled=_noop), ledger=None)
+
+
+async def _noop(*a, **k) -> None:
+    return None
+
+
+def action_flow(origin: str):
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    from mitmproxy.test import tflow
+    f = tflow.tflow()
+    f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9")
+    f.request.method, f.request.path = "POST", "/_router/action"
+    f.request.headers.update({"x-router-action": "1", "content-type": "application/json", "origin": origin,
+                              "sec-fetch-site": "same-origin"})
+    f.request.content = b'{"action": "disable", "endpoint": "aws"}'
+    return f
+
+
+@pytest.mark.parametrize("origin, code", [("http://evil.example:8080", 403), ("http://127.0.0.1:8080", 200)])
+async def test_without_keys_a_rebound_page_cannot_act(origin, code):
+    board = dashboard.Dashboard(keyless_router())  # type: ignore[arg-type]
+    f = action_flow(origin)
+    await board.serve(f, dashboard.ACTION, may_read=True, may_act=True)
+    assert f.response is not None and f.response.status_code == code
+    if code == 403:
+        assert f.response.json()["type"] == "error" and "loopback" in f.response.json()["error"]["message"]
+
+
+def test_closing_twice_and_closing_while_a_read_holds_the_connection_do_not_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(dashboard, "READ_TIMEOUT", 0.1)
+    board = dashboard.Dashboard(types.SimpleNamespace(ledger=None))  # type: ignore[arg-type]
+    with board._db_lock:  # (a read stuck in its thread)
+        board.close()  # gives up after READ_TIMEOUT
+    board.close()
+    with pytest.raises(ledger_views.sqlite3.Error):
+        board._read(str(tmp_path / "l.sqlite3"), NOW, ["aws"])  # closed: no new connection
+
+
 def fake_router(status_doc: dict, ledger_path=None):
     async def status_document():
         return status_doc
@@ -190,3 +285,14 @@ async def test_with_a_ledger_the_hour_comes_from_it(tmp_path):
     assert out["source"] == "ledger" and out["can_act"] is True
     assert (aws["served"], aws["failed"], droid["served"], droid["spend_usd"]) == (0, 1, 1, 0.25)
     assert out["chart"]["failed"]["aws"][-2] == 1 and out["requests"][0]["attempts"] == "aws:529, droid:200"
+
+
+async def test_the_routers_done_closes_the_dashboards_ledger_connection():
+    from mitmproxy.test import taddons
+
+    from claude_router.addon import Router
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, router_endpoints=["aws=http://127.0.0.1:1"])
+        await r.done()
+    assert r.admin.dashboard._closed

@@ -302,6 +302,15 @@ def test_without_admin_keys_it_follows_the_status_rule(mock, start_router, tmp_p
     assert act(open_router, "disable", "aws", {"x-api-key": None}).status_code == 200
 
 
+def test_without_any_key_a_page_that_rebinds_its_name_cannot_act(mock, start_router):
+    router = start_router([f"aws={mock.url('aws')}"])  # no keys at all: on loopback only
+    rebound = {"x-api-key": None, "origin": "http://evil.example:8080", "sec-fetch-site": "same-origin"}
+    refused = act(router, "disable", "aws", rebound)
+    assert refused.status_code == 403 and "loopback" in refused.json()["error"]["message"]
+    own = {"x-api-key": None, "origin": router.base, "sec-fetch-site": "same-origin"}  # the page itself
+    assert act(router, "disable", "aws", own).status_code == 200
+
+
 def test_the_page_and_its_files_come_from_the_router(dash):
     page = get(dash, "", basic(ADMIN))
     assert page.headers["content-type"].startswith("text/html")

@@ -360,3 +360,93 @@ def test_messages_probes_stop_at_the_cost_cap():
         assert len(up.sent) == 3 and prober.tally["aws"].capped == 1
 
     run(go())
+
+
+# -- what a free probe may judge ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cause, waited, ok", [
+    ("HTTP 529 overloaded_error", False, True),
+    ("HTTP 503", False, True),
+    ("connection refused", False, True),
+    ("", False, True),  # unknown (another worker's cooldown): as before
+    ("HTTP 402", False, False),
+    ("HTTP 402 billing_error", True, False),
+    ("HTTP 401 authentication_error", False, False),
+    ("HTTP 403", False, False),
+    ("HTTP 400 billing_error", False, False),
+    ("HTTP 429 rate_limit_error", False, False),  # no word on how long: a free probe cannot tell
+    ("HTTP 429 rate_limit_error", True, True),  # it said how long, and that time is over
+])
+def test_a_free_probe_ends_only_capacity_cooldowns(cause, waited, ok):
+    assert probes.free_may_end(cause, waited) is ok
+
+
+def test_a_relay_whose_models_answer_while_messages_answer_402_is_not_healed_by_a_free_probe():
+    clock, store, up, prober, e = setup(200, 200)
+    prober.cause = lambda name: "HTTP 402 billing_error"
+
+    async def go():
+        await store.record_failure("aws")
+        assert await prober.probe(e, store) is None and up.sent == []  # not sent
+        clock.now += 61  # half-open: left to a user request, whose failure ejects it for longer
+        assert await prober.probe(e, store) is None and up.sent == []
+        assert store.current()["aws"].ejections == 1
+
+    run(go())
+
+
+def test_a_rate_limit_with_its_wait_is_probed_once_the_wait_is_over():
+    clock, store, up, prober, _ = setup(200)
+    prober.cause = lambda name: "HTTP 429 rate_limit_error"
+
+    async def go():
+        await store.record_failure("aws", at_least=30)
+        prober.hold("aws", clock.now + 30)
+        for _ in range(5):
+            clock.now += 10
+            await prober.tick()
+        assert up.sent == [("aws", "GET", "/v1/models")] and "aws" not in store.current()
+
+    run(go())
+
+
+def test_a_messages_probe_judges_a_billing_cooldown():
+    spec = ProbeSpec("/v1/messages", "m", every=1.0, usd_per_hour=1.0)
+    clock, store, up, prober, e = setup(200, spec=spec, price=Price(1, 1))
+    prober.cause = lambda name: "HTTP 402 billing_error"
+
+    async def go():
+        await store.record_failure("aws")
+        assert await prober.probe(e, store) is True and "aws" not in store.current()
+
+    run(go())
+
+
+def test_close_cancels_the_loop_and_waits_until_it_has_ended():
+    clock, store, up, prober, _ = setup()
+
+    async def go():
+        ended = asyncio.Event()
+
+        async def loop():
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                await asyncio.sleep(0)  # (a probe letting go of its connection)
+                ended.set()
+
+        task = asyncio.get_running_loop().create_task(loop())
+        await asyncio.sleep(0)
+        await prober.close(task)
+        assert task.done() and ended.is_set()
+
+    run(go())
+
+
+def test_the_router_tells_its_prober_what_cooled_an_endpoint():
+    from claude_router.addon import Router
+    r = Router()
+    assert r.prober.cause("aws") == ""
+    r.stats.attempts([Attempt("aws", "402", "HTTP 402 billing_error")], [True])
+    assert r.prober.cause("aws") == "HTTP 402 billing_error"

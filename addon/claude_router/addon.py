@@ -71,6 +71,8 @@ class Router:
         self.prober = Prober(lambda: self.endpoints, lambda: self.store, self.upstream,
                              lambda: self.settings.connect_timeout, lambda: self.settings.window_cap, clock)
         self.routing.on_hold = self.prober.hold
+        # What cooled an endpoint (its last counted failure): a free probe ends capacity cooldowns only.
+        self.prober.cause = lambda name: getattr(self.stats.endpoints.get(name), "last_error", "")
         self._probing: asyncio.Task | None = None
         self.handoff = HandoffServer()
         self.stats = Stats()
@@ -358,9 +360,8 @@ class Router:
         if self._watcher:
             self._watcher.cancel()
         await self.alerts.close()
-        if self._probing:
-            self._probing.cancel()
-        await self.prober.close()
+        self.admin.done()  # the dashboard's ledger connection (idempotent: mitmproxy may call it too)
+        await self.prober.close(self._probing)  # cancelled and ended before the upstream closes
         await self.affinity.close()
         await self.handoff.close()
         await self.upstream.close()

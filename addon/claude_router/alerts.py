@@ -335,10 +335,20 @@ class Alerts:
         self._seen[e.id] = now + e.ttl
         if len(self._seen) > 10_000:
             self._seen = {k: t for k, t in self._seen.items() if t > now}
+        self._prune()
         for wh in self.webhooks():
             if e.kind in wh.events:
                 self._enqueue(wh, e)
         return True
+
+    def _prune(self) -> None:
+        """Forget the webhooks a config reload removed or changed: their senders stop (a post
+        in flight is abandoned) and what was queued for them goes."""
+        current = set(self.webhooks())
+        for wh in [w for w in self._queues if w not in current]:
+            del self._queues[wh]
+        for wh in [w for w in self._senders if w not in current]:
+            self._senders.pop(wh).cancel()
 
     def _enqueue(self, wh: Webhook, e: Event) -> None:
         q = self._queues.get(wh)
@@ -355,6 +365,7 @@ class Alerts:
     def look(self, obs: Observation) -> list[Event]:
         """The watcher's step: what changed since the last look, queued. The first look takes
         the budget levels already reached as known (they were told before a restart)."""
+        self._prune()
         last, self._last = self._last, obs
         if last is None:
             for e in budget_events(obs.budgets, obs.now):
@@ -394,6 +405,7 @@ class Alerts:
         failing = False
         while True:
             if not self.webhooks():  # nothing to tell anyone: no look (no Redis read) at all
+                self._prune()
                 self._last = None
                 await asyncio.sleep(self.every)
                 continue

@@ -12,11 +12,14 @@ key with HTTP Basic (any user name, the key as password) on these paths only, an
 Basic challenge for the page. Admins' actions (``POST /_router/action``: disable, enable,
 reset an endpoint, as the ``router.*`` commands do) need a custom header and a JSON body,
 which a page of another site cannot send without a CORS preflight that the router never
-grants, and an ``Origin``, when there is one, of the router's own.
+grants, and an ``Origin``, when there is one, of the router's own. With no key configured at
+all, a page that re-binds its own name to the router's address would be same-origin: actions
+then need the router named by a loopback name (``named_locally``).
 """
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
 import threading
@@ -24,7 +27,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.proxy.mode_specs import RegularMode, UpstreamMode
 
 from . import ledger_views, policy, status
 from .errors import error_body
@@ -106,10 +110,55 @@ def same_origin(headers, host: str) -> bool:
     return host == want
 
 
+def loopback(host: str) -> bool:
+    """Is ``host`` (a Host header's ``name[:port]`` or ``[v6]:port``, or an origin's netloc)
+    a loopback name: ``localhost``, 127.0.0.0/8 or ::1?"""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name[1:]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    name = name.removesuffix(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def named_locally(headers, host: str | None) -> bool:
+    """With no key configured: did the client name the router by a loopback name? A page that
+    re-binds its own name (``evil.example``) to 127.0.0.1 is same-origin to the browser, so the
+    names are all that tell it apart: the ``Origin`` when one is sent (a browser sends one with
+    every POST), and ``host``, the Host or ``:authority`` (None: reverse mode replaced it with
+    its target, so it says nothing)."""
+    origin = headers.get("origin")
+    if origin is not None and not loopback(urlsplit(origin).netloc.rpartition("@")[2]):
+        return False
+    return host is None or loopback(host)
+
+
+def _client_named_host(flow: http.HTTPFlow) -> str | None:
+    """The Host the client sent, or None where mitmproxy replaced it (reverse mode without
+    ``keep_host_header``)."""
+    try:
+        keeps = bool(ctx.options.keep_host_header)
+    except AttributeError:  # (no master: unit tests)
+        keeps = False
+    return (flow.request.host_header or "") if keeps else None
+
+
 def _reply(flow: http.HTTPFlow, status_code: int, body: bytes, content_type: str,
            extra: dict[str, str] | None = None) -> None:
     headers = {"content-type": content_type, "cache-control": "no-store", **PAGE_HEADERS, **(extra or {})}
     flow.response = http.Response.make(status_code, body, headers)
+
+
+def _consume(future: asyncio.Future) -> None:
+    """A read's outcome nobody awaited (it outran READ_TIMEOUT) is not an unretrieved error."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _error(flow: http.HTTPFlow, status_code: int, message: str) -> None:
@@ -126,6 +175,8 @@ class Dashboard:
         self._window_at = float("-inf")
         self._window_key: tuple = ()
         self._reading = asyncio.Lock()
+        self._pending: asyncio.Future | None = None  # the read in its thread (until it ends)
+        self._closed = False
         self._db_lock = threading.Lock()  # one ledger query at a time on the connection
         self._db: ledger_views.sqlite3.Connection | None = None
         self._db_path: str | None = None
@@ -229,9 +280,14 @@ class Dashboard:
         async with self._reading:
             if key == self._window_key and now - self._window_at < CACHE_SECONDS:
                 return self._window  # (read while this one waited)
+            if self._pending is not None and not self._pending.done():
+                # A read that outran READ_TIMEOUT is still in its thread: no second one (each
+                # would wait for it, and fill the default executor the resolver shares).
+                return self._window if key == self._window_key else None
+            self._pending = asyncio.ensure_future(asyncio.to_thread(self._read, ledger.path, now, names))
+            self._pending.add_done_callback(_consume)
             try:
-                win = await asyncio.wait_for(asyncio.to_thread(self._read, ledger.path, now, names),
-                                             READ_TIMEOUT)
+                win = await asyncio.wait_for(asyncio.shield(self._pending), READ_TIMEOUT)
             except (TimeoutError, ledger_views.sqlite3.Error, OSError) as e:
                 if isinstance(e, TimeoutError) and self._db is not None:
                     self._db.interrupt()  # (the thread's query stops; its connection is kept)
@@ -246,6 +302,8 @@ class Dashboard:
     def _read(self, path: str, now: float, names: list[str]) -> ledger_views.Window:
         """(In a thread.) The window, on a read-only connection kept between reads."""
         with self._db_lock:
+            if self._closed:
+                raise ledger_views.sqlite3.ProgrammingError("the dashboard is closed")
             if self._db is None or self._db_path != path:
                 if self._db is not None:
                     self._db.close()
@@ -259,10 +317,22 @@ class Dashboard:
                 raise
 
     def close(self) -> None:
-        with self._db_lock:
+        """Close the ledger connection (at shutdown; again is a no-op). A read still in its
+        thread is interrupted, and waited for at most READ_TIMEOUT: the event loop calls this."""
+        self._closed = True
+        if (db := self._db) is not None:
+            try:
+                db.interrupt()
+            except ledger_views.sqlite3.Error:
+                pass  # (closed by its read meanwhile)
+        if not self._db_lock.acquire(timeout=READ_TIMEOUT):
+            return  # (a read stuck past its interrupt: the process is exiting)
+        try:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        finally:
+            self._db_lock.release()
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -273,6 +343,14 @@ class Dashboard:
             return
         if not may_act:
             _error(flow, 403, "actions need an admin key (admin_keys)")
+            return
+        r = self.router
+        if not (r.admin_keys or r.client_keys) \
+                and not isinstance(flow.client_conn.proxy_mode, (RegularMode, UpstreamMode)) \
+                and not named_locally(req.headers, _client_named_host(flow)):
+            # (Through the proxy only routed hosts reach this page: no name can be re-bound.)
+            _error(flow, 403, "with no keys set, actions need the router named by a loopback name "
+                              "(localhost, 127.0.0.1, [::1]); set admin_keys to act from elsewhere")
             return
         if (ACTION_HEADER not in req.headers or not same_origin(req.headers, req.host_header or "")
                 or req.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json"):

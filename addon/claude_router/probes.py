@@ -18,7 +18,9 @@ as a failed user request would. A probe that could not be sent because of the ro
 
 A model family cooling at an endpoint (a 429 or 529 about one model cools that family only) is
 probed only by a ``/v1/messages`` probe whose model is of that family: a free probe shows the
-relay answers, not that the family's capacity is back, so it tests the endpoint alone.
+relay answers, not that the family's capacity is back, so it tests the endpoint alone. For the
+same reason a free probe is not sent for a cooldown of credentials or billing (401, 402, 403,
+or a 429 that named no wait: ``free_may_end`` over the endpoint's last counted failure).
 
 An endpoint that asked to be left alone until a time (Retry-After, a rate-limit reset, a used-up
 subscription window: ``windows``) is not probed before then: a free ``/v1/models`` would pass and
@@ -43,6 +45,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -73,6 +76,7 @@ PROBE_TEXT = "ping"
 PROBE_INPUT_TOKENS = 16  # more than a one-word message's input tokens: the cost is a bound
 ANTHROPIC_VERSION = "2023-06-01"
 HOUR = 3600.0
+CLOSE_TIMEOUT = 2.0  # seconds close() waits for cancelled tasks to end
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,26 @@ def passed(status: int) -> bool:
     return 200 <= status < 300
 
 
+# Counted failures a free probe cannot judge: credentials refused, a bill unpaid, a permission
+# missing. ``GET /v1/models`` may well pass while messages still answer 402.
+_NOT_CAPACITY = re.compile(r"^HTTP (401|402|403)\b|billing_error|authentication_error|permission_error")
+_RATE_LIMITED = re.compile(r"^HTTP 429\b|rate_limit_error")
+
+
+def free_may_end(cause: str, waited: bool) -> bool:
+    """May a passing free probe (``/v1/models``, ``count_tokens``) end a cooldown whose last
+    counted failure was ``cause`` (``Attempt.detail`` as the status page's ``last_error`` shows
+    it: ``HTTP 402 billing_error``, ``connection refused``, ...; "" unknown)? Only one of
+    capacity or transport (5xx, 529, timeouts, refused connections): a free probe shows the
+    relay answers, not that it bills or serves messages. A 429 counts as capacity only when
+    the endpoint said how long to wait (``waited``: the prober held it until then); without,
+    a free probe cannot tell the limit is over. An unknown cause (another worker's cooldown)
+    is judged as before."""
+    if _NOT_CAPACITY.search(cause):
+        return False
+    return waited or not _RATE_LIMITED.search(cause)
+
+
 class HourlyCap:
     """What probes of one endpoint spent in the last hour (this process), against a cap."""
 
@@ -239,7 +263,8 @@ class Prober:
                  connect_timeout: Callable[[], float] = lambda: PROBE_TIMEOUT,
                  window_cap: Callable[[], float] = lambda: 18000.0,
                  clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 cause: Callable[[str], str] = lambda name: "") -> None:
         self._endpoints = endpoints
         self._store = store
         self.upstream = upstream
@@ -249,6 +274,9 @@ class Prober:
         self._rand = rand
         self.due: dict[str, float] = {}
         self.holds: dict[str, float] = {}  # name -> until: the endpoint asked to be left alone
+        self.waited: set[str] = set()  # held during their current cooldown (free_may_end)
+        # The last counted failure of a subject (``Stats``' last_error), for free_may_end.
+        self.cause = cause
         self.caps: dict[str, HourlyCap] = {}
         self.tally: dict[str, Tally] = {}
         self._token = os.urandom(8).hex()
@@ -259,6 +287,7 @@ class Prober:
     def hold(self, name: str, until: float) -> None:
         """``name`` asked to be left alone until ``until`` (wall clock): no probe before then,
         here and (through Redis) on every instance."""
+        self.waited.add(name)
         if until <= self.holds.get(name, 0.0):
             return
         self.holds[name] = until
@@ -296,7 +325,10 @@ class Prober:
         for name, until in list(self.holds.items()):
             if until <= now:
                 del self.holds[name]
-        todo = wanted(self._endpoints(), store.current(), now, store.disabled, self.holds)
+        view = store.current()
+        self.waited = {n for n in self.waited if n in self.holds
+                       or phase(view.get(n, HEALTHY), now) not in (Phase.HEALTHY, Phase.FAILING)}
+        todo = wanted(self._endpoints(), view, now, store.disabled, self.holds)
         names = {subject for _, subject in todo}
         for name in [n for n in self.due if n not in names]:
             del self.due[name]  # healthy again (or held): its next cooldown starts afresh
@@ -329,6 +361,8 @@ class Prober:
             if not cap.allows(now, cost):
                 tally.capped += 1
                 return None
+        if not spec.paid and not free_may_end(self.cause(subject), subject in self.waited):
+            return None  # not sent: only a user request (or a messages probe) can judge this one
         if not await self._claim(subject, spec.every, store):
             return None
         now_phase = phase(store.current().get(subject, HEALTHY), self.clock())
@@ -432,9 +466,15 @@ class Prober:
             doc["capped"] = t.capped
         return doc
 
-    async def close(self) -> None:
-        for task in list(self._background):
+    async def close(self, run: "asyncio.Task | None" = None) -> None:
+        """Cancel the prober's tasks (``run``: the loop, as the addon spawned it, and the shared
+        holds being written) and wait until they have ended, at most CLOSE_TIMEOUT: a probe in
+        flight lets go of its connection before the upstream closes."""
+        tasks = [t for t in [run, *self._background] if t is not None and not t.done()]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
 
 def _soonest(times: list[float], now: float) -> float | None:
