@@ -67,7 +67,18 @@ def test_exactly_one_probe_across_instances_after_cooldown(mock, start_router, r
     assert all(r.status_code == 200 for r in answers)
     assert mock.count("aws") == 3 + 1  # the three failures, then one probe
     assert sum(r.headers["x-used-endpoint"] == "aws" for r in answers) == 1
-    assert post(b).headers["x-used-endpoint"] == "aws"  # the probe succeeded: healthy again
+    # The probe succeeded: healthy again, on both instances once B has heard it from Redis
+    # (within a second on a quiet machine; waited for, not timed, on a busy one).
+    deadline = time.monotonic() + 30
+    while (state := endpoint_state(b, "aws")) != "healthy":
+        assert time.monotonic() < deadline, f"aws still {state} at B"
+        time.sleep(0.1)
+    assert post(b).headers["x-used-endpoint"] == "aws"
+
+
+def endpoint_state(router, name: str) -> str:
+    doc = httpx.get(f"{router.base}/_router/status", timeout=30).json()
+    return next(e["state"] for e in doc["endpoints"] if e["name"] == name)
 
 
 def test_repeated_trips_cool_for_longer(mock, start_router, redis_server):
