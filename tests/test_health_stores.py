@@ -140,6 +140,23 @@ async def test_keys_expire_after_twice_the_cooldown(redis_server):
     await store.close()
 
 
+async def test_a_probe_in_flight_keeps_its_state_past_twice_the_cooldown(redis_server):
+    """A probe may outlast 2 x cooldown (a long answer, a short cooldown): its state must still
+    be in Redis when it ends, or its success would reach no other instance."""
+    clock = Clock()
+    a, b = await two_instances(redis_server, clock, Breaker(max_failures=1, cooldown=1, probe_timeout=30))
+    await a.record_failure("aws")
+    clock.t += 1.5
+    assert await a.try_probe("aws")
+    ttl = int(redis_server.cli("PTTL", "endpoint_health_|ep|aws"))
+    assert ttl > 20_000  # the probe's 30 s, not 2 x 1 s
+    await a.record_success("aws")
+    await until(lambda: phase(b.current().get("aws", HEALTHY), clock()) is Phase.HEALTHY)
+    assert phase(b.current().get("aws", HEALTHY), clock()) is Phase.HEALTHY  # b heard it
+    for s in (a, b):
+        await s.close()
+
+
 async def test_concurrent_failures_across_instances_count_exactly(redis_server):
     clock = Clock()
     # a generous timeout: this is about atomicity, and 98 calls at once on a busy machine

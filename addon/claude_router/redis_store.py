@@ -81,7 +81,9 @@ end
 """
 
 # Load a state (a key of another type, or with a field that is not a non-negative integer, is a
-# stray: read as healthy, deleted by the save), store it with TTL and version, publish it.
+# stray: read as healthy, deleted by the save), store it with TTL and version, publish it. The
+# TTL outlives a probe in flight (p): a probe longer than 2 x cooldown would otherwise find its
+# state gone when it ends, and its success would reach no other instance.
 _LUA_COMMON = _LUA_VERSION + """
 local function int(s)
   if not s then return 0 end
@@ -101,7 +103,7 @@ local function save(min_ttl)
   if stray then redis.call('DEL', key) end
   local ver = next_version()
   redis.call('HSET', key, 'f', f, 'e', e, 'u', u, 'p', p, 'v', ver)
-  redis.call('PEXPIRE', key, math.max(min_ttl, 2 * (u - now)))
+  redis.call('PEXPIRE', key, math.max(min_ttl, 2 * (u - now), p - now))
   redis.call('PUBLISH', channel, table.concat({name, f, e, u, p, ver}, '|'))
   return {f, e, u, p, ver}
 end
