@@ -809,6 +809,54 @@ async def test_a_cooldown_learned_while_redis_was_away_is_kept_and_shared(redis_
         await s.close()
 
 
+async def test_a_re_sync_that_read_redis_earlier_never_finishes_after_a_later_one(redis_server):
+    """Two re-syncs at once (the supervisor's and another): the one that read Redis before a
+    change must not put its older state back after the one that read it later."""
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await b.record_failure("aws", at_least=10)
+    await until(lambda: "aws" in a.current())
+    read, gate, waiting = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_pipeline = a._client.pipeline
+
+    def pipeline(*args, **kwargs):  # the first re-sync's read is held back after it is made
+        pipe = real_pipeline(*args, **kwargs)
+        if not read.is_set():
+            execute = pipe.execute
+
+            async def held(*a_, **kw):
+                replies = await execute(*a_, **kw)
+                read.set()
+                await gate.wait()
+                return replies
+            pipe.execute = held
+        return pipe
+
+    class Watched(asyncio.Lock):  # says when a re-sync has to wait for the one running
+        async def acquire(self):
+            if self.locked():
+                waiting.set()
+            return await super().acquire()
+
+    a._client.pipeline = pipeline
+    a._resync_lock = Watched()
+    first = asyncio.create_task(a._resync())
+    await read.wait()  # it read +10 s
+    await b.reset("aws")
+    await b.record_failure("aws", at_least=2)
+    second = asyncio.create_task(a._resync())  # it reads +2 s
+    blocked = asyncio.create_task(waiting.wait())
+    async with asyncio.timeout(10):
+        await asyncio.wait({second, blocked}, return_when=asyncio.FIRST_COMPLETED)
+        gate.set()  # the first may finish now: after the second, if nothing kept them apart
+        await asyncio.gather(first, second)
+    blocked.cancel()
+    assert a.current()["aws"].ejected_until == clock() + 2
+    for s in (a, b):
+        await s.close()
+
+
 async def test_a_newer_decision_in_redis_wins_over_a_cooldown_held_here(redis_server):
     clock = Clock()
     a = await synced(redis_server, clock, ("aws",))

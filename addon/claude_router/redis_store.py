@@ -300,6 +300,9 @@ class RedisHealthStore:
         self._outage_logged = False
         self._supervisor: asyncio.Task | None = None
         self._synced = asyncio.Event()
+        # One re-sync at a time: one that read Redis before a newer change must not finish
+        # after one that read it later and put the older state back.
+        self._resync_lock = asyncio.Lock()
 
     @property
     def breaker(self) -> Breaker:
@@ -566,7 +569,12 @@ class RedisHealthStore:
         """Replace the local view with what Redis holds for every tracked endpoint.
 
         A stray key (another type, or fields that are not ours) is read as healthy and logged
-        once; a reply that no Redis would give (the wrong shape) raises: not usable now."""
+        once; a reply that no Redis would give (the wrong shape) raises: not usable now.
+        Re-syncs run one at a time (each bounded by its caller's timeout)."""
+        async with self._resync_lock:
+            await self._resync_now()
+
+    async def _resync_now(self) -> None:
         # The endpoints and families tracked, and the credential scopes in Redis or held here.
         scoped = dict.fromkeys(self.scopes.names())
         scoped.update(dict.fromkeys(await self._scan_scopes()))
