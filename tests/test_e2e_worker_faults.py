@@ -143,6 +143,9 @@ def test_a_disabled_endpoint_and_a_cooldown_outlive_a_kill_9_of_redis(mock, tmp_
 
 # --------------------------------------------------------------------- 2. a hung worker
 
+MARGIN = 2.0  # seconds: see below
+
+
 def test_a_stopped_worker_is_out_of_rotation_within_about_2_s_and_nothing_sent_after_fails(
         mock, tmp_path):
     """SIGSTOP one of two workers for 10 s while 8 clients stream (4 on new connections, 4 on
@@ -192,9 +195,12 @@ def test_a_stopped_worker_is_out_of_rotation_within_about_2_s_and_nothing_sent_a
         c.stop()
     failed = [r for r in log if not r.ok]
     after = [r for r in log if r.start > stopped]
-    hung = [r for r in after if r.start < cont - 0.5 and r.end > cont]  # waited for the SIGCONT
+    # Who answered is told by when an answer's head came: the stopped worker sends nothing
+    # before the SIGCONT. A request sent in the last MARGIN seconds before it is left out: on
+    # a loaded machine the other worker too may take that long to answer.
+    hung = [r for r in after if r.start < cont - MARGIN and r.head > cont]  # waited for it
     caught = [r for r in log if r.start < stopped < r.end and r.end > cont]  # in flight on it
-    moved = [r for r in log if r.opened > out and r.start < cont - 0.5]
+    moved = [r for r in log if r.opened > out and r.start < cont - MARGIN]
     print(f"\nSIGSTOP of {victim['name']} for {cont - stopped:.1f} s: out of rotation after "
           f"{out - stopped:.2f} s; {len(log)} streams by 8 clients, {len(failed)} failed; "
           f"{len(caught)} in flight on it at the stop finished after the SIGCONT; "
@@ -207,8 +213,8 @@ def test_a_stopped_worker_is_out_of_rotation_within_about_2_s_and_nothing_sent_a
     assert out - stopped < 6  # about 2 s (1 s between checks + 1 s without an answer)
     # Every connection opened once it was out went to the other worker: answered before the
     # stopped one could answer anything.
-    assert len(moved) >= 8 and all(r.end < cont for r in moved), [
-        (r.client, r.start - stopped, r.end - cont) for r in moved if r.end >= cont]
+    assert len(moved) >= 8 and all(r.head < cont for r in moved), [
+        (r.client, r.start - stopped, r.head - cont) for r in moved if r.head >= cont]
     # What waited was on connections opened before it was out: kept alive to the stopped
     # worker, or opened in the second or two before haproxy's check failed.
     for r in hung:

@@ -177,15 +177,20 @@ class Req:
     port: int  # the client's local port: haproxy's `show sess` says which worker it reached
     start: float
     opened: float = 0.0  # when its connection was opened (before `start` when kept alive)
+    head: float = 0.0  # when the answer's status line and headers arrived
     end: float = 0.0
     ok: bool = False
     error: str = ""
     reader: asyncio.StreamReader | None = field(default=None, repr=False)
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """(status, body, server keeps the connection) of one HTTP/1.1 response."""
+async def read_response(reader: asyncio.StreamReader,
+                        req: Req | None = None) -> tuple[int, bytes, bool]:
+    """(status, body, server keeps the connection) of one HTTP/1.1 response (noting in ``req``
+    when its head arrived)."""
     head = await reader.readuntil(b"\r\n\r\n")
+    if req is not None:
+        req.head = time.monotonic()
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
@@ -242,7 +247,7 @@ async def client_loop(n: int, keepalive: bool, host: str, port: int, stop: async
                 req.port = writer.get_extra_info("sockname")[1]
                 writer.write(request_bytes(keepalive))
                 await writer.drain()
-                status, body, keep = await read_response(reader)
+                status, body, keep = await read_response(reader, req)
             req.ok = status == 200 and b"event: message_stop" in body
             req.error = "" if req.ok else f"HTTP {status}, {len(body)} bytes"
             if not (keepalive and keep):
