@@ -10,6 +10,8 @@ from pathlib import Path
 import anthropic
 import httpx
 
+from claude_router_dev.harness import wait_for
+
 TOKEN = "panel-token-5f0c2e9a7b"  # the new-api access token the mock's panel requires
 UNIT = 500_000  # new-api quota units per USD
 MSG = {"model": "claude-sonnet-4-5", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
@@ -42,15 +44,6 @@ endpoints:
 def start(start_router, mock, tmp_path, **kw):
     config = write_config(tmp_path / "router.yaml", mock, **kw)
     return start_router([], options={"router_config": str(config)}, env={"PANEL_TOKEN": TOKEN})
-
-
-def wait_for(check, timeout: float = 20.0, what: str = ""):
-    """Poll ``check`` until it returns something true, at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return value
 
 
 def status(router) -> dict:

@@ -4,9 +4,9 @@ Claude Code does not retry), ``?beta=true`` and other query strings never change
 ``request-id`` reaches the client on streams (after a failover too), and the
 ``anthropic-workspace-id`` header reaches the endpoint."""
 
-import time
-
 import httpx
+
+from claude_router_dev.harness import wait_for
 
 MSG = {"model": "claude-sonnet-4-5", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
 COUNT = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
@@ -22,14 +22,6 @@ def status(router) -> dict:
 
 def paths(mock, name: str) -> list[str]:
     return [r["path"] for r in mock.requests(name)]
-
-
-def wait_for(check, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return value
 
 
 # --- count_tokens ---

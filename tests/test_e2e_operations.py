@@ -9,6 +9,7 @@ import anthropic
 import httpx
 import pytest
 
+from claude_router_dev.harness import wait_for
 from conftest import ROOT
 from streams import STREAM_MSG
 
@@ -227,15 +228,6 @@ def test_no_secret_appears_in_any_output(mock, start_router, tmp_path):
     for out in outputs:
         for secret in (AWS_KEY, DROID_KEY, CLIENT_KEY):
             assert secret not in out
-
-
-def wait_for(check, timeout: float = 20.0, what: str = ""):
-    """Poll ``check`` until it returns something true (a state reached), at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return value
 
 
 def endpoint_doc(router, name: str) -> dict:

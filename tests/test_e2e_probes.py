@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 
+from claude_router_dev.harness import wait_for
+
 MSG = {"model": "mock-model", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
 EVERY = 0.3  # seconds between probes
 
@@ -41,15 +43,6 @@ def status(router, name: str = "cheap") -> dict:
     return next(e for e in doc["endpoints"] if e["name"] == name)
 
 
-def until(check, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
-    return got
-
-
 def probes_seen(mock, name: str = "cheap") -> list[dict]:
     return [r for r in mock.requests(name) if r["path"] == "/v1/models"]
 
@@ -68,11 +61,11 @@ def cool_cheap(router, mock) -> None:
 def test_a_cooling_endpoint_recovers_through_probes_without_a_user_request(mock, start_router, tmp_path):
     router = start_router([], options={"router_config": str(write_config(tmp_path / "r.yaml", mock))})
     cool_cheap(router, mock)
-    seen = until(lambda: probes_seen(mock), what="a probe at the mock")
+    seen = wait_for(lambda: probes_seen(mock), what="a probe at the mock")
     headers = {k.lower(): v for k, v in seen[0]["headers"]}
     assert headers["x-api-key"] == "sk-cheap-0a1b2c3d"  # the endpoint's own key, nothing of a client's
     mock.call("DELETE", "/_mock/faults/cheap")  # the relay recovers
-    until(lambda: status(router)["state"] == "healthy", what="cheap healthy again")
+    wait_for(lambda: status(router)["state"] == "healthy", what="cheap healthy again")
     assert len(user_requests(mock)) == 3  # no user request paid for the recovery
     doc = status(router)["probe"]
     assert doc["last"] == "pass" and doc["passed"] == 1 and doc["path"] == "/v1/models"
@@ -83,7 +76,7 @@ def test_a_cooling_endpoint_recovers_through_probes_without_a_user_request(mock,
 def test_a_failing_probe_keeps_the_endpoint_cooling(mock, start_router, tmp_path):
     router = start_router([], options={"router_config": str(write_config(tmp_path / "r.yaml", mock))})
     cool_cheap(router, mock)
-    until(lambda: len(probes_seen(mock)) >= 3, what="three probes")
+    wait_for(lambda: len(probes_seen(mock)) >= 3, what="three probes")
     cheap = status(router)
     assert cheap["state"] == "cooling" and cheap["cooldown_seconds_left"] > 30
     assert cheap["probe"]["last"] == "fail" and cheap["probe"]["failed"] >= 3
@@ -100,12 +93,12 @@ def test_a_count_tokens_probe_for_an_endpoint_that_takes_the_clients_key(mock, s
     mock.fault("cheap", status=529, error_type="overloaded_error")
     for _ in range(3):
         post(router, **{"x-api-key": "sk-client-1a2b3c4d"})
-    seen = until(lambda: [r for r in mock.requests("cheap") if r["path"] == "/v1/messages/count_tokens"],
+    seen = wait_for(lambda: [r for r in mock.requests("cheap") if r["path"] == "/v1/messages/count_tokens"],
                  what="a count_tokens probe")
     keys = {v for k, v in seen[0]["headers"] if k.lower() == "x-api-key"}
     assert keys == {"sk-probe-5e6f7a8b"}  # the probe's key, never the client's
     mock.call("DELETE", "/_mock/faults/cheap")
-    until(lambda: status(router)["state"] == "healthy", what="cheap healthy again")
+    wait_for(lambda: status(router)["state"] == "healthy", what="cheap healthy again")
 
 
 def test_two_instances_on_one_redis_send_one_probe_per_interval(mock, start_router, tmp_path, redis_server):
@@ -116,8 +109,8 @@ def test_two_instances_on_one_redis_send_one_probe_per_interval(mock, start_rout
     for r in (a, b):
         r.wait_log("(connected)")
     cool_cheap(a, mock)
-    until(lambda: status(b)["state"] == "cooling", what="B sees the cooldown")
-    seen = until(lambda: p if len(p := probes_seen(mock)) >= 6 else None, timeout=30, what="six probes")
+    wait_for(lambda: status(b)["state"] == "cooling", what="B sees the cooldown")
+    seen = wait_for(lambda: p if len(p := probes_seen(mock)) >= 6 else None, timeout=30, what="six probes")
     times = sorted(r["t"] for r in seen)
     gaps = [later - earlier for earlier, later in zip(times, times[1:])]
     # The lock lasts one interval: probes are about `every` apart whichever instance sends
@@ -127,7 +120,7 @@ def test_two_instances_on_one_redis_send_one_probe_per_interval(mock, start_rout
     assert sent >= len(seen)
     mock.call("DELETE", "/_mock/faults/cheap")
     for r in (a, b):
-        until(lambda r=r: status(r)["state"] == "healthy", what="healthy on both instances")
+        wait_for(lambda r=r: status(r)["state"] == "healthy", what="healthy on both instances")
 
 
 def window_fault(mock, name: str, reset: str, window: str = "5h") -> None:
@@ -183,9 +176,9 @@ def test_an_overloaded_model_family_recovers_through_a_one_token_message_probe(m
         httpx.post(f"{router.base}/v1/messages", json=sonnet, timeout=30)
     cheap = status(router)
     assert cheap["families"]["sonnet"]["state"] == "cooling"  # a 529 on one model cools its family
-    until(lambda: status(router)["probe"]["failed"] >= 1, what="a failed probe")
+    wait_for(lambda: status(router)["probe"]["failed"] >= 1, what="a failed probe")
     mock.call("DELETE", "/_mock/faults/cheap")
-    until(lambda: "sonnet" not in (status(router).get("families") or {}), what="the family healthy again")
+    wait_for(lambda: "sonnet" not in (status(router).get("families") or {}), what="the family healthy again")
     sent = [r for r in user_requests(mock)
             if not any(k.lower() == "user-agent" and "httpx" in v for k, v in r["headers"])]
     assert len(sent) >= 2 and sent[-1]["outcome"] == "200"  # failed probes, then the passing one
@@ -202,8 +195,8 @@ def test_a_window_seen_by_one_instance_stops_every_instances_probes(mock, start_
         r.wait_log("(connected)")
     window_fault(mock, "cheap", str(int(time.time()) + 7200))
     assert post(a).headers["x-router-attempts"] == "cheap:429, dear:200"
-    until(lambda: status(b)["state"] == "cooling", what="B sees the cooldown")
+    wait_for(lambda: status(b)["state"] == "cooling", what="B sees the cooldown")
     # B finds the pause A was asked for in Redis when its first probe is due, and keeps it.
-    until(lambda: status(b)["probe"]["held_seconds_left"] > 7000, what="B holds its probes")
+    wait_for(lambda: status(b)["probe"]["held_seconds_left"] > 7000, what="B holds its probes")
     assert probes_seen(mock) == [] and status(b)["probe"]["sent"] == 0
     assert redis_server.cli("PTTL", "endpoint_health_|hold|cheap").isdigit()

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: addon/claude_router_dev/harness.py
@@ -53,6 +53,23 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"port {port} did not open")
+
+
+def wait_for[T](check: Callable[[], T], timeout: float = 20.0, what: str = "", every: float = 0.05) -> T:
+    """Call ``check`` every ``every`` seconds until it returns something true, and return that.
+    After ``timeout`` seconds, AssertionError naming what was awaited (``what``, else the
+    callable) and the last value ``check`` returned. The end-to-end tests wait on a state this
+    way (a status field, a count at the mock), never with a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            seen = repr(value)
+            seen = seen if len(seen) <= 500 else seen[:500] + "..."
+            raise AssertionError(f"not within {timeout:g} s: {what or check!r} (last seen: {seen})")
+        time.sleep(every)
 
 
 def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
