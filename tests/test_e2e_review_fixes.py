@@ -142,7 +142,12 @@ health:
     assert (doc["busy"]["state"], doc["busy"]["last_error"]) == ("cooling", "HTTP 529 overloaded_error")
     # busy's failing probes show the prober at work: billed's probes were due as often.
     wait_for(lambda: status(router)["busy"]["probe"]["failed"] >= 3, what="three failed probes of busy")
-    assert status(router)["billed"]["probe"]["sent"] == 0
+    doc = status(router)
+    assert doc["billed"]["probe"]["sent"] == 0
+    # The status page does not promise billed a probe: a request will tell.
+    assert (doc["billed"]["probe"]["next_in_seconds"], doc["billed"]["probe"]["left_to_requests"]) == (
+        None, ["billed"])
+    assert doc["busy"]["probe"]["left_to_requests"] == []
     for name in ("billed", "busy"):
         mock.call("DELETE", f"/_mock/faults/{name}")  # both relays answer again
     wait_for(lambda: status(router)["busy"]["state"] == "healthy", what="busy brought back by a probe")

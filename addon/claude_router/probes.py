@@ -453,11 +453,16 @@ class Prober:
         if spec is None:
             return None
         t = self.tally.get(ep.name, Tally())
+        due = [n for n in subjects(ep) if n in self.due]
+        judged = [n for n in due if spec.paid or free_may_end(self.cause(n), n in self.waited)]
         doc: dict[str, Any] = {
             "path": spec.path, "every": spec.every, "sent": t.sent, "passed": t.passed,
             "failed": t.failed, "last": t.last or None, "last_outcome": t.last_outcome or None,
             "last_seconds_ago": round(now - t.last_at, 1) if t.last_at else None,
-            "next_in_seconds": _soonest([self.due[n] for n in subjects(ep) if n in self.due], now),
+            "next_in_seconds": _soonest([self.due[n] for n in judged], now),
+            # Cooling for a failure a free probe cannot judge (402, 401/403, a 429 that named no
+            # wait): no probe goes out for them, a request will tell.
+            "left_to_requests": sorted(set(due) - set(judged)),
             "held_seconds_left": round(max([0.0] + [self.holds.get(n, 0.0) - now for n in subjects(ep)]), 1),
         }
         if spec.paid:
