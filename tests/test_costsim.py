@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from claude_router_dev.costsim import Ep, Model, SessionTrace, Turn, shoes_oracle, usable_at
 from claude_router_dev.harness import ROOT
 
 
@@ -94,3 +97,79 @@ def test_config_run_prints_the_summary_first_with_real_numbers(tmp_path):
     (result,) = json.loads(out_json.read_text())["results"]
     assert result["scenario"] == "calm" and "a=cheap 1.5/7.5" in result["setup"]
     assert result["runs"]["cost"]["turns_answered"] == 3 and result["router_usd"] > 0
+
+
+# -- the oracle in a run's shoes, on a hand-made trace (no mitmdump): a dear relay B and a
+# cheap one A that fails twice. Each turn sends a 5,000-token system prompt and the whole
+# conversation (300 tokens a message), breakpoints on the system prompt and the newest message.
+
+EPS = (Ep("a", 1.0, 5.0), Ep("b", 2.0, 10.0))
+TIMES = [0, 1, 2.5, 3.5, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14.5, 15.5, 17, 18]  # seconds
+TWICE = {"a": [(2.0, 4.0), (14.0, 16.0)]}  # A down twice; a cache lives 10 s
+
+
+def two_outage_model() -> Model:
+    turns = []
+    for k in range(len(TIMES)):
+        blocks = [("sys", 5000, "5m")] + [(f"m{i}", 300, "5m" if i == k else None)
+                                          for i in range(k + 1)]
+        turns.append(Turn(0.0, {}, False, blocks, sum(t for _, t, _ in blocks)))
+    return Model(SessionTrace(0, "s", 0.0, True, turns), EPS, ttl_seconds=10.0)
+
+
+def letters(path: list[int], times=TIMES, lo=float("-inf"), hi=float("inf")) -> str:
+    return "".join(EPS[j].name for j, t in zip(path, times) if lo <= t < hi)
+
+
+def used_as_an_order_router() -> list[int]:
+    return [1 if usable_at(TWICE, EPS, t) == [1] else 0 for t in TIMES]
+
+
+def test_shoes_oracle_does_not_prewarm_the_dear_relay_before_an_outage_it_cannot_know():
+    model = two_outage_model()
+    clairvoyant = model.oracle(TIMES, [usable_at(TWICE, EPS, t) for t in TIMES])
+    shoes = shoes_oracle(model, TIMES, TWICE, {}, used_as_an_order_router())
+    # Knowing the second outage, the clairvoyant oracle warms B's cache between the two.
+    assert "b" in letters(clairvoyant["path"], lo=4.0, hi=14.0)
+    # In the run's shoes nothing tells it the second outage is coming: A all along between.
+    assert letters(shoes["path"], lo=4.0, hi=14.0) == "a" * 9
+    assert letters(shoes["path"], lo=14.0, hi=16.0) == "bb"  # it does move when A fails
+    assert shoes["usd"] > clairvoyant["usd"]
+    assert not clairvoyant["beamed"] and not shoes["beamed"]
+    # Its path is one a router could take: never A while A is down.
+    assert all(j in usable_at(TWICE, EPS, t) for j, t in zip(shoes["path"], TIMES))
+    assert shoes["usd"] == pytest.approx(model.reprice(shoes["path"], TIMES)[0])
+
+
+def test_shoes_oracle_chooses_the_same_before_each_outage_whatever_comes_after():
+    model = two_outage_model()
+    used = used_as_an_order_router()
+    both = shoes_oracle(model, TIMES, TWICE, {}, used)
+    first_only = shoes_oracle(model, TIMES, {"a": TWICE["a"][:1]}, {}, used)
+    calm = model.oracle(TIMES, [[0, 1]] * len(TIMES))
+    assert letters(both["path"], hi=14.0) == letters(first_only["path"], hi=14.0)
+    assert letters(both["path"], hi=2.0) == letters(calm["path"], hi=2.0)
+
+
+def test_shoes_oracle_keeps_off_held_endpoints_but_never_off_the_one_the_run_used():
+    model = two_outage_model()
+    cooling = {"a": [(2.0, 6.5)]}  # the run held A cooling past the first outage's end ...
+    used = used_as_an_order_router()
+    used[4] = used[5] = 1  # ... and sent the turns at 5 and 6 s to B
+    held = shoes_oracle(model, TIMES, TWICE, cooling, used)
+    assert letters(held["path"], lo=4.0, hi=6.5) == "bb"
+    used[4] = 0  # the run sent the turn at 5 s to A after all (the polls lag)
+    lagged = shoes_oracle(model, TIMES, TWICE, cooling, used)
+    assert letters(lagged["path"], lo=4.0, hi=6.5) == "ab"
+
+
+
+def test_shoes_oracle_learns_nothing_of_an_outage_from_a_held_window_that_runs_into_it():
+    # A held window that starts before the second outage and runs on into it: the plan made
+    # at the first outage sees it only up to the second's start, so it does not pre-warm B.
+    model = two_outage_model()
+    used = used_as_an_order_router()
+    runs_on = shoes_oracle(model, TIMES, TWICE, {"a": [(13.5, 17.5)]}, used)
+    unheld = shoes_oracle(model, TIMES, TWICE, {}, used)
+    assert letters(runs_on["path"], lo=4.0, hi=14.0) == "a" * 9
+    assert runs_on["path"] == unheld["path"]

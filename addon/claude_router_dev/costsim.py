@@ -60,13 +60,16 @@ routers actually took and compares them with what the mock billed ("model check"
 agree to the token when the model is the mock's.
 
 To tell what no router could do from what the rule does, a second oracle is computed "in each
-run's shoes": it has no foresight before the first outage starts (until then it must follow
-the best path of a world without outages), and it may not use an endpoint while that run's
-health layer held it cooling or probing (polled from /_router/status every 0.1 s; the
-endpoint the run did use for a turn is always allowed, as polls lag). It still knows when an
-outage ends and how many turns each session has left, which no router does. ``router / that``
-near 1 means the rule chose well given what it could know; the rest of the gap is foresight
-or cooldowns.
+run's shoes" (``shoes_oracle``): it knows no outage before that outage starts. It replans at
+each outage's start: until the first it follows the best path of a world without outages;
+from the start T_i of an outage to the next start it follows the cheapest path the DP finds
+with its earlier turns pinned to what it already chose, in a world of the outages that had
+started by T_i (to their ends) and none later. It may not use an endpoint while that run's
+health layer held it cooling or probing (polled from /_router/status every 0.1 s; a plan made
+at T_i sees those windows only up to the next outage's start; the endpoint the run did use
+for a turn is always allowed, as polls lag). It still knows when a started outage ends and
+how many turns each session has left, which no router does. ``router / that`` near 1 means
+the rule chose well given what it could know; the rest of the gap is foresight or cooldowns.
 
 Your own relays: ``--config router.yaml`` takes the endpoints and prices of a router config
 (parsed by the router's own loader; ``env:`` keys need not be set, keys are never used) and
@@ -805,6 +808,53 @@ def usable_at(windows: dict[str, list[tuple[float, float]]], eps: tuple[Ep, ...]
     return ok or list(range(len(eps)))
 
 
+def shoes_oracle(model: Model, times: list[float],
+                 outages: dict[str, list[tuple[float, float]]],
+                 held: dict[str, list[tuple[float, float]]], used: list[int]) -> dict:
+    """The oracle in a run's shoes: the cheapest path it can find with no knowledge of any
+    outage before that outage starts, replanning at each outage's start (like model-predictive
+    control).
+
+    Let T_1 < T_2 < ... be the outages' start times (T_0 = -inf, and after the last +inf).
+    The turns sent in [T_i, T_i+1) follow the plan made at T_i: the exact DP's cheapest path
+    when every turn before T_i is pinned to what the plans before chose (so the caches carry
+    over) and the endpoints usable from T_i on are those of a world that holds
+
+    - every outage that had started by T_i, until its end (it knows when a started outage
+      ends), and no later one: the plan at T_0 is the best path of a world without outages;
+    - the run's held windows (cooling or probing, as polled) that started before T_i+1, cut at
+      T_i+1, so a window that outlasts the next outage's start tells nothing about that outage;
+    - the endpoint the run used for each turn, always (the polls lag by up to 0.1 s).
+
+    No outage starts inside [T_i, T_i+1), so within its own turns each plan's world is the
+    real one: the path is one the run could have taken. It still knows how many turns each
+    session has left, which no router does. Returns what ``Model.oracle`` does, with the
+    largest ``peak_states`` of the plans and ``beamed`` if any plan was."""
+    n = len(times)
+    starts = sorted({a for w in outages.values() for a, _ in w})
+    bounds = [float("-inf"), *starts, float("inf")]
+    eps = model.eps
+    chosen: list[int | None] = [None] * n
+    peak, beamed = 1, False
+    for lo, hi in itertools.pairwise(bounds):
+        mine = [k for k, t in enumerate(times) if lo <= t < hi]
+        if not mine:
+            continue
+        known = {name: [(a, b) for a, b in w if a <= lo] for name, w in outages.items()}
+        seen = {name: [(a, min(b, hi)) for a, b in w if a < hi] for name, w in held.items()}
+        usable = [[chosen[k]] if t < lo else
+                  sorted(set(usable_at(known, eps, t)) & set(usable_at(seen, eps, t)) | {used[k]})
+                  for k, t in enumerate(times)]
+        plan = model.oracle(times, usable)
+        peak, beamed = max(peak, plan["peak_states"]), beamed or plan["beamed"]
+        for k in mine:
+            chosen[k] = plan["path"][k]
+    path = [j for j in chosen if j is not None]
+    assert len(path) == n, "every turn falls in one plan's span"
+    usd, costs = model.reprice(path, times)
+    return {"usd": usd, "path": path, "costs": costs, "peak_states": peak, "beamed": beamed}
+
+
 def path_string(eps: tuple[Ep, ...], path: list[int], costs: list[TurnCost]) -> str:
     return "".join(eps[j].name.upper() if c.read else eps[j].name.lower()
                    for j, c in zip(path, costs))
@@ -878,7 +928,6 @@ def analyse(n: int, scn: Scenario, args, traces: list[SessionTrace], sent: list[
     eps = scn.endpoints
     index = {ep.name: j for j, ep in enumerate(eps)}
     windows = outage_windows(applied, elapsed + 60)
-    first_outage = min((a for w in windows.values() for a, _ in w), default=float("inf"))
     held = {run: health_windows(health[run], elapsed + 60) for run in RUNS}
     res: dict[str, Any] = {"scenario": scn.name, "what": scn.what, "setup": scn.describe(),
                            "seconds": round(elapsed, 1), "outages_applied": applied,
@@ -961,15 +1010,10 @@ def analyse(n: int, scn: Scenario, args, traces: list[SessionTrace], sent: list[
             totals[f"{run}_oracle"] += o["usd"]
             row[f"oracle_{run}_times_path"] = path_string(eps, o["path"], o["costs"])
             row[f"oracle_{run}_times_usd"] = o["usd"]
-            # In this run's shoes: no foresight before the first outage (until then it follows
-            # the best path of a world without outages), and never an endpoint this run's
-            # health layer held cooling (unless the run used it: polls lag by up to 0.1 s).
-            calm = (model.oracle(times, [list(range(len(eps)))] * len(times))["path"]
-                    if windows else [])
-            shoes = [[calm[k]] if calm and x < first_outage else
-                     sorted({j for j in u if j in usable_at(held[run], eps, x)} | {path[k]})
-                     for k, (u, x) in enumerate(zip(usable, times))]
-            sh = model.oracle(times, shoes)
+            # In this run's shoes: no foresight of any outage before it starts (it replans at
+            # each outage's start), and never an endpoint this run's health layer held cooling
+            # (unless the run used it: polls lag by up to 0.1 s).
+            sh = shoes_oracle(model, times, windows, held[run], path)
             totals[f"{run}_shoes"] += sh["usd"]
             row[f"oracle_{run}_shoes_path"] = path_string(eps, sh["path"], sh["costs"])
             peak = max(peak, o["peak_states"], sh["peak_states"])
@@ -1085,11 +1129,11 @@ def table(results: list[dict]) -> str:
 
 def attribution(results: list[dict]) -> str:
     """The gap to the oracle, less what no router could know: an oracle "in a run's shoes"
-    has no foresight before the first outage (until then it follows the best path of a world
-    without outages) and may not use an endpoint that run's health layer held cooling
-    (cooldowns, probes). The last column divides the two runs' ratios: the rule against the
-    original's order with cooldown timing (jitter, which differs between the two routers)
-    taken out."""
+    knows no outage before it starts (it replans at each outage's start; before the first it
+    follows the best path of a world without outages) and may not use an endpoint that run's
+    health layer held cooling (cooldowns, probes). The last column divides the two runs'
+    ratios: the rule against the original's order with cooldown timing (jitter, which
+    differs between the two routers) taken out."""
     lines = ["| scenario | oracle $ | oracle in router's shoes $ | router / that | "
              "oracle in order's shoes $ | order / that | rule vs order (ratio of the two) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
