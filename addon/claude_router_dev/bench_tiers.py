@@ -349,12 +349,15 @@ class TiersBench:
             if not routers:
                 continue
             deadline = time.monotonic() + 30
-            while not out.exists() and time.monotonic() < deadline:
+            while True:  # the file exists a moment before the probe has written it
+                try:
+                    wrong = bench.imports_outside(json.loads(out.read_text()), home)
+                    break
+                except (OSError, ValueError) as e:
+                    if time.monotonic() > deadline:
+                        wrong = [f"the import probe wrote nothing ({type(e).__name__})"]
+                        break
                 await asyncio.sleep(0.1)
-            try:
-                wrong = bench.imports_outside(json.loads(out.read_text()), home)
-            except (OSError, ValueError) as e:
-                wrong = [f"no import record ({e})"]
             if wrong:
                 for r in routers:
                     r.status = f"failed: not its own code: {'; '.join(wrong)[:300]}"
