@@ -331,9 +331,9 @@ class TiersBench:
                     r.port, self.confdir(f"{target}-{sc.name}"), [], "--set", f"router_config={cfg}",
                     *extra, script=script))
         live = [r for r in self.routers if r.proc is not None]
-        for r, why in zip(live, await asyncio.gather(*(bench.wait_port(r.port, r.proc, 60) for r in live))):
-            if why:
-                r.status = f"failed: {why}; log: {self.procs.log_excerpt(f'{r.target}-{r.scenario.name}')}"
+        for r, down in zip(live, await asyncio.gather(*(bench.wait_port(r.port, r.proc, 60) for r in live))):
+            if down:
+                r.status = f"failed: {down}; log: {self.procs.log_excerpt(f'{r.target}-{r.scenario.name}')}"
                 bench.note(f"{r.target}-{r.scenario.name}: {r.status}")
         await self.check_imports()
 
