@@ -5,10 +5,13 @@ tiers). No timing is asserted."""
 
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
-from claude_router_dev import bench, bench_tiers
+from claude_router_dev import bench, bench_tiers, harness
 
 
 def test_shares_are_each_endpoints_count_and_percentage():
@@ -49,10 +52,11 @@ def test_the_router_gets_weight_and_max_concurrency_and_today_the_same_endpoints
 def test_a_stream_summary_counts_failures_by_kind_and_busy_skips():
     recs = [{"ok": True, "seconds": 1.0, "error": None, "busy": 2},
             {"ok": True, "seconds": 3.0, "error": None, "busy": 0},
-            {"ok": False, "seconds": 2.0, "error": "HTTP 429", "busy": 0}]
+            {"ok": False, "seconds": 0.1, "error": "HTTP 429", "busy": 0}]
     s = bench_tiers.stream_summary(recs)
     assert (s["n"], s["failed"], s["errors"], s["busy_skips"]) == (3, 1, {"HTTP 429": 1}, 2)
-    assert (s["p50_s"], s["max_s"]) == (2.0, 3.0)
+    assert (s["p50_s"], s["max_s"]) == (2.0, 3.0)  # of the whole answers only
+    assert bench_tiers.stream_summary([recs[2]])["p50_s"] is None
 
 
 def results() -> dict:
@@ -87,7 +91,8 @@ def test_the_table_puts_the_router_beside_today_with_issue_22s_claims():
             "| at most 4 / 4 at a / b: router yes, today – |") in lines
     assert "|  | streams failed (client-visible) | 0 | 0 | nothing fails: router yes, today yes |" in lines
     assert "| wait: capped | status | ok | failed: exited with 1 |  |" in lines
-    assert "|  | wall time; stream p50 / max | 1.50 s; 1.25 s / 1.50 s | 1.50 s; 1.25 s / 1.50 s |  |" in lines
+    assert ("|  | wall time; p50 / max of the whole answers | 1.50 s; 1.25 s / 1.50 s "
+            "| 1.50 s; 1.25 s / 1.50 s |  |") in lines
     assert all(ln.count("|") == 6 for ln in lines)  # every row has every column
 
 
@@ -123,13 +128,35 @@ def test_a_tiny_run_shows_the_router_spreading_and_capping_and_today_not(tmp_pat
                              "--gap-ms", "30", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "each 50 ± 7 %: router yes, today no" in table
-    assert table.count("at most 1 / 1 at a / b: router yes") == 2  # with c behind, and without
-    assert table.count("nothing fails: router yes, today yes") == 3
+    assert table.count("at most 1 / 1 at a / b: router yes") == 3  # c behind, nothing, relays' limit
+    assert table.count("nothing fails: router yes") == 4
     res = json.loads(out.read_text())
     assert res["table_markdown"] == table.rstrip("\n") + "\n"
-    spread, cap, wait = res["scenarios"]
+    spread, cap, wait, limit = res["scenarios"]
     assert spread["targets"]["router"]["sessions"]["served"] == {"a": 5, "b": 5}
     assert spread["targets"]["today"]["sessions"]["served"] == {"a": 10, "b": 0}
-    for sc in (cap, wait):  # each stream sent once: waiting is not retrying
+    assert limit["targets"]["router"]["streams"]["refused"] == {"a": 0, "b": 0}
+    for sc in (cap, wait, limit):  # each stream sent once: waiting is not retrying
         assert sum(sc["targets"]["router"]["streams"]["served"].values()) == 6
-        assert sc["targets"]["today"]["streams"]["served"]["a"] == 6  # today: all on the first
+        assert sc["targets"]["today"]["streams"]["served"]["a"] == 6  # today: all tried on a first
+
+
+def test_the_mocks_max_inflight_refuses_one_more_with_a_429_and_does_not_count_it():
+    mock = harness.start_mock()
+    try:
+        mock.fault("r", max_inflight=1, event_gap_ms=100, words=10)  # a stream of about 1.5 s
+        body = {"model": "m", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, mock.url("r") + "/v1/messages", json=body, timeout=60)
+            deadline = time.monotonic() + 20
+            while mock.inflight()["now"].get("r") != 1:  # the first is being served
+                assert time.monotonic() < deadline and not held.done()
+                time.sleep(0.02)
+            r = httpx.post(mock.url("r") + "/v1/messages", json=body, timeout=10)
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            assert r.json()["error"]["message"] == "Mock relay: at most 1 requests at once"
+            assert [q["outcome"] for q in mock.requests("r")] == ["pending", "429"]
+            assert mock.inflight()["peak"]["r"] == 1
+            assert held.result().status_code == 200
+    finally:
+        mock.stop()

@@ -25,6 +25,9 @@ target and scenario with names of their own at the mock, so what the mock counts
     cap      a and b at one price, max_concurrency 4 each, and a dearer c behind them
     wait     a and b at one price, max_concurrency 4 each, nothing behind them (requests wait
              for a free slot)
+    limit    the same, and a and b are relays that take 4 requests at once: the mock answers
+             one more 429 rate_limit_error (its ``max_inflight`` fault), as a relay with a
+             concurrency limit does
 
 Measured, target by target (never two at once), in this order for each scenario:
 
@@ -35,10 +38,11 @@ Measured, target by target (never two at once), in this order for each scenario:
                stream's events ``--gap-ms`` apart (``--words`` words, so about words + 5 events),
                so every stream holds its request open for a while. Per endpoint: the most
                requests in flight at once AT THE MOCK (``GET /_mock/inflight``, cleared before
-               the phase) and the requests it served; the streams that failed as the client
+               the phase), the requests it got and (limit) those it refused with a 429; the
+               streams that failed as the client
                saw them (not 200, an exception, or no ``message_stop`` at the end); the phase's
-               wall time and the streams' p50 and max duration (from sending to the last
-               byte); the attempts the router marked ``busy`` (X-Router-Attempts)
+               wall time and the p50 and max duration of the whole answers (from sending to
+               the last byte); the attempts the router marked ``busy`` (X-Router-Attempts)
 
 Prints a Markdown table (the two targets side by side, and whether each meets issue 22's
 claims: 50 +/- 7 % each, the cap never exceeded, nothing fails) and writes the results as JSON
@@ -88,6 +92,7 @@ class Scenario:
     endpoints: tuple[tuple[str, str, str], ...]
     sessions: bool = False
     streams: bool = True
+    relay_limit: int | None = None  # the mock's own limit of requests at once per endpoint
 
     @property
     def names(self) -> list[str]:
@@ -114,6 +119,8 @@ def scenarios(cap: int) -> list[Scenario]:
                  (("a", CHEAP, fields), ("b", CHEAP, fields), ("c", DEAR, ""))),
         Scenario("wait", f"a and b capped at {cap} each, nothing behind",
                  (("a", CHEAP, fields), ("b", CHEAP, fields))),
+        Scenario("limit", f"a and b are relays that take {cap} at once (429 beyond), capped at {cap}",
+                 (("a", CHEAP, fields), ("b", CHEAP, fields)), relay_limit=cap),
     ]
 
 
@@ -155,8 +162,9 @@ def within_caps(peak: dict[str, int], caps: dict[str, int]) -> bool:
 
 
 def stream_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The streams phase from each stream's record (ok, seconds, error, endpoint, busy)."""
-    secs = sorted(r["seconds"] for r in results)
+    """The streams phase from each stream's record (ok, seconds, error, endpoint, busy); the
+    p50 and max are those of the whole answers (a refusal is quick, and counted as failed)."""
+    secs = sorted(r["seconds"] for r in results if r["ok"])
     errors = collections.Counter(r["error"] for r in results if not r["ok"])
     return {"n": len(results), "failed": sum(errors.values()), "errors": dict(errors),
             "p50_s": bench.percentile(secs, 0.5) if secs else None,
@@ -214,12 +222,15 @@ def render(results: dict[str, Any]) -> str:
                 [_per_endpoint(s["peak"], names) if s else "–" for s in st],
                 f"at most {' / '.join(str(caps[e]) for e in capped)} at {' / '.join(capped)}: "
                 + met([within_caps(s["peak"], caps) if s else None for s in st]) if caps else "")
-            row(label, f"streams served by {' / '.join(names)}",
+            row(label, f"requests the mock got, {' / '.join(names)}",
                 [_per_endpoint(s["served"], names) if s else "–" for s in st])
+            if sc.get("relay_limit"):
+                row(label, f"refused by the relay (429), {' / '.join(names)}",
+                    [_per_endpoint(s["refused"], names) if s else "–" for s in st])
             row(label, "streams failed (client-visible)",
                 [str(s["failed"]) + (f" ({s['errors']})" if s["errors"] else "") if s else "–" for s in st],
                 "nothing fails: " + met([s["failed"] == 0 if s else None for s in st]))
-            row(label, "wall time; stream p50 / max",
+            row(label, "wall time; p50 / max of the whole answers",
                 [f"{_s(s['wall_s'])}; {_s(s['p50_s'])} / {_s(s['max_s'])}" if s else "–" for s in st])
             if caps:
                 row(label, "attempts skipped as busy", [str(s["busy_skips"]) if s else "–" for s in st])
@@ -371,9 +382,14 @@ class TiersBench:
                 self.mock.fault(m, **fault)
 
     def counted(self, r: Router, what: str) -> dict[str, int]:
-        """The mock's count per endpoint (by the router's names): requests, or peak in flight."""
+        """The mock's count per endpoint (by the router's names): requests it got ("served"),
+        the most in flight at once ("peak"), or those it refused at its own limit ("refused")."""
         assert self.mock is not None
-        got = self.mock.stats() if what == "served" else self.mock.inflight()["peak"]
+        got: dict[str, int]
+        if what == "refused":
+            got = collections.Counter(q["endpoint"] for q in self.mock.requests() if q["outcome"] == "429")
+        else:
+            got = self.mock.stats() if what == "served" else self.mock.inflight()["peak"]
         return {e: int(got.get(m, 0)) for e, m in r.mock_names.items()}
 
     async def sessions(self, r: Router) -> dict[str, Any]:
@@ -395,7 +411,8 @@ class TiersBench:
 
     async def streams(self, r: Router) -> dict[str, Any]:
         a = self.args
-        self.reset_mock(r, {"event_gap_ms": a.gap_ms, "words": a.words})
+        limit = {"max_inflight": r.scenario.relay_limit} if r.scenario.relay_limit else {}
+        self.reset_mock(r, {"event_gap_ms": a.gap_ms, "words": a.words, **limit})
         async with client(a.streams) as s:
             t0 = time.perf_counter()
             recs = await asyncio.gather(*(one_stream(s, r.url, a.stream_timeout) for _ in range(a.streams)))
@@ -405,7 +422,7 @@ class TiersBench:
         while self.mock.inflight()["now"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return {**stream_summary(recs), "wall_s": wall, "peak": self.counted(r, "peak"),
-                "served": self.counted(r, "served")}
+                "served": self.counted(r, "served"), "refused": self.counted(r, "refused")}
 
     async def run(self) -> dict[str, Any]:
         a = self.args
@@ -413,6 +430,7 @@ class TiersBench:
         for i, sc in enumerate(scenarios(a.cap)):
             entry: dict[str, Any] = {"name": sc.name, "title": sc.title, "endpoints": sc.names,
                                      "caps": sc.caps, "sessions": sc.sessions, "streams": sc.streams,
+                                     "relay_limit": sc.relay_limit,
                                      "targets": {}}
             pair = [r for r in self.routers if r.scenario.name == sc.name]
             for r in pair if i % 2 == 0 else pair[::-1]:  # who goes first alternates
