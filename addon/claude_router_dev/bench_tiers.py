@@ -2,7 +2,7 @@
 
 Run through ``scripts/bench``::
 
-    ./scripts/bench --tiers                       the whole comparison (about a minute)
+    ./scripts/bench --tiers                       the whole comparison (about 30 s)
     ./scripts/bench --tiers --baseline HEAD~3     "today" is another commit's addon
     ./scripts/bench --tiers --sessions 20 --streams 8 --cap 2    a small run
     ./scripts/bench --tiers --help                every option
@@ -18,7 +18,7 @@ in front of one mock relay (``claude_router_dev.mock_relay``, the working tree's
              Both load the bench's import probe; "today" fails unless every ``claude_router``
              module it ran came from its own copy.
 
-Three scenarios, each a router.yaml of its own (so six router processes), the endpoints of each
+Four scenarios, each a router.yaml of its own (so eight router processes), the endpoints of each
 target and scenario with names of their own at the mock, so what the mock counts is theirs:
 
     spread   a and b at one price (weight 1 each)
