@@ -1578,6 +1578,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="streams phase targets (direct,mitmdump+stream,router)")
     p.add_argument("--stream-rounds", type=int, default=1,
                    help="run every level and target this many times, order rotated (1)")
+    p.add_argument("--tiers", action="store_true",
+                   help="only the tiers comparison, the router beside ee65710 (claude_router_dev/"
+                        "bench_tiers.py; --tiers --help for its options)")
     p.add_argument("--baseline", metavar="REF",
                    help="also run the addon of git REF (HEAD~1, origin/main, a sha) as "
                         "router@SHORTSHA beside router, and compare the two")
@@ -1774,6 +1777,10 @@ def render_affinity(a: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--tiers" in argv:  # its own phase and options: claude_router_dev/bench_tiers.py
+        from claude_router_dev import bench_tiers  # (it imports this module)
+        return bench_tiers.main([a for a in argv if a != "--tiers"])
     args = parse_args(argv)
     if args.affinity:
         a = affinity_bench()

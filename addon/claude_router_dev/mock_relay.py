@@ -48,6 +48,10 @@ Fault injection (per endpoint; all keys optional)::
     stamp_events: true            -> each SSE event's data gets a last key "mock_t": the mock's
                                      time.monotonic() (CLOCK_MONOTONIC, system-wide on Linux)
                                      just before the event is written, for event delays
+    max_inflight                  -> a relay that serves at most N requests at once: one more
+                                     arriving then gets 429 rate_limit_error at once (outcome
+                                     "429"; retry_after and headers as given), and is not
+                                     counted in /_mock/inflight
     times                         -> only the next N requests, then cleared
     key                           -> only requests presenting this key (x-api-key or
                                      Authorization: Bearer); others are served as usual
@@ -230,7 +234,7 @@ FAULT_KEYS = frozenset(
     "status error_type message retry_after headers delay_ms event_gap_ms reset "
     "reset_after_events stream_error stream_error_after stall_ms "
     "stall_after_events words times end_after_events event_bytes write_timeout_ms "
-    "stamp_events key".split()
+    "stamp_events key max_inflight".split()
 )
 INT_KEYS = FAULT_KEYS - {"error_type", "message", "retry_after", "headers", "reset", "stream_error",
                          "stamp_events", "key"}
@@ -774,6 +778,12 @@ class MockRelay:
         call = Call(request, endpoint, path, body, record, self.state.take_fault(endpoint, _presented_key(request)),
                     self.state.profiles.get(endpoint))
         state = self.state
+        limit = call.fault.get("max_inflight")
+        if limit is not None and state.inflight[endpoint] >= limit:  # a relay at its own limit
+            refusal = self.error(call, 429, "rate_limit_error",
+                                 f"Mock relay: at most {limit} requests at once")
+            record.update(outcome="429", request_id=refusal.headers.get("request-id"))
+            return refusal
         state.inflight[endpoint] += 1
         state.peak[endpoint] = max(state.peak[endpoint], state.inflight[endpoint])
         try:
