@@ -375,6 +375,7 @@ def extract_addon(sha: str, dest: Path, repo: Path = ROOT) -> Path:
 # of the router's, so it cannot decide which copy is loaded; the router's script comes first.
 IMPORT_PROBE = """\
 import json
+import os
 import sys
 
 
@@ -382,8 +383,9 @@ class ImportProbe:
     def running(self):
         mods = {{n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())
                 if n == "claude_router" or n.startswith(("claude_router.", "__mitmproxy_script__."))}}
-        with open({out!r}, "w") as f:
+        with open({out!r} + ".part", "w") as f:  # renamed when whole: a reader sees all or nothing
             json.dump(mods, f)
+        os.replace({out!r} + ".part", {out!r})
 
 
 addons = [ImportProbe()]
