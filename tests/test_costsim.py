@@ -10,7 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from claude_router_dev.costsim import Ep, Model, SessionTrace, Turn, shoes_oracle, usable_at
+from claude_router_dev.costsim import (
+    Ep,
+    Model,
+    SessionTrace,
+    Turn,
+    closable_gap_closed,
+    gap_closed,
+    no_foresight_bound,
+    probes_table,
+    shoes_oracle,
+    targets,
+    usable_at,
+)
 from claude_router_dev.harness import ROOT
 
 
@@ -173,3 +185,74 @@ def test_shoes_oracle_learns_nothing_of_an_outage_from_a_held_window_that_runs_i
     unheld = shoes_oracle(model, TIMES, TWICE, {}, used)
     assert letters(runs_on["path"], lo=4.0, hi=14.0) == "a" * 9
     assert runs_on["path"] == unheld["path"]
+
+
+# -- the no-foresight bound (the in-shoes oracle with no held windows) and the closable gap
+
+def test_closable_gap_closed_is_the_share_of_the_gap_above_the_no_foresight_bound():
+    # off / oracle 1.2, bound 1.1: the closable gap is 0.1
+    assert closable_gap_closed(1.2, 1.1, 1.1) == pytest.approx(1.0)  # down to the bound
+    assert closable_gap_closed(1.2, 1.15, 1.1) == pytest.approx(0.5)
+    assert closable_gap_closed(1.2, 1.2, 1.1) == pytest.approx(0.0)
+    assert closable_gap_closed(1.2, 1.25, 1.1) == pytest.approx(-0.5)  # wider than off
+    assert closable_gap_closed(1.2, 1.05, 1.1) == pytest.approx(1.5)  # below the bound
+    assert closable_gap_closed(1.1, 1.05, 1.1) is None  # nothing closable
+    assert closable_gap_closed(1.05, 1.0, 1.1) is None
+    assert closable_gap_closed(None, 1.0, 1.1) is None
+    assert closable_gap_closed(1.2, None, 1.1) is None
+    assert closable_gap_closed(1.2, 1.1, None) is None
+
+
+def test_no_foresight_bound_is_the_unheld_in_shoes_oracle_and_never_below_the_clairvoyant():
+    model = two_outage_model()
+    clairvoyant = model.oracle(TIMES, [usable_at(TWICE, EPS, t) for t in TIMES])
+    bound = no_foresight_bound(model, TIMES, TWICE, clairvoyant["path"])
+    # The clairvoyant oracle keeps B's cache warm between the outages (one turn on B at 5 s,
+    # read again when A fails at 14 s); without foresight, A all along between the two.
+    assert letters(clairvoyant["path"]) == "aabbbaaaaaaaabbaa"
+    assert letters(bound["path"]) == "aabbaaaaaaaaabbaa"
+    assert bound["usd"] > clairvoyant["usd"]
+    assert bound["usd"] == pytest.approx(model.reprice(bound["path"], TIMES)[0])
+    assert all(j in usable_at(TWICE, EPS, t) for j, t in zip(bound["path"], TIMES))
+    # It is the oracle in the shoes of a run that never held anything cooling.
+    unheld = shoes_oracle(model, TIMES, TWICE, {}, used_as_an_order_router())
+    assert bound["path"] == unheld["path"] and bound["usd"] == pytest.approx(unheld["usd"])
+    # It bounds planning without foresight, not luck: a run held cooling on A until 6.5 s
+    # stays on B at 5 and 6 s, which keeps B's cache warm for the second outage.
+    used = used_as_an_order_router()
+    used[4] = used[5] = 1
+    lucky = shoes_oracle(model, TIMES, TWICE, {"a": [(2.0, 6.5)]}, used)
+    assert clairvoyant["usd"] < lucky["usd"] < bound["usd"]
+
+
+def probes_result(scenario: str, off: float, on: float, bound: float) -> dict:
+    """A scenario's result as analyse() reports it, with an oracle of $1 (ratios = dollars)."""
+    off_on = gap_closed(off, on)
+    return {"scenario": scenario, "oracle_usd": 1.0, "router_usd": off, "router_vs_oracle": off,
+            "router_vs_order": 0.9, "probe_usd": on, "probe_vs_oracle": on, "probe_vs_shoes": 1.0,
+            "probe_gap_closed": off_on, "no_foresight_usd": bound,
+            "no_foresight_vs_oracle": bound,
+            "closable_gap_closed": closable_gap_closed(off, on, bound),
+            "outages_applied": [{"endpoint": "a", "what": "on"}]}
+
+
+def test_probes_table_and_targets_show_the_no_foresight_bound():
+    results = [probes_result("overload-2m", 1.12, 1.027, 1.0),
+               probes_result("overload-twice", 1.2, 1.123, 1.119),
+               probes_result("lucky", 1.1, 1.08, 1.15)]
+    lines = probes_table(results).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[-3:] == ["gap closed", "no-foresight bound / oracle", "closable gap closed"]
+    assert lines[1].count("|") == lines[0].count("|")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines[2:]}
+    assert rows["overload-2m"][-3:] == ["78%", "1.000", "78%"]
+    assert rows["overload-twice"][-3:] == ["38%", "1.119", "95%"]
+    assert rows["lucky"][-3:] == ["20%", "1.150", "n/a (nothing closable)"]
+    got = targets(results)
+    assert "ok probes close >= half the gap to the oracle (78%)" in got[0]
+    assert "foresight" not in got[0]
+    assert ("MISSED probes close >= half the gap to the oracle (38%), 95% of the closable gap "
+            "(the rest needs foresight: bound 1.119)") in got[1]
+    assert ("MISSED probes close >= half the gap to the oracle (20%), nothing closable "
+            "(the rest needs foresight: bound 1.150)") in got[2]
