@@ -865,6 +865,59 @@ async def test_a_re_sync_that_read_redis_earlier_never_finishes_after_a_later_on
         await s.close()
 
 
+async def test_a_reset_is_not_undone_by_an_instance_that_had_not_heard_of_it(redis_server):
+    """A re-sync read Redis before an operator's reset and would put back the cooldown it held:
+    the reset is newer, so Redis refuses it (the third loaded run's +10 s instead of +2 s)."""
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await b.record_failure("aws", at_least=10)
+    await until(lambda: "aws" in a.current())
+    known, held = dict(a._versions), {"aws": a.current()["aws"]}  # what the re-sync read
+    await b.reset("aws")
+    await a._reassert(["aws"], held, [], known, {})
+    assert redis_server.cli("EXISTS", P + "ep|aws") == "0"
+    await until(lambda: "aws" not in a.current())
+    assert "aws" not in a.current() and "aws" not in b.current()
+    for s in (a, b):
+        await s.close()
+
+
+async def test_a_cooldown_put_back_late_gives_way_to_a_newer_one_and_takes_it(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await b.record_failure("aws", at_least=10)
+    await until(lambda: "aws" in a.current())
+    known, held = dict(a._versions), {"aws": a.current()["aws"]}
+    await b.reset("aws")
+    await b.record_failure("aws", at_least=2)  # newer, and shorter
+    await a._reassert(["aws"], held, [], known, {})
+    assert redis_server.cli("HGET", P + "ep|aws", "u") == str(int((clock() + 2) * 1000))
+    await until(lambda: a.current().get("aws") == b.current().get("aws"))
+    assert a.current()["aws"].ejected_until == clock() + 2
+    for s in (a, b):
+        await s.close()
+
+
+async def test_a_cooldown_learned_while_away_after_a_heal_it_heard_of_is_put_back(redis_server):
+    clock = Clock()
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await b.record_failure("aws", at_least=5)
+    await until(lambda: "aws" in a.current())
+    await b.reset("aws")
+    await until(lambda: "aws" not in a.current())  # a heard of the heal
+    a._up = False
+    await a.record_failure("aws", at_least=30)  # learned while Redis was away
+    await a._resync()
+    assert redis_server.cli("HGET", P + "ep|aws", "u") == str(int((clock() + 30) * 1000))
+    await until(lambda: "aws" in b.current())
+    assert b.current()["aws"].ejected_until == clock() + 30
+    for s in (a, b):
+        await s.close()
+
+
 async def test_a_newer_decision_in_redis_wins_over_a_cooldown_held_here(redis_server):
     clock = Clock()
     a = await synced(redis_server, clock, ("aws",))

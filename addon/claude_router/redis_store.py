@@ -10,6 +10,10 @@ separator ``|``, then a kind:
                          lost its state (an instance putting back a disabled endpoint it
                          held leaves a later decision alone)
     {prefix}|version     integer: the version counter of every state change
+    {prefix}|healed|{name}  integer: the version of the success or reset that last healed
+                         the endpoint (healthy is the absence of its state, so this is how a
+                         heal is known to be newer than a cooldown an instance would put
+                         back); expires after 2 x the longest cooldown
     {prefix}|salt        string: the secret that keys credential hashes (access.credential_id),
                          set once by the first instance, so every instance scopes a key alike
                          (an instance that knew it writes it back after Redis lost it)
@@ -157,21 +161,34 @@ end
 return {f, e, u, p, -1}
 """
 
-# KEYS: state, version. ARGV: name, channel, now_ms. A success: the endpoint is healthy, which
-# is the absence of a key (of any type).
+# KEYS: state, version, healed. ARGV: name, channel, now_ms, healed_ttl_ms. A success: the
+# endpoint is healthy, which is the absence of a key (of any type); the heal's version is kept.
 SUCCESS_LUA = _LUA_VERSION + """
 if redis.call('DEL', key) == 1 then
   local ver = next_version()
+  redis.call('SET', KEYS[3], ver, 'PX', tonumber(ARGV[4]))
   redis.call('PUBLISH', channel, table.concat({name, 0, 0, 0, 0, ver}, '|'))
   return ver
 end
 return 0
 """
 
-# KEYS: state, version. ARGV: name, channel, now_ms, f, e, u_ms, min_ttl_ms. An instance puts
-# back a cooldown it holds that Redis lost or never heard of: only if it ends later than
-# whatever Redis holds now.
+# KEYS: state, version, healed. ARGV: name, channel, now_ms, f, e, u_ms, min_ttl_ms, known. An
+# instance puts back a cooldown it holds that Redis lost or never heard of: only if it ends
+# later than whatever Redis holds now, and (known >= 0) only if no decision about the endpoint
+# newer than version ``known`` (what the instance had heard of) was made since: a failure, or
+# a success or reset that healed it.
 ASSERT_LUA = _LUA_COMMON + """
+local known = tonumber(ARGV[8])
+if known >= 0 then
+  local newest = 0
+  if kind == 'hash' then newest = tonumber(redis.call('HGET', key, 'v') or '0') or 0 end
+  local healed = redis.pcall('GET', KEYS[3])
+  if type(healed) == 'string' and string.match(healed, '^%d+$') then
+    newest = math.max(newest, tonumber(healed))
+  end
+  if newest > known then return {f, e, u, p, -1} end
+end
 if tonumber(ARGV[6]) <= u then return {f, e, u, p, -1} end
 f, e, u, p = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), 0
 return save(tonumber(ARGV[7]))
@@ -467,7 +484,8 @@ class RedisHealthStore:
     async def _heal(self, name: str) -> None:
         if self._up:
             ver = await self._call(
-                self._success(keys=self._keys(name), args=[name, self.channel, _ms(self._clock())]),
+                self._success(keys=self._keys(name, healed=True),
+                              args=[name, self.channel, _ms(self._clock()), self._healed_ttl()]),
                 _int,
             )
             if ver:
@@ -475,8 +493,14 @@ class RedisHealthStore:
         self._states.pop(name, None)
         self.scopes.touched(self._states, name)
 
-    def _keys(self, name: str) -> list[str]:
-        return [self.key(name), self._version_key]
+    def _keys(self, name: str, healed: bool = False) -> list[str]:
+        """A script's keys: the state and the version counter (and the heal's version)."""
+        keys = [self.key(name), self._version_key]
+        return keys + [f"{self.prefix}{SEP}healed{SEP}{name}"] if healed else keys
+
+    def _healed_ttl(self) -> int:
+        """How long a heal's version is kept: a cooldown held here cannot outlive it."""
+        return _ms(2 * max(self.breaker.cooldown, self.breaker.max_cooldown))
 
     def _min_ttl(self) -> int:
         return _ms(2 * self.breaker.cooldown)
@@ -582,15 +606,21 @@ class RedisHealthStore:
         async with self._client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hmget(self.key(name), "f", "e", "u", "p", "v")
+            for name in names:
+                pipe.get(self._keys(name, healed=True)[2])
             pipe.smembers(self._disabled_key)
             pipe.set(self._salt_key, self.salt, nx=True)  # Redis lost it: put back the one we know
             pipe.get(self._salt_key)
             pipe.set(self._epoch_key, os.urandom(16).hex(), nx=True)
             pipe.get(self._epoch_key)
             replies = await pipe.execute(raise_on_error=False)
-        if not isinstance(replies, list) or len(replies) != len(names) + 5:
+        if not isinstance(replies, list) or len(replies) != 2 * len(names) + 5:
             raise MalformedReply("a re-sync reply of the wrong length")
         *rows, members, _, salt, _, epoch = replies
+        rows, heals = rows[:len(names)], rows[len(names):]
+        # The version of each endpoint's last heal, where Redis keeps one (anything else: none).
+        healed = {name: int(h) for name, h in zip(names, heals)
+                  if isinstance(h, bytes) and h.isdigit() and len(h) <= 15}
         if isinstance(salt, bytes) and len(salt) >= 32:
             self.salt = salt
         else:  # keep this instance's own salt: its key scopes are then its own
@@ -633,18 +663,25 @@ class RedisHealthStore:
         self._states.clear()
         self._versions.clear()
         self.scopes.clear()
+        for name, ver in healed.items():
+            if name not in states:
+                self._versions[name] = ver
         for name, state in states.items():
             self._apply(name, state)
         # Cooldowns running here that Redis lost, or learned while Redis was away, are kept
-        # (and put back for the other instances) unless Redis holds a newer decision.
+        # (and put back for the other instances) unless Redis holds a newer decision: a newer
+        # failure, or a newer success or reset (an operator's reset must not be undone by an
+        # instance that had not heard of it yet). The script that puts one back checks again.
         now = self._clock()
+        newest = {name: max(states[name][4] if name in states else 0, healed.get(name, 0))
+                  for name in held}
         kept = [name for name, h in held.items() if now < h.ejected_until and SUBJECT.fullmatch(name)
-                and (lost or name not in states or states[name][4] <= known.get(name, 0))
+                and (lost or newest[name] <= known.get(name, 0))
                 and self._states.get(name, HEALTHY).ejected_until < h.ejected_until]
         for name in kept:
             self._put(name, held[name])
         await self._reassert(kept, held, sorted(held_disabled - remote_disabled - set(self._decisions))
-                             if lost else [])
+                             if lost else [], None if lost else known, newest)
         await self._write_decisions()  # an operator's word given while Redis was away wins
         if lost:
             log.warning(f"router: Redis {self.url} lost the router's state (restarted empty or "
@@ -654,9 +691,13 @@ class RedisHealthStore:
             log.info(f"router: kept {len(kept)} cooldown(s) learned while Redis was away "
                      f"({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})")
 
-    async def _reassert(self, names: list[str], held: Mapping[str, Health], disabled: list[str]) -> None:
+    async def _reassert(self, names: list[str], held: Mapping[str, Health], disabled: list[str],
+                        known: Mapping[str, int] | None, newest: Mapping[str, int]) -> None:
         """Write back what this instance holds and Redis does not: cooldowns (only where they
-        end later than what Redis holds) and disabled endpoints. Each call is bounded."""
+        end later than what Redis holds, and no decision newer than the version ``known`` here
+        was made since; ``known`` None: Redis lost its state, every version is void) and
+        disabled endpoints. Each call is bounded; a cooldown Redis refuses is replaced here by
+        what Redis holds, at least as new as ``newest`` (the versions the re-sync read)."""
         now = self._clock()
         # Endpoints and families first; client-key scopes only up to REASSERT_SCOPES (a
         # re-sync must stay within its bound; a scope not put back is re-learned on its key's
@@ -665,11 +706,13 @@ class RedisHealthStore:
         for name in endpoints + [n for n in names if "@" in n][:REASSERT_SCOPES]:
             h = held[name]
             self._versions.pop(name, None)  # whatever Redis answers is at least as new
-            res = await self._call(self._assert(keys=self._keys(name), args=[
+            res = await self._call(self._assert(keys=self._keys(name, healed=True), args=[
                 name, self.channel, _ms(now), h.failures, h.ejections, _ms(h.ejected_until),
-                self._min_ttl()]), _state)
+                self._min_ttl(), -1 if known is None else known.get(name, 0)]), _state)
             if res is not None and res[4] >= 0:
                 self._versions[name] = res[4]
+            elif res is not None:  # refused: Redis holds a newer decision or a longer cooldown
+                self._apply(name, res[:4] + (newest.get(name, 0),))
         for name in disabled:
             put = await self._call(self._set_disabled(keys=[self._disabled_key, self._decided_key],
                                                       args=[name, self.channel, 1, "assert"]),
