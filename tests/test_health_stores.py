@@ -817,14 +817,20 @@ async def test_a_cooldown_learned_while_redis_was_away_is_kept_and_shared(redis_
         await s.close()
 
 
+async def b_cools_aws_and_a_hears(redis_server, clock, at_least):
+    """Two instances, a and b: b cools aws for ``at_least`` seconds and a has heard of it."""
+    a = await synced(redis_server, clock, ("aws",))
+    b = await synced(redis_server, clock, ("aws",))
+    await b.record_failure("aws", at_least=at_least)
+    await until(lambda: "aws" in a.current())
+    return a, b
+
+
 async def test_a_re_sync_that_read_redis_earlier_never_finishes_after_a_later_one(redis_server):
     """Two re-syncs at once (the supervisor's and another): the one that read Redis before a
     change must not put its older state back after the one that read it later."""
     clock = Clock()
-    a = await synced(redis_server, clock, ("aws",))
-    b = await synced(redis_server, clock, ("aws",))
-    await b.record_failure("aws", at_least=10)
-    await until(lambda: "aws" in a.current())
+    a, b = await b_cools_aws_and_a_hears(redis_server, clock, at_least=10)
     read, gate, waiting = asyncio.Event(), asyncio.Event(), asyncio.Event()
     real_pipeline = a._client.pipeline
 
@@ -869,10 +875,7 @@ async def test_a_reset_is_not_undone_by_an_instance_that_had_not_heard_of_it(red
     """A re-sync read Redis before an operator's reset and would put back the cooldown it held:
     the reset is newer, so Redis refuses it (the third loaded run's +10 s instead of +2 s)."""
     clock = Clock()
-    a = await synced(redis_server, clock, ("aws",))
-    b = await synced(redis_server, clock, ("aws",))
-    await b.record_failure("aws", at_least=10)
-    await until(lambda: "aws" in a.current())
+    a, b = await b_cools_aws_and_a_hears(redis_server, clock, at_least=10)
     known, held = dict(a._versions), {"aws": a.current()["aws"]}  # what the re-sync read
     await b.reset("aws")
     await a._reassert(["aws"], held, [], known, {})
@@ -885,10 +888,7 @@ async def test_a_reset_is_not_undone_by_an_instance_that_had_not_heard_of_it(red
 
 async def test_a_cooldown_put_back_late_gives_way_to_a_newer_one_and_takes_it(redis_server):
     clock = Clock()
-    a = await synced(redis_server, clock, ("aws",))
-    b = await synced(redis_server, clock, ("aws",))
-    await b.record_failure("aws", at_least=10)
-    await until(lambda: "aws" in a.current())
+    a, b = await b_cools_aws_and_a_hears(redis_server, clock, at_least=10)
     known, held = dict(a._versions), {"aws": a.current()["aws"]}
     await b.reset("aws")
     await b.record_failure("aws", at_least=2)  # newer, and shorter
@@ -902,10 +902,7 @@ async def test_a_cooldown_put_back_late_gives_way_to_a_newer_one_and_takes_it(re
 
 async def test_a_cooldown_learned_while_away_after_a_heal_it_heard_of_is_put_back(redis_server):
     clock = Clock()
-    a = await synced(redis_server, clock, ("aws",))
-    b = await synced(redis_server, clock, ("aws",))
-    await b.record_failure("aws", at_least=5)
-    await until(lambda: "aws" in a.current())
+    a, b = await b_cools_aws_and_a_hears(redis_server, clock, at_least=5)
     await b.reset("aws")
     await until(lambda: "aws" not in a.current())  # a heard of the heal
     a._up = False
@@ -920,10 +917,7 @@ async def test_a_cooldown_learned_while_away_after_a_heal_it_heard_of_is_put_bac
 
 async def test_a_newer_decision_in_redis_wins_over_a_cooldown_held_here(redis_server):
     clock = Clock()
-    a = await synced(redis_server, clock, ("aws",))
-    b = await synced(redis_server, clock, ("aws",))
-    await b.record_failure("aws", at_least=5)
-    await until(lambda: "aws" in a.current())
+    a, b = await b_cools_aws_and_a_hears(redis_server, clock, at_least=5)
     a._up = False
     await a.record_failure("aws", at_least=30)  # held here only
     await b.record_failure("aws", at_least=10)  # a newer decision in Redis: shorter is ignored
