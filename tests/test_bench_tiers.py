@@ -144,7 +144,7 @@ def test_a_tiny_run_shows_the_router_spreading_and_capping_and_today_not(tmp_pat
 def test_the_mocks_max_inflight_refuses_one_more_with_a_429_and_does_not_count_it():
     mock = harness.start_mock()
     try:
-        mock.fault("r", max_inflight=1, event_gap_ms=100, words=10)  # a stream of about 1.5 s
+        mock.fault("r", max_inflight=1, event_gap_ms=400, words=10)  # held about 6 s (busy machines)
         body = {"model": "m", "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(httpx.post, mock.url("r") + "/v1/messages", json=body, timeout=60)

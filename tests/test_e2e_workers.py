@@ -115,6 +115,13 @@ def test_one_address_serves_and_every_worker_takes_a_share(cluster, mock):
     assert served["aws"] == sum(before) + 16 and doc["routers"]["answered"] == 2, doc
 
 
+def test_ports_picked_together_are_all_different():
+    """The supervisor picks its own, haproxy's stats and every worker's port at once: one at a
+    time, the kernel handed out a just-released port twice (stats and w1 both on one port)."""
+    ports = workers.free_ports(64)
+    assert len(set(ports)) == 64
+
+
 def test_front_config_for_several_machines_is_valid_haproxy(tmp_path):
     out = subprocess.run([sys.executable, "-m", "claude_router.cli.workers", "--front-config",
                           "10.0.0.1:8080", "10.0.0.2:8080", "--host", "0.0.0.0", "--port", "8080"],

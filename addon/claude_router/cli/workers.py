@@ -194,9 +194,18 @@ def say(msg: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on loopback. Every socket stays bound until all are picked:
+    picked one at a time, the kernel may hand out a port it has just released again (haproxy's
+    stats port once came out the same as a worker's)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def port_free(host: str, port: int) -> bool:
@@ -1022,9 +1031,12 @@ def drain_seconds(extra: list[str], default: int) -> int:
 
 
 def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
-    port = args.port or free_port()
+    # Every port picked here is picked at once, so no two are the same.
+    picks = iter(free_ports((0 if args.port else 1) + (args.workers if args.worker_base == 0 else 0)
+                            + (1 if args.stats_port == 0 else 0) + (1 if args.demo else 0)))
+    port = args.port or next(picks)
     base = port + 1 if args.worker_base is None else args.worker_base
-    ports = ([free_port() for _ in range(args.workers)] if base == 0
+    ports = ([next(picks) for _ in range(args.workers)] if base == 0
              else list(range(base, base + args.workers)))
     if len(set(ports + [port])) != len(ports) + 1:
         sys.exit(f"workers: the listen port {port} is among the worker ports {ports}")
@@ -1034,7 +1046,7 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
         if not port_free("127.0.0.1", p):
             sys.exit(f"workers: worker w{i + 1}'s port 127.0.0.1:{p} is in use: choose --worker-base "
                      "(0 picks free ports)")
-    stats = None if args.stats_port < 0 else (args.stats_port or free_port())
+    stats = None if args.stats_port < 0 else (args.stats_port or next(picks))
     redis_url = (configured(extra, "router_redis_url") or "").strip() or None
     run_dir = Path(tempfile.mkdtemp(prefix="claude-router-"))
     if args.log_dir:
@@ -1043,7 +1055,7 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
                 mode="regular" if args.regular else REVERSE, extra=extra, run_dir=run_dir,
                 log_dir=args.log_dir.resolve() if args.log_dir else None, stats_port=stats,
                 idle=args.idle_timeout, redis_url=redis_url, demo=args.demo,
-                mock_port=free_port() if args.demo else None,
+                mock_port=next(picks) if args.demo else None,
                 prefix=configured(extra, "router_key_prefix") or "endpoint_health_",
                 drain=drain_seconds(extra, args.drain), hang_timeout=args.hang_timeout,
                 redis_maxmemory=args.redis_maxmemory)
